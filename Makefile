@@ -1,0 +1,23 @@
+# `make repro`: set up .venv and run the whole pipeline on the embedded default, then print
+# the results table. `make test`: set up .venv and run the test suite (what .ci/run calls).
+SHELL := /bin/bash
+export DVC_NO_ANALYTICS := 1
+# dvc.yaml runs `python`: it must be the venv's.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+VENV := .venv/bin
+
+.PHONY: setup repro test bench
+setup:
+	./scripts/setup.sh
+
+repro: setup
+	$(VENV)/dvc repro
+	@cat reports/results.md
+
+test: setup
+	$(VENV)/python -m pytest -q
+
+bench: setup
+	$(VENV)/python bench/pipeline.py
+	$(VENV)/python bench/kd_gain.py
+	$(VENV)/python bench/throughput.py

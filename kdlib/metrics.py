@@ -1,0 +1,72 @@
+"""Classification metrics on logits, and a full pass of a model over a loader."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+
+def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int]) -> dict[int, int]:
+    """Number of samples whose target is among the top-``k`` logits, for each ``k``
+    (``k`` larger than the number of classes counts every sample)."""
+    max_k = min(max(ks), logits.shape[1])
+    top = logits.topk(max_k, dim=1).indices
+    hits = top.eq(targets.view(-1, 1))
+    return {k: int(hits[:, : min(k, max_k)].any(dim=1).sum()) for k in ks}
+
+
+def confusion_matrix(targets: Tensor, predictions: Tensor, num_classes: int) -> Tensor:
+    """``cm[i, j]`` = number of samples of class ``i`` predicted as ``j``."""
+    flat = targets.long() * num_classes + predictions.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float
+    top5: float
+    logits: Tensor
+    targets: Tensor
+
+    @property
+    def predictions(self) -> Tensor:
+        return self.logits.argmax(dim=1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    prepare: Callable[[Tensor], Tensor],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> EvalResult:
+    """Mean cross-entropy and top-1/top-5 accuracy (in %) of ``model`` over ``loader``.
+
+    ``prepare`` turns a ``uint8`` batch into model input (normalization, memory format).
+    """
+    was_training = model.training
+    model.eval()
+    all_logits, all_targets = [], []
+    for images, targets, _ in loader:
+        images = prepare(images.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(images)
+        all_logits.append(logits.float().cpu())
+        all_targets.append(targets)
+    model.train(was_training)
+    logits, targets = torch.cat(all_logits), torch.cat(all_targets)
+    hits = topk_correct(logits, targets, (1, 5))
+    n = max(len(targets), 1)
+    return EvalResult(
+        loss=float(F.cross_entropy(logits, targets)),
+        top1=100.0 * hits[1] / n,
+        top5=100.0 * hits[5] / n,
+        logits=logits,
+        targets=targets,
+    )

@@ -1,0 +1,105 @@
+"""The residual CNN of seed 003 (Intel scenes), registered in timm as ``rescnn``.
+
+Stem: conv3×3 → 16 channels, BN, ReLU. Then ``blocks`` basic residual blocks
+(conv3×3-BN-ReLU-conv3×3-BN + identity, or a 1×1-conv+BN shortcut when the shape changes, then
+ReLU) alternating ``c → c`` and ``c → 2c`` at stride 2, global average pooling, and an MLP head
+``Linear(C → h) - BN - ReLU - Dropout(0.5)`` per hidden width ``h`` then ``Linear(→ classes)``.
+The default head has one hidden layer of ``C/2``. Convolutions have no bias (BN follows each).
+
+Parameter counts for 3 input channels and 6 classes (seed 003's table):
+4 / 6 / 8 / 10 blocks → 98,294 / 408,854 / 1,648,470 / 6,601,686; its 12-block teacher with
+``head_hidden=(512, 256)`` → 26,534,358.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from timm.models import register_model
+from torch import Tensor, nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResCNN(nn.Module):
+    """Residual CNN with the timm classifier interface (``forward_features`` / ``forward_head``)."""
+
+    def __init__(
+        self,
+        blocks: int = 4,
+        num_classes: int = 6,
+        in_chans: int = 3,
+        stem_channels: int = 16,
+        head_hidden: Sequence[int] | None = None,
+        drop_rate: float = 0.5,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        if blocks < 1:
+            raise ValueError(f"rescnn needs blocks >= 1, got {blocks}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, stem_channels, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(stem_channels),
+            nn.ReLU(inplace=True),
+        )
+        stages: list[nn.Module] = []
+        channels = stem_channels
+        for i in range(blocks):
+            widen = i % 2 == 1
+            out_channels = channels * 2 if widen else channels
+            stages.append(BasicBlock(channels, out_channels, stride=2 if widen else 1))
+            channels = out_channels
+        self.blocks = nn.Sequential(*stages)
+        self.num_features = channels
+        self.num_classes = num_classes
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        hidden = list(head_hidden) if head_hidden is not None else [channels // 2]
+        head: list[nn.Module] = []
+        width = channels
+        for h in hidden:
+            head += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Dropout(drop_rate)]
+            width = h
+        self.head_hidden = nn.Sequential(*head)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.blocks(self.stem(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.head_hidden(torch.flatten(self.pool(x), 1))
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model
+def rescnn(pretrained: bool = False, **kwargs: Any) -> ResCNN:
+    """Seed 003's residual CNN; ``blocks`` sets the depth (4–12 in the seed)."""
+    if pretrained:
+        raise ValueError("rescnn has no pretrained weights; set pretrained to false or a file path")
+    kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("pretrained_cfg_overlay", None)
+    return ResCNN(**kwargs)

@@ -1,0 +1,94 @@
+"""Result tables (Markdown) and figures (PNG) from evaluation metrics and training histories."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+PNG_META = {"Software": None}  # no version string, so the same inputs give the same bytes
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def results_table(rows: Sequence[Mapping]) -> str:
+    """Markdown table; each row has role, preset, arch, params, checkpoint_bytes, best and last
+    (each with top1/top5/epoch)."""
+    lines = [
+        "| model | preset (arch) | params | checkpoint | test top-1 best | test top-5 best | "
+        "test top-1 last | best / last epoch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['role']} | {r['preset']} ({r['arch']}) | {r['params']:,} | {_human_bytes(r['checkpoint_bytes'])} "
+            f"| {r['best']['top1']:.2f} | {r['best']['top5']:.2f} | {r['last']['top1']:.2f} "
+            f"| {r['best']['epoch']} / {r['last']['epoch']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_training_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> None:
+    """One panel per metric (train loss, val top-1), one line per model."""
+    panels = [("train/loss", "training loss"), ("val/top1", "validation top-1 (%)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.8))
+    for ax, (key, title) in zip(axes, panels):
+        for name, history in histories.items():
+            values = history.get(key)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, label=name, marker="o", markersize=2)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata=PNG_META)
+    plt.close(fig)
+
+
+def plot_accuracy_bars(accuracies: Mapping[str, Mapping[str, float]], path: Path) -> None:
+    """Grouped bars: test top-1 of the best and last checkpoint per model, values printed."""
+    names = list(accuracies)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for offset, which in ((-0.18, "best"), (0.18, "last")):
+        values = [accuracies[n][which] for n in names]
+        bars = ax.bar(x + offset, values, width=0.34, label=f"{which} checkpoint")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    low = min(min(v.values()) for v in accuracies.values())
+    ax.set_ylim(max(0.0, low - 5.0), 100.0)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("test top-1 (%)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata=PNG_META)
+    plt.close(fig)
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str, path: Path) -> None:
+    cm = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(classes), 0.6 + 0.45 * len(classes)))
+    ax.imshow(cm, cmap="Blues")
+    if len(classes) <= 30:
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 10 else 0)
+        ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata=PNG_META)
+    plt.close(fig)

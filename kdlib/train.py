@@ -1,0 +1,232 @@
+"""The one training loop: teacher, baseline student and distilled student all use :func:`fit`.
+
+The objective decides what is learned (:mod:`kdlib.losses`); an optional ``teacher`` callable
+supplies teacher logits per batch (an online teacher now, a cache later). Logging and
+checkpointing happen only on the main process (:class:`kdlib.runtime.Runtime`), so running
+under ``torchrun`` needs only a DDP wrapper around ``model``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from kdlib.checkpoint import save_checkpoint
+from kdlib.data.dataset import IndexedImageDataset
+from kdlib.data.transforms import BatchNormalizer
+from kdlib.metrics import evaluate, topk_correct
+from kdlib.runtime import Runtime, make_loader
+
+TeacherFn = Callable[[Tensor, Tensor], Tensor]  # (normalized images, sample positions) -> logits
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Recipe:
+    """Optimization recipe of one training run (one model preset of ``params.yaml``)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_epochs: int = 0
+    min_lr: float = 0.0
+    step_epochs: int = 30
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    patience: int = 0  # epochs without a better val top-1 before stopping; 0 = never stop early
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    channels_last: bool = False
+    amp: str = "none"  # none | bf16 | fp16
+    eval_batch_size: int = 256
+    num_workers: int = 0
+
+
+class MetricsLogger(Protocol):
+    """What :func:`fit` needs from a logger (DVCLive's ``Live`` fits)."""
+
+    def log_metric(self, name: str, val: float) -> Any: ...
+
+    def next_step(self) -> Any: ...
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_top1: float
+    last_epoch: int
+    last_val_top1: float
+    stopped_early: bool
+    train_seconds: float
+    images_per_second: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+
+
+def lr_factor(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (linear warmup, then the schedule)."""
+    epoch_f = step / max(steps_per_epoch, 1)
+    if recipe.warmup_epochs and epoch_f < recipe.warmup_epochs:
+        return (step + 1) / (recipe.warmup_epochs * steps_per_epoch)
+    floor = recipe.min_lr / recipe.lr if recipe.lr > 0 else 0.0
+    if recipe.schedule == "constant":
+        return 1.0
+    if recipe.schedule == "step":
+        return recipe.step_gamma ** int(epoch_f // recipe.step_epochs)
+    if recipe.schedule == "cosine":
+        span = max(recipe.epochs - recipe.warmup_epochs, 1e-8)
+        progress = min(max(epoch_f - recipe.warmup_epochs, 0.0) / span, 1.0)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {recipe.schedule!r}; known: cosine, step, constant")
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm parameters (1-d tensors), as timm and DeiT do.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": recipe.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=recipe.lr)
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}; known: sgd, adamw")
+
+
+def fit(
+    model: nn.Module,
+    train_set: IndexedImageDataset,
+    val_set: IndexedImageDataset,
+    objective: nn.Module,
+    recipe: Recipe,
+    normalizer: BatchNormalizer,
+    checkpoint_dir: Path,
+    checkpoint_meta: dict[str, Any],
+    seed: int,
+    teacher: TeacherFn | None = None,
+    logger: MetricsLogger | None = None,
+    runtime: Runtime = Runtime(),
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` with ``objective``; write ``best.pt`` (best val top-1) and ``last.pt``.
+
+    The test split never enters here: model selection and early stopping use ``val_set`` only.
+    """
+    device = runtime.device
+    amp_dtype = AMP_DTYPES[recipe.amp]
+    model.to(device)
+    normalizer.to(device)
+    if recipe.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_loader = make_loader(train_set, recipe.batch_size, True, seed, runtime, recipe.num_workers)
+    val_loader = make_loader(val_set, recipe.eval_batch_size, False, seed, runtime, recipe.num_workers)
+    optimizer = build_optimizer(model, recipe)
+    steps_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe)
+    )
+    if getattr(objective, "needs_teacher", False) and teacher is None:
+        raise ValueError(f"{type(objective).__name__} needs a teacher")
+
+    checkpoint_dir = Path(checkpoint_dir)
+    best_top1, best_epoch, epochs_without_gain = -1.0, 0, 0
+    history: list[dict[str, float]] = []
+    epoch_times: list[float] = []
+    seen, train_seconds, last_val_top1, epoch = 0, 0.0, 0.0, 0
+    stopped_early = False
+
+    for epoch in range(1, recipe.epochs + 1):
+        if runtime.distributed:
+            train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        model.train()
+        sums: dict[str, float] = {}
+        correct = count = 0
+        start = time.perf_counter()
+        batches = tqdm(train_loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
+                       disable=not (progress and runtime.is_main))
+        for images, targets, positions in batches:
+            images = normalizer(images.to(device, non_blocking=True))
+            targets = targets.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(images)
+                teacher_logits = teacher(images, positions) if teacher is not None else None
+            out = objective(logits.float(), targets, teacher_logits)
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            if recipe.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            n = len(targets)
+            count += n
+            correct += topk_correct(logits.detach(), targets, (1,))[1]
+            for name, value in {"loss": out.total.detach(), **out.terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+        epoch_seconds = time.perf_counter() - start
+        train_seconds += epoch_seconds
+        seen += count
+
+        val = evaluate(model, val_loader, normalizer, device, amp_dtype)
+        last_val_top1 = val.top1
+        row = {f"train/{k}": v / count for k, v in sums.items()}
+        row.update({
+            "train/top1": 100.0 * correct / count,
+            "val/loss": val.loss,
+            "val/top1": val.top1,
+            "val/top5": val.top5,
+            "lr": optimizer.param_groups[0]["lr"],
+        })
+        epoch_times.append(epoch_seconds)
+        history.append(row)
+        improved = val.top1 > best_top1
+        if improved:
+            best_top1, best_epoch, epochs_without_gain = val.top1, epoch, 0
+        else:
+            epochs_without_gain += 1
+        if runtime.is_main:
+            if logger is not None:
+                for name, value in row.items():
+                    logger.log_metric(name, value)
+                logger.next_step()
+            if improved:
+                save_checkpoint(checkpoint_dir / "best.pt", model,
+                                {**checkpoint_meta, "epoch": epoch, "val_top1": val.top1})
+        if recipe.patience and epochs_without_gain >= recipe.patience:
+            stopped_early = True
+            break
+
+    if runtime.is_main:
+        save_checkpoint(checkpoint_dir / "last.pt", model,
+                        {**checkpoint_meta, "epoch": epoch, "val_top1": last_val_top1})
+    return FitResult(
+        best_epoch=best_epoch,
+        best_val_top1=best_top1,
+        last_epoch=epoch,
+        last_val_top1=last_val_top1,
+        stopped_early=stopped_early,
+        train_seconds=train_seconds,
+        images_per_second=seen / max(train_seconds, 1e-9),
+        history=history,
+        epoch_seconds=epoch_times,
+    )
+
+
+def recipe_from_dict(values: dict[str, Any]) -> Recipe:
+    known = set(Recipe.__dataclass_fields__)
+    return Recipe(**{k: v for k, v in values.items() if k in known})
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    return asdict(recipe)

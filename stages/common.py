@@ -1,0 +1,43 @@
+"""Helpers shared by the stage scripts: paths, datasets from the prepared index, JSON output."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kdlib.data import BatchNormalizer, IndexedImageDataset, build_transform, read_index
+from kdlib.data.index import DatasetIndex
+
+PREPARED_DIR = Path("data/prepared")
+MODELS_DIR = Path("models")
+REPORTS_DIR = Path("reports")
+ROLES = ("teacher", "baseline", "distill")
+
+
+def load_split(
+    index: DatasetIndex, split: str, dataset_preset: dict[str, Any], input_size: int | None,
+    train: bool, preload: bool,
+) -> IndexedImageDataset:
+    meta = index.meta
+    transform = build_transform(
+        dataset_preset["augment"], input_size or meta.image_size, meta.image_size, train,
+        dataset_preset.get("augment_options"),
+    )
+    return IndexedImageDataset(meta.root, index.split(split), meta.channels, transform, preload)
+
+
+def prepared_index() -> DatasetIndex:
+    return read_index(PREPARED_DIR)
+
+
+def normalizer_for(index: DatasetIndex, channels_last: bool = False) -> BatchNormalizer:
+    return BatchNormalizer(index.meta.mean, index.meta.std, channels_last)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically so DVC never caches a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,55 @@
+"""report: reports/results.md and PNG figures (training curves, accuracy bars, confusion)."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from kdlib.report import plot_accuracy_bars, plot_confusion, plot_training_curves, results_table
+from stages.common import REPORTS_DIR, ROLES
+from stages.params import load_params
+
+FIGURES = REPORTS_DIR / "figures"
+
+
+def history(role: str) -> dict[str, list[float]]:
+    curves = {}
+    for key in ("train/loss", "val/top1"):
+        tsv = REPORTS_DIR / role / "plots" / "metrics" / f"{key}.tsv"
+        curves[key] = pd.read_csv(tsv, sep="\t")[key.split("/")[-1]].tolist()
+    return curves
+
+
+def main() -> None:
+    params = load_params()
+    evaluation = json.loads((REPORTS_DIR / "evaluate" / "metrics.json").read_text())
+    manifest = json.loads((REPORTS_DIR / "prepare" / "manifest.json").read_text())
+    confusions = json.loads((REPORTS_DIR / "evaluate" / "confusion_matrices.json").read_text())
+    presets = {"teacher": params["teacher"], "baseline": params["student"], "distill": params["student"]}
+    rows = [{"role": role, "preset": presets[role], "arch": params["models"][presets[role]]["arch"],
+             **evaluation[role]} for role in ROLES]
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    plot_training_curves({role: history(role) for role in ROLES}, FIGURES / "training_curves.png")
+    plot_accuracy_bars({role: {w: evaluation[role][w]["top1"] for w in ("best", "last")} for role in ROLES},
+                       FIGURES / "test_accuracy.png")
+    for role in ROLES:
+        plot_confusion(confusions[role], confusions["classes"], f"{role} (best checkpoint, test)",
+                       FIGURES / f"confusion_{role}.png")
+    kd = params["kd"]
+    splits = manifest["splits"]
+    text = (
+        f"# Results: {params['dataset']}, teacher {params['teacher']} → student {params['student']}\n\n"
+        f"Data: {manifest['num_classes']} classes; train {splits['train']['count']}, "
+        f"val {splits['val']['count']}, test {splits['test']['count']} images. "
+        f"Distillation: {kd['method']}, T = {kd['temperature']}, α = {kd['alpha']}; seed {params['seed']}.\n\n"
+        + results_table(rows)
+        + f"\nKD gain (distill − baseline, best checkpoints, test top-1): "
+        f"**{evaluation['kd_gain_top1']:+.2f} pt**\n\n"
+        "Figures: `figures/training_curves.png`, `figures/test_accuracy.png`, `figures/confusion_*.png`.\n"
+    )
+    (REPORTS_DIR / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
