@@ -154,8 +154,9 @@ def fit(
         sums: dict[str, float] = {}
         correct = count = 0
         start = time.perf_counter()
+        # disable=None: a progress bar on a terminal, nothing in a log file
         batches = tqdm(train_loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
-                       disable=not (progress and runtime.is_main))
+                       disable=None if progress and runtime.is_main else True)
         for images, targets, positions in batches:
             images = normalizer(images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)

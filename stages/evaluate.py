@@ -6,47 +6,56 @@ DVC's confusion template.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from kdlib.checkpoint import model_from_checkpoint
 from kdlib.data import BatchNormalizer
-from kdlib.metrics import confusion_matrix, evaluate
+from kdlib.data.index import DatasetIndex
+from kdlib.metrics import EvalResult, confusion_matrix, evaluate
 from kdlib.models import count_parameters
 from kdlib.runtime import Runtime, make_loader, seed_everything
 from stages.common import MODELS_DIR, REPORTS_DIR, ROLES, load_split, prepared_index, write_json
 from stages.params import load_params
 
 
+def evaluate_checkpoint(params: dict[str, Any], index: DatasetIndex, path: Path) -> tuple[EvalResult, dict, int]:
+    """Test-split result, checkpoint metadata and parameter count of one checkpoint."""
+    model, meta = model_from_checkpoint(path)
+    dataset_preset = params["datasets"][params["dataset"]]
+    test_set = load_split(index, "test", dataset_preset, meta["input_size"], False, params["data"]["preload"])
+    loader = make_loader(test_set, params["eval"]["batch_size"], False, 0, Runtime())
+    result = evaluate(model, loader, BatchNormalizer(meta["mean"], meta["std"]), torch.device("cpu"))
+    return result, meta, count_parameters(model)
+
+
 def main() -> None:
     params = load_params()
     seed_everything(params["seed"])
     index = prepared_index()
-    dataset_preset = params["datasets"][params["dataset"]]
     out_dir = REPORTS_DIR / "evaluate"
-    metrics: dict[str, dict] = {}
+    metrics: dict[str, Any] = {}
+    confusions: dict[str, Any] = {"classes": index.meta.classes}
     for role in ROLES:
-        row: dict = {}
+        row: dict[str, Any] = {}
         for which in ("best", "last"):
             path = MODELS_DIR / role / f"{which}.pt"
-            model, meta = model_from_checkpoint(path)
-            test_set = load_split(index, "test", dataset_preset, meta["input_size"], False, params["data"]["preload"])
-            loader = make_loader(test_set, params["eval"]["batch_size"], False, 0, Runtime())
-            result = evaluate(model, loader, BatchNormalizer(meta["mean"], meta["std"]), torch.device("cpu"))
+            result, meta, n_params = evaluate_checkpoint(params, index, path)
             row[which] = {"top1": round(result.top1, 4), "top5": round(result.top5, 4),
                           "loss": round(result.loss, 6), "epoch": meta["epoch"]}
             if which == "best":
-                row["params"] = count_parameters(model)
-                row["checkpoint_bytes"] = path.stat().st_size
+                row.update(params=n_params, checkpoint_bytes=path.stat().st_size)
                 names = meta["classes"]
                 pairs = [{"actual": names[a], "predicted": names[p]}
                          for a, p in zip(result.targets.tolist(), result.predictions.tolist())]
                 write_json(out_dir / "confusion" / f"{role}.json", pairs)
-                row["confusion"] = confusion_matrix(result.targets, result.predictions, len(names)).tolist()
+                confusions[role] = confusion_matrix(result.targets, result.predictions, len(names)).tolist()
         metrics[role] = row
         print(f"{role:9s} best top-1 {row['best']['top1']:.2f}  last top-1 {row['last']['top1']:.2f}")
-    confusions = {role: metrics[role].pop("confusion") for role in ROLES}
-    write_json(out_dir / "confusion_matrices.json", {"classes": index.meta.classes, **confusions})
     metrics["kd_gain_top1"] = round(metrics["distill"]["best"]["top1"] - metrics["baseline"]["best"]["top1"], 4)
+    write_json(out_dir / "confusion_matrices.json", confusions)
     write_json(out_dir / "metrics.json", metrics)
 
 

@@ -6,6 +6,7 @@ the key, the value and what is allowed.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ def is_float(lo: float | None = None, hi: float | None = None, lo_open: bool = F
     def check(v: Any) -> str | None:
         left, right = "(" if lo_open else "[", ")" if hi_open else "]"
         desc = f"a number in {left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{right}"
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             return desc
         if lo is not None and (v < lo or (lo_open and v == lo)):
             return desc
@@ -58,7 +59,8 @@ def is_str(v: Any) -> str | None:
 
 def one_of(*choices: Any) -> Check:
     def check(v: Any) -> str | None:
-        return None if v in choices else f"one of: {', '.join(map(str, choices))}"
+        ok = not isinstance(v, bool) and any(v == c and type(v) is type(c) for c in choices)
+        return None if ok else f"one of: {', '.join(map(str, choices))}"
     return check
 
 
@@ -122,6 +124,7 @@ SCHEMA: dict[str, Any] = {
         "split_seed": (is_int(0), True),
         "train_per_class": (is_int(1), True),
         "val_per_class": (is_int(1), True),
+        "test_per_class": (lambda v: None if v is None else is_int(1)(v), True),
         "preload": (is_bool, True),
         "num_workers": (is_int(0), True),
     },

@@ -7,39 +7,44 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
-from kdlib.data import LAYOUTS, DatasetMeta, build_manifest, write_index
+from kdlib.data import LAYOUTS, DatasetIndex, DatasetMeta, build_manifest, write_index
 from kdlib.data.mnist import export_imagefolder, load_mnist
 from kdlib.data.prepare import index_from_scan
 from stages.common import PREPARED_DIR, REPORTS_DIR, write_json
 from stages.params import load_params
 
 
-def main() -> None:
-    params = load_params()
+def prepare(params: dict[str, Any], out_dir: Path) -> DatasetIndex:
+    """Build the prepared data set in ``out_dir``; a failure leaves no ``out_dir`` behind."""
     name = params["dataset"]
     preset, data = params["datasets"][name], params["data"]
-    staging = PREPARED_DIR.with_name(PREPARED_DIR.name + ".partial")
+    staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    root, layout = Path(preset["root"]), preset["layout"]
+    root, layout, final_root = Path(preset["root"]), preset["layout"], Path(preset["root"])
     if layout == "mnist":
         export_imagefolder(load_mnist(root), staging / "images", data["train_per_class"],
-                           data["val_per_class"], data["split_seed"])
-        root, layout = staging / "images", "imagefolder"
+                           data["val_per_class"], data["split_seed"], data["test_per_class"])
+        root, layout, final_root = staging / "images", "imagefolder", out_dir / "images"
     scan = LAYOUTS.get(layout)(root)
-    final_root = PREPARED_DIR / "images" if root == staging / "images" else root
     meta = DatasetMeta(name, str(final_root), scan.classes, preset["channels"], preset["image_size"],
                        preset["mean"], preset["std"], extra={"layout": preset["layout"]})
     index = index_from_scan(scan, meta, preset.get("val_fraction", 0.1), preset.get("test_fraction", 0.2),
                             data["split_seed"])
     write_index(index, staging)
-    # Swap in only a complete result: a failure above leaves no data/prepared for DVC to cache.
-    shutil.rmtree(PREPARED_DIR, ignore_errors=True)
-    staging.rename(PREPARED_DIR)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return index
+
+
+def main() -> None:
+    params = load_params()
+    index = prepare(params, PREPARED_DIR)
     manifest = build_manifest(index)
     write_json(REPORTS_DIR / "prepare" / "manifest.json", manifest)
     counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
-    print(f"prepared {name}: {len(scan.classes)} classes; {counts}")
+    print(f"prepared {params['dataset']}: {index.meta.num_classes} classes; {counts}")
 
 
 if __name__ == "__main__":

@@ -10,32 +10,32 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from pathlib import Path
+from typing import Any
 
 from dvclive import Live
 
 from kdlib.checkpoint import model_from_checkpoint
+from kdlib.data.index import DatasetIndex
 from kdlib.losses import build_objective
 from kdlib.models import build_model, count_parameters
 from kdlib.runtime import Runtime, seed_everything
 from kdlib.teacher import OnlineTeacher
-from kdlib.train import fit, recipe_from_dict
+from kdlib.train import FitResult, MetricsLogger, fit, recipe_from_dict
 from stages.common import (MODELS_DIR, REPORTS_DIR, ROLES, load_split, normalizer_for, prepared_index,
                            write_json)
 from stages.params import load_params, model_spec
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("role", choices=ROLES)
-    role = parser.parse_args().role
-    params = load_params()
+def train_role(
+    params: dict[str, Any], role: str, index: DatasetIndex, out_dir: Path, teacher_checkpoint: Path | None,
+    logger: MetricsLogger | None = None, progress: bool = True,
+) -> tuple[FitResult, int]:
+    """Train ``role`` as the params say; returns the fit result and the parameter count."""
     spec = model_spec(params, params["teacher" if role == "teacher" else "student"])
-    preset = params["models"][spec.name]
-    recipe = recipe_from_dict({**preset, "eval_batch_size": params["eval"]["batch_size"],
+    recipe = recipe_from_dict({**params["models"][spec.name], "eval_batch_size": params["eval"]["batch_size"],
                                "num_workers": params["data"]["num_workers"]})
-    index = prepared_index()
-    dataset_preset = params["datasets"][params["dataset"]]
-    preload = params["data"]["preload"]
+    dataset_preset, preload = params["datasets"][params["dataset"]], params["data"]["preload"]
     train_set = load_split(index, "train", dataset_preset, spec.input_size, True, preload)
     val_set = load_split(index, "val", dataset_preset, spec.input_size, False, preload)
 
@@ -44,30 +44,38 @@ def main() -> None:
     model = build_model(spec.arch, meta.num_classes, meta.channels, spec.pretrained, **spec.kwargs)
     teacher = None
     if role == "distill":
-        teacher_model, teacher_meta = model_from_checkpoint(MODELS_DIR / "teacher" / "best.pt")
+        teacher_model, teacher_meta = model_from_checkpoint(teacher_checkpoint)
         teacher = OnlineTeacher(teacher_model, teacher_meta.get("input_size"))
         kd = params["kd"]
         objective = build_objective(kd["method"], temperature=kd["temperature"], alpha=kd["alpha"],
                                     label_smoothing=recipe.label_smoothing)
     else:
         objective = build_objective("ce", label_smoothing=recipe.label_smoothing)
-
     checkpoint_meta = {
         "role": role, "preset": spec.name, "arch": spec.arch, "model_kwargs": spec.kwargs,
         "num_classes": meta.num_classes, "in_chans": meta.channels, "classes": meta.classes,
         "input_size": spec.input_size or meta.image_size, "mean": meta.mean, "std": meta.std,
         "dataset": meta.name, "seed": params["seed"],
     }
-    out_dir = MODELS_DIR / role
     shutil.rmtree(out_dir, ignore_errors=True)
+    result = fit(model, train_set, val_set, objective, recipe, normalizer_for(index, recipe.channels_last),
+                 out_dir, checkpoint_meta, params["seed"], teacher=teacher, logger=logger,
+                 runtime=Runtime.from_env("cpu"), progress=progress)
+    return result, count_parameters(model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("role", choices=ROLES)
+    role = parser.parse_args().role
+    params = load_params()
     with Live(str(REPORTS_DIR / role), dvcyaml=False, save_dvc_exp=False) as live:
-        result = fit(model, train_set, val_set, objective, recipe, normalizer_for(index, recipe.channels_last),
-                     out_dir, checkpoint_meta, params["seed"], teacher=teacher, logger=live,
-                     runtime=Runtime.from_env("cpu"))
+        result, n_params = train_role(params, role, prepared_index(), MODELS_DIR / role,
+                                      MODELS_DIR / "teacher" / "best.pt", logger=live)
         live.summary.update({
             "best_epoch": result.best_epoch, "best_val_top1": result.best_val_top1,
             "last_epoch": result.last_epoch, "last_val_top1": result.last_val_top1,
-            "stopped_early": result.stopped_early, "params": count_parameters(model),
+            "stopped_early": result.stopped_early, "params": n_params,
         })
     # Wall-clock figures vary run to run; they live apart from the reproducible metrics.
     write_json(REPORTS_DIR / role / "timing.json", {
@@ -75,7 +83,7 @@ def main() -> None:
         "train_images_per_second": round(result.images_per_second, 1),
         "epoch_seconds": [round(s, 3) for s in result.epoch_seconds],
     })
-    print(f"{role}: {spec.name} best val top-1 {result.best_val_top1:.2f} (epoch {result.best_epoch}), "
+    print(f"{role}: best val top-1 {result.best_val_top1:.2f} (epoch {result.best_epoch}), "
           f"last {result.last_val_top1:.2f}; {result.train_seconds:.1f} s")
 
 

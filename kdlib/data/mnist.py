@@ -75,11 +75,13 @@ def export_imagefolder(
     train_per_class: int,
     val_per_class: int,
     seed: int,
+    test_per_class: int | None = None,
 ) -> dict[str, int]:
     """Write a stratified, seeded MNIST subset as PNG files in the ImageFolder layout.
 
     ``train/`` gets ``train_per_class`` and ``val/`` ``val_per_class`` images of each digit, drawn
-    without overlap from the MNIST training set; ``test/`` gets the full 10,000-image test set.
+    without overlap from the MNIST training set; ``test/`` gets the full 10,000-image test set,
+    or a stratified ``test_per_class`` subset of it (for tiny smoke runs).
     File names keep the source split and index (``mnist-train-01234.png``), so an image's origin
     is visible and the same source image can never appear under two names.
     """
@@ -93,7 +95,8 @@ def export_imagefolder(
     plan = [
         ("train", "train", train_idx),
         ("val", "train", val_idx),
-        ("test", "test", np.arange(len(arrays["test_labels"]))),
+        ("test", "test", np.arange(len(arrays["test_labels"])) if test_per_class is None
+         else stratified_take(arrays["test_labels"], test_per_class, rng)),
     ]
     counts = {}
     for split, source, indices in plan:

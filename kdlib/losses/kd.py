@@ -25,11 +25,19 @@ How the seeds' conventions map onto this one (α here always weights the *teache
 """
 from __future__ import annotations
 
-import torch
+import math
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlib.losses.registry import LossOutput, register_method
+
+
+def check_kd_hyperparameters(temperature: float, alpha: float) -> None:
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
 
 
 def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -58,10 +66,7 @@ def kd_loss(
         alpha: weight of the distillation term in ``[0, 1]``; ``alpha=1`` is pure KD.
         label_smoothing: label smoothing of the hard term.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    check_kd_hyperparameters(temperature, alpha)
     hard = F.cross_entropy(student_logits.float(), targets, label_smoothing=label_smoothing)
     soft = soft_kl(student_logits, teacher_logits.detach(), temperature)
     return (1.0 - alpha) * hard + alpha * soft
@@ -75,6 +80,7 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, label_smoothing: float = 0.0):
         super().__init__()
+        check_kd_hyperparameters(temperature, alpha)
         self.temperature = temperature
         self.alpha = alpha
         self.label_smoothing = label_smoothing

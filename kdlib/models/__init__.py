@@ -7,9 +7,11 @@ built the same way.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from kdlib.models import cnn_small, rescnn  # noqa: F401  (timm registration)
@@ -34,6 +36,14 @@ def build_model(
     """
     if arch not in known_architectures():
         raise KeyError(f"unknown architecture {arch!r} (not in timm's registry)")
+    if isinstance(pretrained, str):
+        model = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, pretrained=False, **kwargs)
+        state = read_state_dict(Path(pretrained))
+        own = model.state_dict()
+        if state.keys() == own.keys() and all(state[k].shape == own[k].shape for k in own):
+            model.load_state_dict(state)  # the file fits this task exactly: keep every weight
+            return model
+        # otherwise timm adapts it (new classifier, stem summed/repeated for other channels)
     return timm.create_model(
         arch,
         num_classes=num_classes,
@@ -41,6 +51,22 @@ def build_model(
         **pretrained_kwargs(arch, pretrained),
         **kwargs,
     )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file; unwraps our checkpoints
+    (``state_dict``) and DeiT/ConvNeXt-style ones (``model``)."""
+    if not path.is_file():
+        raise PretrainedUnavailable(f"pretrained weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
 
 
 def count_parameters(model: nn.Module) -> int:

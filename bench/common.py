@@ -1,0 +1,83 @@
+"""Shared by the benchmarks: parameters, tiny-run shrinking, a repository copy, JSON + table output."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from stages.params import load_params, validate  # noqa: E402
+
+BENCH_DIR = REPO / "reports" / "bench"
+
+
+def default_params() -> dict[str, Any]:
+    return load_params(REPO / "params.yaml")
+
+
+def shrink(params: dict[str, Any], per_class: int = 10, epochs: int = 2) -> dict[str, Any]:
+    """A copy of ``params`` for a quick run: few images, few epochs."""
+    small = copy.deepcopy(params)
+    small["data"].update(train_per_class=per_class, val_per_class=max(per_class // 2, 1),
+                         test_per_class=per_class)
+    for preset in small["models"].values():
+        preset.update(epochs=epochs, warmup_epochs=0)
+    validate(small)
+    return small
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def copy_repo(dst: Path) -> Path:
+    """Copy the tracked and untracked-but-not-ignored files of this repository to ``dst``,
+    and make it a git repository with one commit (DVCLive and `dvc exp` need one)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    (dst / "dvc.lock").unlink(missing_ok=True)
+    env = git_env()
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
+        subprocess.run(cmd, cwd=dst, env=env, check=True, capture_output=True)
+    return dst
+
+
+def git_env() -> dict[str, str]:
+    return {**os.environ, "DVC_NO_ANALYTICS": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+            "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.invalid"}
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    path = BENCH_DIR / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
+    print(f"wrote {path.relative_to(REPO)}")
+    return path

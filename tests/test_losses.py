@@ -1,0 +1,168 @@
+"""Hinton KD loss: golden values, conventions, gradients and the objective registry.
+
+Golden numbers below were computed independently with numpy (float64) from
+``(1-α)·CE + α·T²·KL(softmax(t/T) || softmax(s/T))``, KL summed over classes, mean over the batch.
+The CE value is also checkable by hand: row 0: log(e+e²+e³) − 3 = 0.40761;
+row 1: log(e^0.5+e^-1+e²) − 0.5 = 1.74131; mean 1.07446.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdlib.losses import LossOutput, build_objective, kd_loss, soft_kl
+
+S = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+T_ = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+Y = torch.tensor([2, 0])
+
+CE = 1.0744586305507688  # plain cross-entropy of S against Y
+CE_LS01 = 1.1244586305507687  # cross-entropy with label smoothing 0.1
+KL_T1 = 0.9524222464159001  # batchmean KL(softmax(T_) || softmax(S)), T = 1
+KL_T2 = 0.29731941522475397  # same at T = 2, without the T² factor
+KL_T4 = 0.07792649159500425  # same at T = 4, without the T² factor
+KD_T2_A05 = 1.1318681457248925  # 0.5·CE + 0.5·4·KL_T2
+KD_T4_A09 = 1.2295873420231382  # 0.1·CE + 0.9·16·KL_T4
+KD_T2_A05_LS01 = 1.1568681457248924  # 0.5·CE_LS01 + 0.5·4·KL_T2
+
+
+def close(value: torch.Tensor, expected: float, tol: float = 1e-5) -> bool:
+    return abs(float(value) - expected) < tol
+
+
+def test_soft_kl_golden_values() -> None:
+    assert close(soft_kl(S, T_, 1.0), KL_T1)
+    assert close(soft_kl(S, T_, 2.0), 4.0 * KL_T2)
+    assert close(soft_kl(S, T_, 4.0), 16.0 * KL_T4)
+
+
+def test_soft_term_is_t_squared_times_batchmean_kl() -> None:
+    unscaled = F.kl_div(F.log_softmax(S / 2, -1), F.softmax(T_ / 2, -1), reduction="batchmean")
+    assert close(unscaled, KL_T2)
+    assert torch.allclose(soft_kl(S, T_, 2.0), 4.0 * unscaled, atol=1e-6)
+
+
+def test_kd_loss_golden_values() -> None:
+    assert close(kd_loss(S, T_, Y, temperature=2.0, alpha=0.5), KD_T2_A05)
+    assert close(kd_loss(S, T_, Y, temperature=4.0, alpha=0.9), KD_T4_A09)
+
+
+def test_alpha_zero_is_plain_cross_entropy() -> None:
+    loss = kd_loss(S, T_, Y, temperature=4.0, alpha=0.0)
+    assert close(loss, CE)
+    assert torch.allclose(loss, F.cross_entropy(S, Y))
+
+
+def test_alpha_one_is_pure_scaled_kl() -> None:
+    assert close(kd_loss(S, T_, Y, temperature=2.0, alpha=1.0), 4.0 * KL_T2)
+    # Targets do not matter at alpha = 1.
+    other = kd_loss(S, T_, torch.tensor([0, 1]), temperature=2.0, alpha=1.0)
+    assert close(other, 4.0 * KL_T2)
+
+
+def test_kl_is_zero_for_equal_logits() -> None:
+    logits = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    for temperature in (0.5, 1.0, 4.0):
+        assert abs(float(soft_kl(logits, logits.clone(), temperature))) < 1e-6
+
+
+def test_kl_is_nonnegative_on_random_inputs() -> None:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        s, t = torch.randn(4, 10, generator=gen) * 3, torch.randn(4, 10, generator=gen) * 3
+        assert float(soft_kl(s, t, 3.0)) >= -1e-7
+    # and strictly positive when the distributions differ
+    assert float(soft_kl(S, T_, 1.0)) > 0.1
+
+
+def test_gradient_does_not_flow_into_teacher() -> None:
+    student = S.clone().requires_grad_(True)
+    teacher = T_.clone().requires_grad_(True)
+    kd_loss(student, teacher, Y, temperature=2.0, alpha=0.5).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_module_gradient_does_not_flow_into_teacher() -> None:
+    student = S.clone().requires_grad_(True)
+    teacher = T_.clone().requires_grad_(True)
+    build_objective("kd", temperature=2.0, alpha=1.0)(student, Y, teacher).total.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_batchmean_not_numel_convention() -> None:
+    """KL summed over classes, averaged over the batch: duplicating the batch changes nothing
+    (rules out ``sum``), and the value is C times DeiT's numel-averaged KL (rules out ``mean``)."""
+    single = kd_loss(S, T_, Y, temperature=2.0, alpha=0.5)
+    doubled = kd_loss(torch.cat([S, S]), torch.cat([T_, T_]), torch.cat([Y, Y]), temperature=2.0, alpha=0.5)
+    assert torch.allclose(single, doubled, atol=1e-6)
+    numel_kl = F.kl_div(F.log_softmax(S / 2, -1), F.log_softmax(T_ / 2, -1), reduction="sum", log_target=True) / S.numel()
+    assert torch.allclose(soft_kl(S, T_, 2.0), 4.0 * numel_kl * S.shape[1], atol=1e-6)
+    assert not torch.allclose(soft_kl(S, T_, 2.0), 4.0 * numel_kl, atol=1e-3)
+
+
+def test_label_smoothing_passes_through() -> None:
+    assert close(kd_loss(S, T_, Y, 2.0, 0.5, label_smoothing=0.1), KD_T2_A05_LS01)
+    assert close(kd_loss(S, T_, Y, 2.0, 0.0, label_smoothing=0.1), CE_LS01)
+    out = build_objective("kd", temperature=2.0, alpha=0.5, label_smoothing=0.1)(S, Y, T_)
+    assert close(out.total, KD_T2_A05_LS01)
+    assert close(build_objective("ce", label_smoothing=0.1)(S, Y).total, CE_LS01)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_invalid_temperature_raises(temperature: float) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        kd_loss(S, T_, Y, temperature=temperature, alpha=0.5)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_invalid_alpha_raises(alpha: float) -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        kd_loss(S, T_, Y, temperature=2.0, alpha=alpha)
+
+
+def test_kd_module_matches_function_and_reports_terms() -> None:
+    objective = build_objective("kd", temperature=4.0, alpha=0.9)
+    out = objective(S, Y, T_)
+    assert isinstance(out, LossOutput)
+    assert torch.allclose(out.total, kd_loss(S, T_, Y, temperature=4.0, alpha=0.9), atol=1e-6)
+    assert close(out.total, KD_T4_A09)
+    assert {"ce", "kd"} <= set(out.terms)
+    assert close(out.terms["ce"], CE)
+    assert close(out.terms["kd"], 16.0 * KL_T4)
+    assert objective.needs_teacher is True
+
+
+def test_kd_module_requires_teacher_logits() -> None:
+    with pytest.raises(ValueError, match="teacher"):
+        build_objective("kd", temperature=4.0, alpha=0.9)(S, Y)
+
+
+def test_cross_entropy_module() -> None:
+    objective = build_objective("ce")
+    out = objective(S, Y)
+    assert isinstance(out, LossOutput)
+    assert close(out.total, CE)
+    assert set(out.terms) == {"ce"}
+    assert objective.needs_teacher is False
+
+
+def test_unknown_method_raises_key_error_listing_known() -> None:
+    with pytest.raises(KeyError) as info:
+        build_objective("fitnets")
+    message = str(info.value)
+    assert "fitnets" in message and "kd" in message and "ce" in message
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": 0.0}, {"temperature": -2.0}, {"alpha": 1.5}, {"alpha": -0.5}],
+    ids=["T=0", "T=-2", "alpha=1.5", "alpha=-0.5"],
+)
+def test_kd_module_rejects_invalid_hyperparameters(kwargs: dict) -> None:
+    """The module form must not silently return nan/inf or a negative weight for bad settings."""
+    params = {"temperature": 4.0, "alpha": 0.9, **kwargs}
+    with pytest.raises(ValueError):
+        build_objective("kd", **params)(S, Y, T_)

@@ -1,0 +1,167 @@
+"""Model construction through timm, parameter counts, pretrained-weight resolution, checkpoints."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import kdlib.models  # noqa: F401  (registers cnn_small / rescnn in timm)
+from kdlib.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from kdlib.models import build_model, count_parameters
+from kdlib.models.pretrained import PretrainedUnavailable, pretrained_kwargs
+
+
+@pytest.mark.parametrize(
+    ("blocks", "expected"), [(4, 98_294), (6, 408_854), (8, 1_648_470), (10, 6_601_686)]
+)
+def test_rescnn_parameter_counts(blocks: int, expected: int) -> None:
+    assert count_parameters(build_model("rescnn", 6, 3, blocks=blocks)) == expected
+
+
+def test_rescnn_teacher_parameter_count() -> None:
+    model = build_model("rescnn", 6, 3, blocks=12, head_hidden=(512, 256))
+    assert count_parameters(model) == 26_534_358
+
+
+def test_cnn_small_registered_in_timm() -> None:
+    model = timm.create_model("cnn_small", num_classes=10, in_chans=1)
+    assert count_parameters(model) == 56_554  # documented in kdlib/models/cnn_small.py
+    assert "cnn_small" in timm.list_models() and "rescnn" in timm.list_models()
+
+
+def test_own_models_refuse_pretrained_true() -> None:
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("cnn_small", pretrained=True)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("rescnn", pretrained=True)
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "in_chans", "size"),
+    [
+        ("cnn_small", {}, 1, 28),
+        ("rescnn", {"blocks": 4}, 3, 32),
+        ("resnet18", {}, 1, 28),
+        ("deit_tiny_distilled_patch16_224", {"img_size": 28, "patch_size": 7, "depth": 2}, 1, 28),
+    ],
+)
+@torch.no_grad()
+def test_forward_shapes(arch: str, kwargs: dict, in_chans: int, size: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch, 7, in_chans, **kwargs).eval()
+    out = model(torch.randn(2, in_chans, size, size))
+    assert isinstance(out, torch.Tensor)  # DeiT-distilled averages its two heads in eval mode
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+def test_unknown_arch_raises_key_error() -> None:
+    with pytest.raises(KeyError, match="resnet_does_not_exist"):
+        build_model("resnet_does_not_exist", 10, 1)
+
+
+def test_pretrained_false_kwargs() -> None:
+    assert pretrained_kwargs("resnet18", False) == {"pretrained": False}
+
+
+def test_pretrained_true_unreachable_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # An empty Hugging Face cache, so a locally cached copy cannot make this pass or hide the error.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+    start = time.perf_counter()
+    with pytest.raises(PretrainedUnavailable) as info:
+        pretrained_kwargs("resnet18", True, reachable=False)
+    assert time.perf_counter() - start < 0.5
+    message = str(info.value)
+    assert "resnet18" in message and "path" in message and "pretrained" in message
+
+
+def test_pretrained_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "weights" / "nope.pth"
+    with pytest.raises(PretrainedUnavailable) as info:
+        pretrained_kwargs("resnet18", str(missing))
+    assert str(missing) in str(info.value)
+    with pytest.raises(PretrainedUnavailable, match="nope.pth"):
+        build_model("resnet18", 10, 3, pretrained=str(missing))
+
+
+def _assert_same_state(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    assert state.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_pretrained_from_file_loads_exact_weights(tmp_path: Path) -> None:
+    """A timm-format file (ImageNet shape: 1000 classes, 3 channels) loads exactly."""
+    torch.manual_seed(123)
+    source = build_model("resnet18", 1000, 3)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(999)  # a different random init, which the file must overwrite
+    loaded = build_model("resnet18", 1000, 3, pretrained=str(path))
+    _assert_same_state(loaded, source.state_dict())
+    fresh = build_model("resnet18", 1000, 3)
+    assert not torch.equal(fresh.conv1.weight, source.conv1.weight)
+
+
+def test_pretrained_file_with_task_head_loads_every_weight(tmp_path: Path) -> None:
+    """A weights file shaped for the task itself (10 classes, 1 channel, e.g. an earlier
+    teacher's) must load completely, head included, not silently re-initialize the head."""
+    torch.manual_seed(123)
+    source = build_model("resnet18", 10, 1)
+    path = tmp_path / "resnet18-mnist.pth"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(999)
+    loaded = build_model("resnet18", 10, 1, pretrained=str(path))
+    assert torch.equal(loaded.conv1.weight, source.conv1.weight)  # the backbone does load
+    _assert_same_state(loaded, source.state_dict())  # fails on fc.weight: head dropped by timm
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("rescnn", 4, 1, blocks=2)
+    with torch.no_grad():  # make the BN running statistics non-default too
+        model.train()(torch.randn(4, 1, 12, 12))
+    meta = {"arch": "rescnn", "num_classes": 4, "in_chans": 1, "model_kwargs": {"blocks": 2}, "epoch": 3}
+    path = tmp_path / "sub" / "best.pt"
+    save_checkpoint(path, model, meta)
+    assert path.is_file()
+    assert list(path.parent.iterdir()) == [path]  # no .tmp left behind
+
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["meta"] == meta
+    assert set(raw) == {"state_dict", "meta"}
+
+    rebuilt, meta_back = model_from_checkpoint(path)
+    assert meta_back == meta
+    assert not rebuilt.training
+    original = model.state_dict()
+    rebuilt_state = rebuilt.state_dict()
+    assert original.keys() == rebuilt_state.keys()
+    for key, value in original.items():
+        assert torch.equal(rebuilt_state[key], value), key
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model.eval()(x))
+
+
+def test_checkpoint_overwrite_is_atomic_and_clean(tmp_path: Path) -> None:
+    meta = {"arch": "cnn_small", "num_classes": 10, "in_chans": 1}
+    path = tmp_path / "last.pt"
+    torch.manual_seed(0)
+    save_checkpoint(path, build_model("cnn_small", 10, 1), meta)
+    torch.manual_seed(1)
+    second = build_model("cnn_small", 10, 1)
+    save_checkpoint(path, second, meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    rebuilt, _ = model_from_checkpoint(path)
+    assert torch.equal(rebuilt.fc.weight, second.fc.weight)
+
+
+def test_load_checkpoint_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")

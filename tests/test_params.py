@@ -1,0 +1,280 @@
+"""params.yaml validation (stages/params.py) and the lr schedule / optimizer groups of kdlib.train."""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from kdlib.train import Recipe, build_optimizer, lr_factor
+from stages.params import ParamError, load_params, validate
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def repo_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def mutated(params: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(params)
+    *parents, last = dotted.split(".")
+    node = out
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return out
+
+
+def error_of(params: dict[str, Any]) -> str:
+    with pytest.raises(ParamError) as info:
+        validate(params)
+    return str(info.value)
+
+
+def test_repository_params_validate(repo_params) -> None:
+    validate(repo_params)
+    assert load_params(REPO_ROOT / "params.yaml") == repo_params
+
+
+def test_every_model_preset_can_be_the_student(repo_params) -> None:
+    for name in repo_params["models"]:
+        validate(mutated(repo_params, "student", name))
+
+
+def test_unknown_top_level_key(repo_params) -> None:
+    message = error_of(mutated(repo_params, "sed", 1))
+    assert "sed: unknown key" in message
+    assert "seed" in message and "models" in message  # what is allowed
+
+
+def test_unknown_kd_key(repo_params) -> None:
+    message = error_of(mutated(repo_params, "kd.temprature", 4.0))
+    assert "kd.temprature: unknown key" in message
+    assert "temperature" in message and "alpha" in message
+
+
+def test_missing_required_key(repo_params) -> None:
+    params = copy.deepcopy(repo_params)
+    del params["kd"]["alpha"]
+    assert "kd.alpha: missing" in error_of(params)
+
+
+@pytest.mark.parametrize("value", [0, -1, 0.0])
+def test_temperature_must_be_positive(repo_params, value) -> None:
+    message = error_of(mutated(repo_params, "kd.temperature", value))
+    assert f"kd.temperature = {value!r}" in message
+    assert "(0, inf]" in message
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1])
+def test_alpha_in_unit_interval(repo_params, value) -> None:
+    message = error_of(mutated(repo_params, "kd.alpha", value))
+    assert f"kd.alpha = {value!r}" in message and "[0, 1]" in message
+
+
+def test_alpha_bounds_are_allowed(repo_params) -> None:
+    validate(mutated(repo_params, "kd.alpha", 0))
+    validate(mutated(repo_params, "kd.alpha", 1.0))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_temperature_must_be_finite(repo_params, value) -> None:
+    """A nan/inf temperature passes kd_loss's own `<= 0` check and makes every loss nan."""
+    message = error_of(mutated(repo_params, "kd.temperature", value))
+    assert "kd.temperature" in message
+
+
+def test_string_where_number_expected(repo_params) -> None:
+    message = error_of(mutated(repo_params, "models.cnn_small.lr", "fast"))
+    assert "models.cnn_small.lr = 'fast'" in message and "a number in (0, inf]" in message
+
+
+@pytest.mark.parametrize("value", [-0.1, 0])
+def test_lr_must_be_positive(repo_params, value) -> None:
+    message = error_of(mutated(repo_params, "models.cnn_small.lr", value))
+    assert f"models.cnn_small.lr = {value!r}" in message and "(0, inf]" in message
+
+
+def test_unknown_student_lists_presets(repo_params) -> None:
+    message = error_of(mutated(repo_params, "student", "nonexistent"))
+    assert "student = 'nonexistent'" in message
+    for name in repo_params["models"]:
+        assert name in message
+
+
+def test_unknown_teacher_and_dataset(repo_params) -> None:
+    assert "teacher = 'bert'" in error_of(mutated(repo_params, "teacher", "bert"))
+    message = error_of(mutated(repo_params, "dataset", "cifar"))
+    assert "dataset = 'cifar'" in message and "mnist" in message
+
+
+def test_unknown_architecture(repo_params) -> None:
+    message = error_of(mutated(repo_params, "models.cnn_small.arch", "not_a_model"))
+    assert "models.cnn_small.arch = 'not_a_model'" in message and "timm" in message
+
+
+def test_unknown_layout(repo_params) -> None:
+    message = error_of(mutated(repo_params, "datasets.mnist.layout", "voc"))
+    assert "datasets.mnist.layout = 'voc'" in message
+    assert "mnist" in message and "imagefolder" in message
+
+
+def test_unknown_augment_preset(repo_params) -> None:
+    message = error_of(mutated(repo_params, "datasets.mnist.augment", "mixup"))
+    assert "datasets.mnist.augment = 'mixup'" in message and "shift" in message and "none" in message
+
+
+def test_mean_length_must_match_channels(repo_params) -> None:
+    message = error_of(mutated(repo_params, "datasets.mnist.mean", [0.5, 0.5, 0.5]))
+    assert "datasets.mnist" in message and "mean and std" in message and "1 values" in message
+    message = error_of(mutated(repo_params, "datasets.mnist.channels", 3))
+    assert "3 values" in message
+
+
+def test_std_must_be_positive(repo_params) -> None:
+    message = error_of(mutated(repo_params, "datasets.mnist.std", [0.0]))
+    assert "datasets.mnist.std" in message and "positive" in message
+
+
+def test_batch_size_zero(repo_params) -> None:
+    message = error_of(mutated(repo_params, "models.cnn_small.batch_size", 0))
+    assert "models.cnn_small.batch_size = 0" in message and "an integer in [1, inf]" in message
+
+
+def test_bool_where_int_expected(repo_params) -> None:
+    message = error_of(mutated(repo_params, "models.cnn_small.epochs", True))
+    assert "models.cnn_small.epochs = True" in message and "an integer" in message
+
+
+def test_float_where_int_expected(repo_params) -> None:
+    message = error_of(mutated(repo_params, "eval.batch_size", 256.0))
+    assert "eval.batch_size = 256.0" in message and "an integer" in message
+
+
+def test_bool_channels_rejected(repo_params) -> None:
+    """`channels: true` must not pass as 1 (True == 1 in Python)."""
+    message = error_of(mutated(repo_params, "datasets.mnist.channels", True))
+    assert "datasets.mnist.channels" in message
+
+
+def test_bad_choice_lists_allowed(repo_params) -> None:
+    message = error_of(mutated(repo_params, "models.cnn_small.optimizer", "adam"))
+    assert "models.cnn_small.optimizer = 'adam'" in message and "sgd" in message and "adamw" in message
+
+
+def test_all_errors_are_reported_together(repo_params) -> None:
+    params = mutated(mutated(repo_params, "kd.alpha", 2.0), "seed", -1)
+    message = error_of(params)
+    assert "kd.alpha" in message and "seed = -1" in message
+
+
+def test_params_not_a_mapping() -> None:
+    assert "expected a mapping" in error_of(None)  # type: ignore[arg-type]
+
+
+def test_load_params_missing_file_exits_2(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(SystemExit) as info:
+        load_params(missing)
+    assert info.value.code == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_load_params_invalid_file_exits_2(tmp_path: Path, capsys, repo_params) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(mutated(repo_params, "kd.temperature", -1)))
+    with pytest.raises(SystemExit) as info:
+        load_params(path)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "kd.temperature = -1" in err
+
+
+def test_load_params_bad_yaml_exits_2(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: [unclosed\n")
+    with pytest.raises(SystemExit) as info:
+        load_params(path)
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+# ---- kdlib.train: lr schedule and optimizer groups ------------------------------------------
+def test_warmup_is_linear() -> None:
+    recipe = Recipe(epochs=10, batch_size=8, lr=0.1, schedule="cosine", warmup_epochs=2)
+    factors = [lr_factor(s, 5, recipe) for s in range(10)]
+    assert factors == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lr_factor(10, 5, recipe) == pytest.approx(1.0)  # cosine starts at the peak
+
+
+def test_cosine_decays_to_min_lr() -> None:
+    recipe = Recipe(epochs=10, batch_size=8, lr=0.1, schedule="cosine", warmup_epochs=1, min_lr=0.001)
+    spe = 20
+    values = [lr_factor(s, spe, recipe) for s in range(spe, 10 * spe)]
+    assert values[0] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone after warmup
+    assert values[-1] == pytest.approx(0.01, abs=1e-3)  # min_lr / lr, near the end
+    assert lr_factor(10 * spe, spe, recipe) == pytest.approx(0.01)
+    midpoint = spe * (1 + 9 / 2)
+    assert lr_factor(int(midpoint), spe, recipe) == pytest.approx(0.01 + 0.99 * 0.5, abs=1e-9)
+
+
+def test_cosine_without_min_lr_ends_at_zero() -> None:
+    recipe = Recipe(epochs=4, batch_size=8, lr=0.5, schedule="cosine")
+    assert lr_factor(0, 10, recipe) == pytest.approx(1.0)
+    assert lr_factor(40, 10, recipe) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_step_schedule_multiplies_by_gamma() -> None:
+    recipe = Recipe(epochs=9, batch_size=8, lr=0.1, schedule="step", step_epochs=3, step_gamma=0.5)
+    spe = 4
+    for epoch in range(9):
+        for step in range(epoch * spe, (epoch + 1) * spe):
+            assert lr_factor(step, spe, recipe) == pytest.approx(0.5 ** (epoch // 3))
+
+
+def test_constant_schedule_and_unknown() -> None:
+    assert lr_factor(123, 10, Recipe(epochs=3, batch_size=1, lr=0.1, schedule="constant")) == 1.0
+    with pytest.raises(ValueError, match="onecycle"):
+        lr_factor(0, 10, Recipe(epochs=3, batch_size=1, lr=0.1, schedule="onecycle"))
+
+
+def test_build_optimizer_no_decay_for_1d_params() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    recipe = Recipe(epochs=1, batch_size=1, lr=0.1, optimizer="sgd", momentum=0.8, nesterov=True,
+                    weight_decay=1e-3)
+    opt = build_optimizer(model, recipe)
+    assert isinstance(opt, torch.optim.SGD)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 1e-3 and no_decay["weight_decay"] == 0.0
+    params = dict(model.named_parameters())
+    assert {id(p) for p in decay["params"]} == {id(params["0.weight"]), id(params["3.weight"])}
+    assert {id(p) for p in no_decay["params"]} == {
+        id(params[n]) for n in ("0.bias", "1.weight", "1.bias", "3.bias")
+    }
+    assert all(g["lr"] == 0.1 and g["momentum"] == 0.8 and g["nesterov"] for g in opt.param_groups)
+
+
+def test_build_optimizer_adamw_and_frozen_params() -> None:
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    opt = build_optimizer(model, Recipe(epochs=1, batch_size=1, lr=1e-3, optimizer="adamw", weight_decay=0.05))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 0]
+    assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="rmsprop"):
+        build_optimizer(model, Recipe(epochs=1, batch_size=1, lr=1e-3, optimizer="rmsprop"))
+
+
+def test_test_per_class_null_or_positive_int(repo_params) -> None:
+    validate(mutated(repo_params, "data.test_per_class", None))
+    validate(mutated(repo_params, "data.test_per_class", 5))
+    message = error_of(mutated(repo_params, "data.test_per_class", 0))
+    assert "data.test_per_class = 0" in message and "an integer in [1, inf]" in message

@@ -1,0 +1,120 @@
+"""End to end: the real `dvc repro` on a copy of this repository with tiny parameters.
+
+Checks every declared output and metric exists, that a second `dvc repro` does nothing, that
+a forced re-run reproduces every cached output bit for bit, and that `dvc exp run -S
+student=deit`, `dvc metrics diff` and `dvc plots diff` work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def shrink(params: dict) -> dict:
+    params["data"].update(train_per_class=4, val_per_class=2, test_per_class=3)
+    for preset in params["models"].values():
+        preset["epochs"] = 1
+        preset["warmup_epochs"] = 0
+    return params
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    work = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, work / rel)
+    for generated in ("dvc.lock",):
+        (work / generated).unlink(missing_ok=True)
+    params = shrink(yaml.safe_load((work / "params.yaml").read_text()))
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    }
+    run(["git", "init", "-q"], work, env)
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-qm", "fixture"], work, env)
+    return work, env
+
+
+def declared_outputs(work: Path) -> list[Path]:
+    pipeline = yaml.safe_load((work / "dvc.yaml").read_text())
+    paths = []
+    for stage in pipeline["stages"].values():
+        for entry in stage.get("outs", []) + stage.get("metrics", []):
+            paths.append(work / (entry if isinstance(entry, str) else next(iter(entry))))
+    return paths
+
+
+def lock_hashes(work: Path) -> dict[str, str]:
+    lock = yaml.safe_load((work / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def test_repro_produces_every_output_and_is_a_noop_the_second_time(workdir):
+    work, env = workdir
+    first = run(["dvc", "repro"], work, env)
+    for path in declared_outputs(work):
+        assert path.exists(), f"declared output {path.relative_to(work)} missing\n{first.stdout[-3000:]}"
+    evaluation = json.loads((work / "reports/evaluate/metrics.json").read_text())
+    for role in ("teacher", "baseline", "distill"):
+        for which in ("best", "last"):
+            assert 0.0 <= evaluation[role][which]["top1"] <= 100.0
+        assert evaluation[role]["params"] > 0 and evaluation[role]["checkpoint_bytes"] > 0
+        live = json.loads((work / f"reports/{role}/metrics.json").read_text())
+        assert {"train", "val", "best_val_top1", "last_val_top1"} <= set(live)
+    manifest = json.loads((work / "reports/prepare/manifest.json").read_text())
+    assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [40, 20, 30]
+    assert "KD gain" in (work / "reports/results.md").read_text()
+
+    second = run(["dvc", "repro"], work, env)
+    assert "Running stage" not in second.stdout, second.stdout
+    assert "up to date" in second.stdout
+
+
+def test_forced_rerun_reproduces_every_output_bit_for_bit(workdir):
+    work, env = workdir
+    before = lock_hashes(work)
+    run(["dvc", "repro", "--force"], work, env)
+    after = lock_hashes(work)
+    assert before == after, {k: (before[k], after.get(k)) for k in before if before[k] != after.get(k)}
+
+
+def test_experiment_with_deit_student_then_metrics_and_plots_diff(workdir):
+    work, env = workdir
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-qm", "baseline results"], work, env)
+    run(["dvc", "exp", "run", "-S", "student=deit"], work, env)
+    live = json.loads((work / "reports/distill/metrics.json").read_text())
+    assert live["params"] > 0
+    ckpt_meta = __import__("torch").load(work / "models/distill/best.pt", weights_only=True)["meta"]
+    assert ckpt_meta["arch"].startswith("deit_") and ckpt_meta["preset"] == "deit"
+    diff = run(["dvc", "metrics", "diff", "--all"], work, env).stdout
+    assert "top1" in diff
+    plots = run(["dvc", "plots", "diff", "HEAD", "-o", "plots_out"], work, env)
+    html = (work / "plots_out" / "index.html").read_text()
+    assert "Validation top-1" in html or "val/top1" in html, plots.stdout
