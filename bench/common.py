@@ -1,6 +1,7 @@
 """Shared by the benchmarks: parameters, tiny-run shrinking, a repository copy, JSON + table output."""
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -75,9 +76,16 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return text
 
 
-def write_result(name: str, result: dict[str, Any]) -> Path:
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    path = BENCH_DIR / f"{name}.json"
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny data, few epochs: a smoke run")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR, help="directory for NAME.json")
+    return parser
+
+
+def write_result(name: str, result: dict[str, Any], out_dir: Path = BENCH_DIR) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
-    print(f"wrote {path.relative_to(REPO)}")
+    print(f"wrote {path}")
     return path

@@ -8,13 +8,12 @@ and larger than 2 std of the paired differences.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import tempfile
 from pathlib import Path
 
-from common import default_params, print_table, shrink, write_result
+from common import bench_parser, default_params, print_table, shrink, write_result
 
 from stages.evaluate import evaluate_checkpoint
 from stages.prepare import prepare
@@ -22,8 +21,7 @@ from stages.train import train_role
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny data, 2 epochs (a smoke run)")
+    parser = bench_parser(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     params = default_params()
@@ -64,7 +62,7 @@ def main() -> None:
         "data": params["data"], "teacher_top1": teacher_top1, "seeds": rows,
         "baseline_top1_mean": b_mean, "baseline_top1_std": b_std, "kd_top1_mean": k_mean, "kd_top1_std": k_std,
         "gain_mean": g_mean, "gain_std": g_std, "target_met": met,
-    })
+    }, args.out)
 
 
 if __name__ == "__main__":

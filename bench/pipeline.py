@@ -9,7 +9,6 @@ no-op repro < 2 s.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import tempfile
@@ -17,14 +16,13 @@ import time
 from pathlib import Path
 
 import yaml
-from common import copy_repo, default_params, git_env, print_table, shrink, write_result
+from common import bench_parser, copy_repo, default_params, git_env, print_table, shrink, write_result
 
 STAGES = ("prepare", "teacher", "baseline", "distill", "evaluate", "report")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
+    parser = bench_parser(__doc__)
     args = parser.parse_args()
     env = git_env()
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,7 +52,7 @@ def main() -> None:
     print(f"targets (total <= 300 s, teacher >= 97%, no-op < 2 s): {'met' if met else 'NOT met'}")
     write_result("pipeline", {"quick": args.quick, "stage_seconds": seconds, "total_seconds": total,
                               "noop_repro_seconds": noop_s, "teacher_top1": teacher_top1,
-                              "evaluate": {k: v for k, v in evaluation.items()}, "target_met": met})
+                              "evaluate": {k: v for k, v in evaluation.items()}, "target_met": met}, args.out)
 
 
 if __name__ == "__main__":

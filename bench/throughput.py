@@ -10,7 +10,6 @@ CPU, which is how the presets' defaults were chosen.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from common import default_params, print_table, shrink, write_result
+from common import bench_parser, default_params, print_table, shrink, write_result
 
 from kdlib.checkpoint import model_from_checkpoint
 from kdlib.data import BatchNormalizer
@@ -75,8 +74,7 @@ def in_memory_rate(params: dict, role: str, meta, teacher_ckpt: Path | None, ste
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
+    parser = bench_parser(__doc__)
     args = parser.parse_args()
     params = default_params()
     epochs = 1 if args.quick else 3
@@ -107,7 +105,7 @@ def main() -> None:
                  "settings vs fp32"], rows)
     met = all(r["ratio"] >= 0.85 for r in results)
     print(f"data path target (loop >= 85% of in-memory for every stage): {'met' if met else 'NOT met'}")
-    write_result("throughput", {"quick": args.quick, "epochs": epochs, "stages": results, "target_met": met})
+    write_result("throughput", {"quick": args.quick, "epochs": epochs, "stages": results, "target_met": met}, args.out)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def results_table(rows: Sequence[Mapping]) -> str:
 
 def plot_training_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> None:
     """One panel per metric (train loss, val top-1), one line per model."""
-    panels = [("train/loss", "training loss"), ("val/top1", "validation top-1 (%)")]
+    panels = [("train/loss", "training loss (log scale)"), ("val/top1", "validation top-1 (%)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.8))
     for ax, (key, title) in zip(axes, panels):
         for name, history in histories.items():
@@ -50,6 +50,7 @@ def plot_training_curves(histories: Mapping[str, Mapping[str, Sequence[float]]],
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")  # the KD objective (T²-scaled) and CE differ by an order of magnitude
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata=PNG_META)

@@ -1,0 +1,130 @@
+"""The training loop on tiny in-memory data: determinism, best/last checkpoints, early stopping,
+teacher handling and the logger contract."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from kdlib.checkpoint import load_checkpoint, model_from_checkpoint
+from kdlib.data import BatchNormalizer, IndexedImageDataset, Record, build_transform
+from kdlib.losses import build_objective
+from kdlib.models import build_model
+from kdlib.runtime import seed_everything
+from kdlib.teacher import OnlineTeacher
+from kdlib.train import Recipe, fit
+
+META = {"arch": "cnn_small", "num_classes": 3, "in_chans": 1, "model_kwargs": {}, "input_size": 16,
+        "mean": [0.5], "std": [0.25], "classes": ["a", "b", "c"]}
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Record]]:
+    root = tmp_path_factory.mktemp("imgs")
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(36):
+        label = i % 3
+        # class-dependent brightness so the task is learnable in a few steps
+        pixels = (torch.rand(16, 16, generator=gen) * 80 + 80 * label).to(torch.uint8).numpy()
+        Image.fromarray(pixels, mode="L").save(root / f"{i}.png")
+        records.append(Record(f"{i}.png", label, "train" if i < 24 else "val"))
+    return root, records
+
+
+class ListLogger:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = [{}]
+
+    def log_metric(self, name: str, val: float) -> None:
+        self.rows[-1][name] = val
+
+    def next_step(self) -> None:
+        self.rows.append({})
+
+
+def run_fit(image_dir, out: Path, epochs: int = 2, patience: int = 0, objective=None, teacher=None,
+            logger=None, amp: str = "none"):
+    root, records = image_dir
+    train = IndexedImageDataset(root, [r for r in records if r.split == "train"], 1,
+                                build_transform("shift", 16, 16, True, {"shift_px": 2}), preload=True)
+    val = IndexedImageDataset(root, [r for r in records if r.split == "val"], 1, None, preload=True)
+    seed_everything(0)
+    model = build_model("cnn_small", 3, 1)
+    recipe = Recipe(epochs=epochs, batch_size=8, lr=0.05, patience=patience, warmup_epochs=1, amp=amp)
+    result = fit(model, train, val, objective or build_objective("ce"), recipe, BatchNormalizer([0.5], [0.25]),
+                 out, META, seed=0, teacher=teacher, logger=logger, progress=False)
+    return model, result
+
+
+def test_same_seed_gives_identical_weights_and_metrics(image_dir, tmp_path):
+    _, first = run_fit(image_dir, tmp_path / "a")
+    _, second = run_fit(image_dir, tmp_path / "b")
+    assert first.history == second.history
+    for which in ("best.pt", "last.pt"):
+        a, b = load_checkpoint(tmp_path / "a" / which), load_checkpoint(tmp_path / "b" / which)
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_best_and_last_checkpoints_rebuild_the_model(image_dir, tmp_path):
+    model, result = run_fit(image_dir, tmp_path, epochs=3)
+    best = load_checkpoint(tmp_path / "best.pt")
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert best["meta"]["epoch"] == result.best_epoch and last["meta"]["epoch"] == 3
+    assert best["meta"]["val_top1"] == pytest.approx(result.best_val_top1)
+    rebuilt, meta = model_from_checkpoint(tmp_path / "last.pt")
+    x = torch.randn(2, 1, 16, 16)
+    model.eval()
+    assert torch.allclose(rebuilt(x), model(x))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_early_stopping_stops_after_patience_without_gain(image_dir, tmp_path):
+    _, result = run_fit(image_dir, tmp_path, epochs=30, patience=1)
+    assert result.stopped_early
+    assert result.last_epoch == result.best_epoch + 1 or result.last_epoch < 30
+    assert result.last_epoch < 30
+
+
+def test_logger_gets_one_row_per_epoch(image_dir, tmp_path):
+    logger = ListLogger()
+    run_fit(image_dir, tmp_path, epochs=2, logger=logger)
+    rows = [r for r in logger.rows if r]
+    assert len(rows) == 2
+    assert {"train/loss", "train/ce", "train/top1", "val/loss", "val/top1", "val/top5", "lr"} <= set(rows[0])
+
+
+def test_kd_needs_a_teacher_and_uses_it_in_eval_mode(image_dir, tmp_path):
+    with pytest.raises(ValueError, match="needs a teacher"):
+        run_fit(image_dir, tmp_path / "x", objective=build_objective("kd", temperature=4.0, alpha=0.9))
+    teacher_model = build_model("cnn_small", 3, 1)
+    teacher_model.train()
+    teacher = OnlineTeacher(teacher_model)
+    before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
+    logger = ListLogger()
+    run_fit(image_dir, tmp_path / "y", objective=build_objective("kd", temperature=4.0, alpha=0.9),
+            teacher=teacher, logger=logger)
+    assert not teacher_model.training
+    # the teacher's weights and BN running statistics are untouched by distillation
+    assert all(torch.equal(before[k], v) for k, v in teacher_model.state_dict().items())
+    assert "train/kd" in logger.rows[0]
+
+
+def test_bf16_autocast_trains(image_dir, tmp_path):
+    _, result = run_fit(image_dir, tmp_path, epochs=1, amp="bf16")
+    assert result.history[0]["train/loss"] == result.history[0]["train/loss"]  # not NaN
+
+
+def test_teacher_resizes_to_its_input_size():
+    model = build_model("cnn_small", 3, 1)
+    seen: dict[str, torch.Size] = {}
+
+    def record(module, args):
+        seen["shape"] = args[0].shape
+
+    model.register_forward_pre_hook(record)
+    OnlineTeacher(model, input_size=32)(torch.randn(2, 1, 16, 16), torch.arange(2))
+    assert seen["shape"][-2:] == (32, 32)
