@@ -91,9 +91,14 @@ def lr_factor(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm parameters (1-d tensors), as timm and DeiT do.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    # No weight decay on biases and norm parameters (1-d tensors), nor on what the model itself
+    # exempts (timm's no_weight_decay(): position embeddings, class/distillation tokens), as
+    # timm and DeiT do.
+    exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name in exempt else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": recipe.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -133,6 +138,8 @@ def fit(
     train_loader = make_loader(train_set, recipe.batch_size, True, seed, runtime, recipe.num_workers)
     val_loader = make_loader(val_set, recipe.eval_batch_size, False, seed, runtime, recipe.num_workers)
     optimizer = build_optimizer(model, recipe)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=recipe.amp == "fp16")
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe)
@@ -165,10 +172,12 @@ def fit(
                 teacher_logits = teacher(images, positions) if teacher is not None else None
             out = objective(logits.float(), targets, teacher_logits)
             optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
+            scaler.scale(out.total).backward()
             if recipe.grad_clip:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             n = len(targets)
             count += n

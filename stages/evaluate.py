@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kdlib.checkpoint import model_from_checkpoint
 from kdlib.data import BatchNormalizer
 from kdlib.data.index import DatasetIndex
@@ -26,8 +24,10 @@ def evaluate_checkpoint(params: dict[str, Any], index: DatasetIndex, path: Path)
     model, meta = model_from_checkpoint(path)
     dataset_preset = params["datasets"][params["dataset"]]
     test_set = load_split(index, "test", dataset_preset, meta["input_size"], False, params["data"]["preload"])
-    loader = make_loader(test_set, params["eval"]["batch_size"], False, 0, Runtime())
-    result = evaluate(model, loader, BatchNormalizer(meta["mean"], meta["std"]), torch.device("cpu"))
+    runtime = Runtime.from_env("auto")
+    loader = make_loader(test_set, params["eval"]["batch_size"], False, 0, runtime)
+    normalizer = BatchNormalizer(meta["mean"], meta["std"]).to(runtime.device)
+    result = evaluate(model.to(runtime.device), loader, normalizer, runtime.device)
     return result, meta, count_parameters(model)
 
 

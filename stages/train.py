@@ -40,12 +40,13 @@ def train_role(
     val_set = load_split(index, "val", dataset_preset, spec.input_size, False, preload)
 
     seed_everything(params["seed"])
+    runtime = Runtime.from_env("auto")  # CUDA when present (set CUDA_VISIBLE_DEVICES= to force CPU)
     meta = index.meta
     model = build_model(spec.arch, meta.num_classes, meta.channels, spec.pretrained, **spec.kwargs)
     teacher = None
     if role == "distill":
         teacher_model, teacher_meta = model_from_checkpoint(teacher_checkpoint)
-        teacher = OnlineTeacher(teacher_model, teacher_meta.get("input_size"))
+        teacher = OnlineTeacher(teacher_model.to(runtime.device), teacher_meta.get("input_size"))
         kd = params["kd"]
         objective = build_objective(kd["method"], temperature=kd["temperature"], alpha=kd["alpha"],
                                     label_smoothing=recipe.label_smoothing)
@@ -60,7 +61,7 @@ def train_role(
     shutil.rmtree(out_dir, ignore_errors=True)
     result = fit(model, train_set, val_set, objective, recipe, normalizer_for(index, recipe.channels_last),
                  out_dir, checkpoint_meta, params["seed"], teacher=teacher, logger=logger,
-                 runtime=Runtime.from_env("cpu"), progress=progress)
+                 runtime=runtime, progress=progress)
     return result, count_parameters(model)
 
 

@@ -128,3 +128,15 @@ def test_teacher_resizes_to_its_input_size():
     model.register_forward_pre_hook(record)
     OnlineTeacher(model, input_size=32)(torch.randn(2, 1, 16, 16), torch.arange(2))
     assert seen["shape"][-2:] == (32, 32)
+
+
+def test_optimizer_exempts_what_timm_models_exempt_from_weight_decay():
+    from kdlib.train import build_optimizer
+
+    model = build_model("deit_tiny_distilled_patch16_224", 3, 1, img_size=16, patch_size=8, depth=1)
+    optimizer = build_optimizer(model, Recipe(epochs=1, batch_size=1, lr=1e-3, optimizer="adamw", weight_decay=0.05))
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    named = dict(model.named_parameters())
+    for token in ("pos_embed", "cls_token", "dist_token"):
+        assert id(named[token]) not in decayed
+    assert id(named["patch_embed.proj.weight"]) in decayed

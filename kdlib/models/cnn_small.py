@@ -13,6 +13,8 @@ import torch
 from timm.models import register_model
 from torch import Tensor, nn
 
+from kdlib.models.base import TimmClassifier, entry_kwargs
+
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     return [
@@ -22,7 +24,7 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     ]
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(TimmClassifier):
     def __init__(
         self,
         num_classes: int = 10,
@@ -53,17 +55,8 @@ class SmallCNN(nn.Module):
         x = self.drop(torch.flatten(self.pool(x), 1))
         return x if pre_logits else self.fc(x)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model
 def cnn_small(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
-    if pretrained:
-        raise ValueError("cnn_small has no pretrained weights; set pretrained to false or a file path")
-    kwargs.pop("pretrained_cfg", None)
-    kwargs.pop("pretrained_cfg_overlay", None)
-    return SmallCNN(**kwargs)
+    return SmallCNN(**entry_kwargs("cnn_small", pretrained, kwargs))

@@ -18,6 +18,8 @@ import torch
 from timm.models import register_model
 from torch import Tensor, nn
 
+from kdlib.models.base import TimmClassifier, entry_kwargs
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
@@ -40,7 +42,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class ResCNN(nn.Module):
+class ResCNN(TimmClassifier):
     """Residual CNN with the timm classifier interface (``forward_features`` / ``forward_head``)."""
 
     def __init__(
@@ -88,18 +90,9 @@ class ResCNN(nn.Module):
         x = self.head_hidden(torch.flatten(self.pool(x), 1))
         return x if pre_logits else self.fc(x)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model
 def rescnn(pretrained: bool = False, **kwargs: Any) -> ResCNN:
     """Seed 003's residual CNN; ``blocks`` sets the depth (4–12 in the seed)."""
-    if pretrained:
-        raise ValueError("rescnn has no pretrained weights; set pretrained to false or a file path")
-    kwargs.pop("pretrained_cfg", None)
-    kwargs.pop("pretrained_cfg_overlay", None)
-    return ResCNN(**kwargs)
+    return ResCNN(**entry_kwargs("rescnn", pretrained, kwargs))

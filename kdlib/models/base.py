@@ -1,0 +1,38 @@
+"""What the project's own architectures share: timm's classifier interface and entry-point rules."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class TimmClassifier(nn.Module):
+    """timm's interface: ``forward_features`` → ``forward_head(pre_logits=...)``, ``get_classifier``.
+
+    Subclasses define ``forward_features`` and ``forward_head`` and name their last Linear ``fc``,
+    so feature-based distillation reads pooled features the same way as from timm's models.
+    """
+
+    fc: nn.Linear
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        raise NotImplementedError
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def entry_kwargs(name: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Model kwargs from a timm entry-point call, without timm's pretrained-config keys.
+
+    Our architectures have no hub weights: ``pretrained=True`` is refused (a file path is loaded
+    by :func:`kdlib.models.build_model` instead)."""
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights; set pretrained to false or a file path")
+    return {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay")}
