@@ -129,7 +129,7 @@ SCHEMA: dict[str, Any] = {
         "num_workers": (is_int(0), True),
     },
     "kd": {
-        "method": (one_of("kd"), True),
+        "method": (is_str, True),  # checked against kdlib's method registry in validate()
         "temperature": (is_float(0, lo_open=True), True),
         "alpha": (is_float(0, 1), True),
     },
@@ -177,6 +177,7 @@ def validate(params: dict[str, Any]) -> None:
     """Raise :class:`ParamError` listing every problem in ``params``."""
     from kdlib.data.layouts import LAYOUTS
     from kdlib.data.transforms import TRAIN_PRESETS
+    from kdlib.losses import METHODS
     from kdlib.models import known_architectures
 
     errors: list[str] = []
@@ -188,6 +189,9 @@ def validate(params: dict[str, Any]) -> None:
                               f"{', '.join(params['models'])}")
         if params["dataset"] not in params["datasets"]:
             errors.append(f"dataset = {params['dataset']!r}: expected one of: {', '.join(params['datasets'])}")
+        methods = [m for m in METHODS.names() if m != "ce"]
+        if params["kd"]["method"] not in methods:
+            errors.append(f"kd.method = {params['kd']['method']!r}: expected one of: {', '.join(methods)}")
         archs = known_architectures()
         for name, preset in params["models"].items():
             if preset["arch"] not in archs:
