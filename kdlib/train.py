@@ -125,7 +125,8 @@ def fit(
     runtime: Runtime = Runtime(),
     progress: bool = True,
 ) -> FitResult:
-    """Train ``model`` with ``objective``; write ``best.pt`` (best val top-1) and ``last.pt``.
+    """Train ``model`` with ``objective``; write ``best.pt`` (best val top-1, ties broken by val
+    loss) and ``last.pt``.
 
     The test split never enters here: model selection and early stopping use ``val_set`` only.
     """
@@ -148,7 +149,7 @@ def fit(
         raise ValueError(f"{type(objective).__name__} needs a teacher")
 
     checkpoint_dir = Path(checkpoint_dir)
-    best_top1, best_epoch, epochs_without_gain = -1.0, 0, 0
+    best_top1, best_loss, best_epoch, epochs_without_gain = -1.0, math.inf, 0, 0
     history: list[dict[str, float]] = []
     epoch_times: list[float] = []
     seen, train_seconds, last_val_top1, epoch = 0, 0.0, 0.0, 0
@@ -165,7 +166,10 @@ def fit(
         batches = tqdm(train_loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
                        disable=None if progress and runtime.is_main else True)
         for images, targets, positions in batches:
-            images = normalizer(images.to(device, non_blocking=True))
+            images = images.to(device, non_blocking=True)
+            if train_set.batch_transform is not None:
+                images = train_set.batch_transform(images)
+            images = normalizer(images)
             targets = targets.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(images)
@@ -200,9 +204,10 @@ def fit(
         })
         epoch_times.append(epoch_seconds)
         history.append(row)
-        improved = val.top1 > best_top1
+        # ties in top-1 are common on small validation sets: the lower loss breaks them
+        improved = val.top1 > best_top1 or (val.top1 == best_top1 and val.loss < best_loss)
         if improved:
-            best_top1, best_epoch, epochs_without_gain = val.top1, epoch, 0
+            best_top1, best_loss, best_epoch, epochs_without_gain = val.top1, val.loss, epoch, 0
         else:
             epochs_without_gain += 1
         if runtime.is_main:

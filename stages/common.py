@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kdlib.data import BatchNormalizer, IndexedImageDataset, build_transform, read_index
+from kdlib.data import BatchNormalizer, IndexedImageDataset, build_transforms, read_index
 from kdlib.data.index import DatasetIndex
 
 PREPARED_DIR = Path("data/prepared")
@@ -20,11 +20,12 @@ def load_split(
     train: bool, preload: bool,
 ) -> IndexedImageDataset:
     meta = index.meta
-    transform = build_transform(
+    transforms = build_transforms(
         dataset_preset["augment"], input_size or meta.image_size, meta.image_size, train,
         dataset_preset.get("augment_options"),
     )
-    return IndexedImageDataset(meta.root, index.split(split), meta.channels, transform, preload)
+    return IndexedImageDataset(meta.root, index.split(split), meta.channels, transforms.sample, preload,
+                               transforms.batch)
 
 
 def prepared_index() -> DatasetIndex:

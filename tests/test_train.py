@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from kdlib.checkpoint import load_checkpoint, model_from_checkpoint
-from kdlib.data import BatchNormalizer, IndexedImageDataset, Record, build_transform
+from kdlib.data import BatchNormalizer, IndexedImageDataset, Record, build_transforms
 from kdlib.losses import build_objective
 from kdlib.models import build_model
 from kdlib.runtime import seed_everything
@@ -48,8 +48,9 @@ class ListLogger:
 def run_fit(image_dir, out: Path, epochs: int = 2, patience: int = 0, objective=None, teacher=None,
             logger=None, amp: str = "none"):
     root, records = image_dir
-    train = IndexedImageDataset(root, [r for r in records if r.split == "train"], 1,
-                                build_transform("shift", 16, 16, True, {"shift_px": 2}), preload=True)
+    augment = build_transforms("shift", 16, 16, True, {"shift_px": 2})
+    train = IndexedImageDataset(root, [r for r in records if r.split == "train"], 1, augment.sample,
+                                preload=True, batch_transform=augment.batch)
     val = IndexedImageDataset(root, [r for r in records if r.split == "val"], 1, None, preload=True)
     seed_everything(0)
     model = build_model("cnn_small", 3, 1)

@@ -40,6 +40,7 @@ class IndexedImageDataset(Dataset):
 
     With ``preload=True`` every image is decoded once at construction and kept in memory,
     which removes decoding from the training loop for data sets that fit in RAM.
+    ``batch_transform`` is applied by the training loop to each ``uint8`` batch, on its device.
     """
 
     def __init__(
@@ -49,12 +50,15 @@ class IndexedImageDataset(Dataset):
         channels: int,
         transform: Callable[[Tensor], Tensor] | None = None,
         preload: bool = False,
+        batch_transform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.root = Path(root)
         self.records = list(records)
         self.channels = channels
         self.transform = transform
-        self.targets = torch.tensor([r.label for r in self.records], dtype=torch.long)
+        self.batch_transform = batch_transform
+        self.labels = [r.label for r in self.records]  # plain ints: indexing a tensor costs more per item
+        self.targets = torch.tensor(self.labels, dtype=torch.long)
         self._cache: list[Tensor] | None = None
         if preload:
             self._cache = [load_image(self.root / r.path, channels) for r in self.records]
@@ -71,4 +75,4 @@ class IndexedImageDataset(Dataset):
         image = self.image(i)
         if self.transform is not None:
             image = self.transform(image)
-        return image, int(self.targets[i]), i
+        return image, self.labels[i], i

@@ -1,53 +1,90 @@
-"""Image transforms built from torchvision ``transforms.v2``, registered by preset name.
+"""Image transforms, registered by augmentation preset name.
 
-Per-sample transforms work on ``uint8`` CHW tensors and end at ``uint8``; scaling to [0, 1] and
-mean/std normalization happen once per batch in :class:`BatchNormalizer` (on the training
-device), which on small images costs as much per sample as the augmentation itself.
+Per-sample transforms (torchvision ``transforms.v2``) work on ``uint8`` CHW tensors in the
+DataLoader and end at ``uint8``. What is cheaper on a whole batch runs once per batch on the
+training device: mean/std normalization (:class:`BatchNormalizer`) always, and a preset's
+``batch`` part. On 28-px images a per-sample v2 op costs as much as the student's whole
+training step, so the MNIST ``shift`` preset translates the batch in one gather.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from kdlib.registry import Registry
 
-TransformFactory = Callable[..., v2.Transform]
-TRAIN_PRESETS: Registry[TransformFactory] = Registry("augmentation preset")
+
+@dataclass(frozen=True)
+class Augmentation:
+    sample: v2.Transform | None  # per image, in the DataLoader (None: nothing per image)
+    batch: nn.Module | None = None  # per uint8 batch, on the training device
+
+
+AugmentationFactory = Callable[..., Augmentation]
+TRAIN_PRESETS: Registry[AugmentationFactory] = Registry("augmentation preset")
+
+
+class RandomShift(nn.Module):
+    """Translate every image of a ``uint8`` batch by its own random offset in
+    ``[-max_px, max_px]²``, filling with zeros.
+
+    Per image this is exactly ``v2.RandomCrop(size, padding=max_px)``; here one padded copy and
+    one gather serve the whole batch. Offsets come from torch's global generator, so
+    :func:`kdlib.runtime.seed_everything` makes them reproducible.
+    """
+
+    def __init__(self, max_px: int) -> None:
+        super().__init__()
+        self.max_px = max_px
+
+    def forward(self, images: Tensor) -> Tensor:
+        b, c, h, w = images.shape
+        p, dev = self.max_px, images.device
+        padded = F.pad(images, (p, p, p, p))
+        top, left = torch.randint(0, 2 * p + 1, (2, b)).to(dev)
+        rows = (top[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (left[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        return padded[torch.arange(b, device=dev)[:, None, None, None],
+                      torch.arange(c, device=dev)[None, :, None, None], rows, cols]
 
 
 @TRAIN_PRESETS.register("none")
-def no_augmentation(image_size: int) -> v2.Transform:
-    return v2.Identity()
+def no_augmentation(image_size: int) -> Augmentation:
+    return Augmentation(None)
 
 
 @TRAIN_PRESETS.register("shift")
-def random_shift(image_size: int, shift_px: int = 2, hflip: bool = False) -> v2.Transform:
-    """Random translation by up to ``shift_px`` pixels (zero padding), as Hinton et al.'s ±2 px
-    jitter on MNIST; optional horizontal flip (never for digits)."""
-    steps: list[v2.Transform] = [v2.RandomCrop(image_size, padding=shift_px)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps)
+def random_shift(image_size: int, shift_px: int = 2, hflip: bool = False) -> Augmentation:
+    """Random translation by up to ``shift_px`` pixels (zero fill), as Hinton et al.'s ±2 px
+    jitter on MNIST, done per batch; optional horizontal flip (never for digits)."""
+    return Augmentation(v2.RandomHorizontalFlip() if hflip else None, RandomShift(shift_px))
 
 
-def build_transform(
+def build_transforms(
     preset: str,
     image_size: int,
     source_size: int | None,
     train: bool,
     options: dict[str, Any] | None = None,
-) -> v2.Transform:
-    """The per-sample transform: resize when the stored size differs from the model's input
-    size, then the augmentation preset (training only)."""
+) -> Augmentation:
+    """Resize when the stored size differs from the model's input size, then (training only)
+    the augmentation preset. A step that does nothing is left out: even ``v2.Identity`` costs
+    microseconds per image."""
     steps: list[v2.Transform] = []
     if source_size != image_size:
         steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    batch = None
     if train:
-        steps.append(TRAIN_PRESETS.get(preset)(image_size, **(options or {})))
-    return v2.Compose(steps) if steps else v2.Identity()
+        augmentation = TRAIN_PRESETS.get(preset)(image_size, **(options or {}))
+        if augmentation.sample is not None:
+            steps.append(augmentation.sample)
+        batch = augmentation.batch
+    return Augmentation(v2.Compose(steps) if steps else None, batch)
 
 
 class BatchNormalizer(nn.Module):
