@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from kdlib.checkpoint import save_checkpoint
 from kdlib.data.dataset import IndexedImageDataset
 from kdlib.data.transforms import BatchNormalizer
-from kdlib.metrics import evaluate, topk_correct
+from kdlib.metrics import evaluate
 from kdlib.runtime import Runtime, make_loader
 
 TeacherFn = Callable[[Tensor, Tensor], Tensor]  # (normalized images, sample positions) -> logits
@@ -159,8 +159,9 @@ def fit(
         if runtime.distributed:
             train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
         model.train()
-        sums: dict[str, float] = {}
-        correct = count = 0
+        sums: dict[str, Tensor | float] = {}
+        correct: Tensor | int = 0
+        count = 0
         start = time.perf_counter()
         # disable=None: a progress bar on a terminal, nothing in a log file
         batches = tqdm(train_loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
@@ -183,20 +184,21 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            # accumulate on the device: a float() per step would wait for the GPU every step
             n = len(targets)
             count += n
-            correct += topk_correct(logits.detach(), targets, (1,))[1]
+            correct = correct + (logits.detach().argmax(dim=1) == targets).sum()
             for name, value in {"loss": out.total.detach(), **out.terms}.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * n
+                sums[name] = sums.get(name, 0.0) + value * n
         epoch_seconds = time.perf_counter() - start
         train_seconds += epoch_seconds
         seen += count
 
         val = evaluate(model, val_loader, normalizer, device, amp_dtype)
         last_val_top1 = val.top1
-        row = {f"train/{k}": v / count for k, v in sums.items()}
+        row = {f"train/{k}": float(v) / count for k, v in sums.items()}
         row.update({
-            "train/top1": 100.0 * correct / count,
+            "train/top1": 100.0 * float(correct) / count,
             "val/loss": val.loss,
             "val/top1": val.top1,
             "val/top5": val.top5,
@@ -241,7 +243,3 @@ def fit(
 def recipe_from_dict(values: dict[str, Any]) -> Recipe:
     known = set(Recipe.__dataclass_fields__)
     return Recipe(**{k: v for k, v in values.items() if k in known})
-
-
-def recipe_dict(recipe: Recipe) -> dict[str, Any]:
-    return asdict(recipe)

@@ -106,6 +106,7 @@ MODEL_PRESET: dict[str, tuple[Check, bool]] = {
 DATASET_PRESET: dict[str, tuple[Check, bool]] = {
     "layout": (is_str, True),
     "root": (is_str, True),
+    "options": (is_mapping, False),  # keyword arguments of the layout reader (e.g. dogs_root)
     "image_size": (is_int(8), True),
     "channels": (one_of(1, 3), True),  # type: ignore[arg-type]
     "mean": (is_float_list, True),
@@ -189,7 +190,7 @@ def validate(params: dict[str, Any]) -> None:
                               f"{', '.join(params['models'])}")
         if params["dataset"] not in params["datasets"]:
             errors.append(f"dataset = {params['dataset']!r}: expected one of: {', '.join(params['datasets'])}")
-        methods = [m for m in METHODS.names() if m != "ce"]
+        methods = [m for m in METHODS.names() if getattr(METHODS.get(m), "needs_teacher", False)]
         if params["kd"]["method"] not in methods:
             errors.append(f"kd.method = {params['kd']['method']!r}: expected one of: {', '.join(methods)}")
         archs = known_architectures()

@@ -22,12 +22,15 @@ def prepare(params: dict[str, Any], out_dir: Path) -> DatasetIndex:
     preset, data = params["datasets"][name], params["data"]
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    root, layout, final_root = Path(preset["root"]), preset["layout"], Path(preset["root"])
+    root, layout = Path(preset["root"]), preset["layout"]
     if layout == "mnist":
         export_imagefolder(load_mnist(root), staging / "images", data["train_per_class"],
                            data["val_per_class"], data["split_seed"], data["test_per_class"])
-        root, layout, final_root = staging / "images", "imagefolder", out_dir / "images"
-    scan = LAYOUTS.get(layout)(root)
+        root, layout = staging / "images", "imagefolder"
+    staging.mkdir(parents=True, exist_ok=True)
+    scan = LAYOUTS.get(layout)(root, staging=staging, **preset.get("options", {}))
+    # packed layouts write their images under staging, which becomes out_dir below
+    final_root = (out_dir / scan.root.relative_to(staging)) if scan.root.is_relative_to(staging) else scan.root
     meta = DatasetMeta(name, str(final_root), scan.classes, preset["channels"], preset["image_size"],
                        preset["mean"], preset["std"], extra={"layout": preset["layout"]})
     index = index_from_scan(scan, meta, preset.get("val_fraction", 0.1), preset.get("test_fraction", 0.2),

@@ -278,3 +278,22 @@ def test_test_per_class_null_or_positive_int(repo_params) -> None:
     validate(mutated(repo_params, "data.test_per_class", 5))
     message = error_of(mutated(repo_params, "data.test_per_class", 0))
     assert "data.test_per_class = 0" in message and "an integer in [1, inf]" in message
+
+
+def test_every_model_preset_builds_and_runs_at_its_input_size(repo_root):
+    """Each preset in params.yaml builds through timm and classifies a batch at its input size."""
+    import torch
+    import yaml
+
+    from kdlib.models import build_model
+    from stages.params import model_spec
+
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    dataset = params["datasets"][params["dataset"]]
+    for name in params["models"]:
+        spec = model_spec(params, name)
+        model = build_model(spec.arch, 10, dataset["channels"], spec.pretrained, **spec.kwargs).eval()
+        size = spec.input_size or dataset["image_size"]
+        with torch.no_grad():
+            logits = model(torch.randn(2, dataset["channels"], size, size))
+        assert logits.shape == (2, 10), name

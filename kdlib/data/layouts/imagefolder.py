@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdlib.data.layouts import LayoutScan, ScannedImage, register_layout
+from kdlib.data.layouts import LayoutScan, ScannedImage, register_layout, require_root
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLIT_DIRS = ("train", "val", "test")
@@ -26,10 +26,8 @@ def _images(directory: Path) -> list[Path]:
 
 
 @register_layout("imagefolder")
-def scan_imagefolder(root: Path) -> LayoutScan:
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"imagefolder root {str(root)!r} is not a directory")
+def scan_imagefolder(root: Path, staging: Path | None = None) -> LayoutScan:
+    root = require_root(root, "imagefolder")
     split_dirs = [root / s for s in SPLIT_DIRS if (root / s).is_dir()]
     sources: list[tuple[Path, str | None]] = (
         [(d, d.name) for d in split_dirs] if split_dirs else [(root, None)]
