@@ -16,16 +16,15 @@ ROLES = ("teacher", "baseline", "distill")
 
 
 def load_split(
-    index: DatasetIndex, split: str, dataset_preset: dict[str, Any], input_size: int | None,
-    train: bool, preload: bool,
+    index: DatasetIndex, split: str, dataset_preset: dict[str, Any], input_size: int | None, train: bool,
 ) -> IndexedImageDataset:
     meta = index.meta
     transforms = build_transforms(
-        dataset_preset["augment"], input_size or meta.image_size, meta.image_size, train,
-        dataset_preset.get("augment_options"),
+        dataset_preset["augment"], input_size or meta.image_size, meta.stored_size, train,
+        dataset_preset.get("augment_options"), dataset_preset.get("eval_crop_pct", 0.875),
     )
-    return IndexedImageDataset(meta.root, index.split(split), meta.channels, transforms.sample, preload,
-                               transforms.batch)
+    return IndexedImageDataset(meta.root, index.split(split), meta.channels, transforms.sample,
+                               dataset_preset.get("preload", False), transforms.batch)
 
 
 def prepared_index() -> DatasetIndex:

@@ -23,7 +23,7 @@ def evaluate_checkpoint(params: dict[str, Any], index: DatasetIndex, path: Path)
     """Test-split result, checkpoint metadata and parameter count of one checkpoint."""
     model, meta = model_from_checkpoint(path)
     dataset_preset = params["datasets"][params["dataset"]]
-    test_set = load_split(index, "test", dataset_preset, meta["input_size"], False, params["data"]["preload"])
+    test_set = load_split(index, "test", dataset_preset, meta["input_size"], False)
     runtime = Runtime.from_env("auto")
     loader = make_loader(test_set, params["eval"]["batch_size"], False, 0, runtime)
     normalizer = BatchNormalizer(meta["mean"], meta["std"]).to(runtime.device)

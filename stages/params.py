@@ -107,6 +107,9 @@ DATASET_PRESET: dict[str, tuple[Check, bool]] = {
     "layout": (is_str, True),
     "root": (is_str, True),
     "options": (is_mapping, False),  # keyword arguments of the layout reader (e.g. dogs_root)
+    "on_bad_image": (one_of("error", "skip"), False),
+    "preload": (is_bool, False),  # decode every image once into memory: only for small data sets
+    "eval_crop_pct": (is_float(0, 1, lo_open=True), False),  # eval: resize to size/crop_pct, center crop
     "image_size": (is_int(8), True),
     "channels": (one_of(1, 3), True),  # type: ignore[arg-type]
     "mean": (is_float_list, True),
@@ -126,7 +129,6 @@ SCHEMA: dict[str, Any] = {
         "train_per_class": (is_int(1), True),
         "val_per_class": (is_int(1), True),
         "test_per_class": (lambda v: None if v is None else is_int(1)(v), True),
-        "preload": (is_bool, True),
         "num_workers": (is_int(0), True),
     },
     "kd": {

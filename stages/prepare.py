@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlib.data import LAYOUTS, DatasetIndex, DatasetMeta, build_manifest, write_index
-from kdlib.data.mnist import export_imagefolder, load_mnist
+from kdlib.data.mnist import MNIST_SIZE, export_imagefolder, load_mnist
 from kdlib.data.prepare import index_from_scan
 from stages.common import PREPARED_DIR, REPORTS_DIR, write_json
 from stages.params import load_params
@@ -22,20 +22,25 @@ def prepare(params: dict[str, Any], out_dir: Path) -> DatasetIndex:
     preset, data = params["datasets"][name], params["data"]
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    root, layout = Path(preset["root"]), preset["layout"]
-    if layout == "mnist":
-        export_imagefolder(load_mnist(root), staging / "images", data["train_per_class"],
-                           data["val_per_class"], data["split_seed"], data["test_per_class"])
-        root, layout = staging / "images", "imagefolder"
-    staging.mkdir(parents=True, exist_ok=True)
-    scan = LAYOUTS.get(layout)(root, staging=staging, **preset.get("options", {}))
-    # packed layouts write their images under staging, which becomes out_dir below
-    final_root = (out_dir / scan.root.relative_to(staging)) if scan.root.is_relative_to(staging) else scan.root
-    meta = DatasetMeta(name, str(final_root), scan.classes, preset["channels"], preset["image_size"],
-                       preset["mean"], preset["std"], extra={"layout": preset["layout"]})
-    index = index_from_scan(scan, meta, preset.get("val_fraction", 0.1), preset.get("test_fraction", 0.2),
-                            data["split_seed"])
-    write_index(index, staging)
+    try:
+        root, layout = Path(preset["root"]), preset["layout"]
+        if layout == "mnist":
+            export_imagefolder(load_mnist(root), staging / "images", data["train_per_class"],
+                               data["val_per_class"], data["split_seed"], data["test_per_class"])
+            root, layout = staging / "images", "imagefolder"
+        staging.mkdir(parents=True, exist_ok=True)
+        scan = LAYOUTS.get(layout)(root, staging=staging, **preset.get("options", {}))
+        # packed layouts write their images under staging, which becomes out_dir below
+        final_root = (out_dir / scan.root.relative_to(staging)) if scan.root.is_relative_to(staging) else scan.root
+        meta = DatasetMeta(name, str(final_root), scan.classes, preset["channels"], preset["image_size"],
+                           preset["mean"], preset["std"], extra={"layout": preset["layout"]},
+                           stored_size=MNIST_SIZE if preset["layout"] == "mnist" else None)
+        index = index_from_scan(scan, meta, preset.get("val_fraction", 0.1), preset.get("test_fraction", 0.2),
+                                data["split_seed"], preset.get("on_bad_image", "error"))
+        write_index(index, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return index

@@ -35,9 +35,9 @@ def train_role(
     spec = model_spec(params, params["teacher" if role == "teacher" else "student"])
     recipe = recipe_from_dict({**params["models"][spec.name], "eval_batch_size": params["eval"]["batch_size"],
                                "num_workers": params["data"]["num_workers"]})
-    dataset_preset, preload = params["datasets"][params["dataset"]], params["data"]["preload"]
-    train_set = load_split(index, "train", dataset_preset, spec.input_size, True, preload)
-    val_set = load_split(index, "val", dataset_preset, spec.input_size, False, preload)
+    dataset_preset = params["datasets"][params["dataset"]]
+    train_set = load_split(index, "train", dataset_preset, spec.input_size, True)
+    val_set = load_split(index, "val", dataset_preset, spec.input_size, False)
 
     seed_everything(params["seed"])
     runtime = Runtime.from_env("auto")  # CUDA when present (set CUDA_VISIBLE_DEVICES= to force CPU)

@@ -61,3 +61,26 @@ def test_unknown_preset_lists_known_ones():
 def test_hflip_option_flips_in_the_sample_transform():
     augmentation = build_transforms("shift", 8, 8, True, {"shift_px": 1, "hflip": True})
     assert any(isinstance(t, v2.RandomHorizontalFlip) for t in augmentation.sample.transforms)
+
+
+@pytest.mark.parametrize("preset", ["imagenet", "deit", "cub_ls", "lshfm"])
+def test_natural_image_presets_output_the_model_size_in_uint8(preset):
+    torch.manual_seed(0)
+    augmentation = build_transforms(preset, 32, None, True)
+    for shape in ((3, 50, 70), (3, 90, 41)):
+        out = augmentation.sample(torch.randint(0, 256, shape, dtype=torch.uint8))
+        assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    assert augmentation.batch is None
+
+
+def test_eval_resizes_shorter_side_by_crop_pct_then_center_crops():
+    augmentation = build_transforms("cub_ls", 32, None, False, eval_crop_pct=0.5)
+    resize, crop = augmentation.sample.transforms
+    assert resize.size == [64] and list(crop.size) == [32, 32]
+    assert augmentation.sample(torch.zeros(3, 100, 80, dtype=torch.uint8)).shape == (3, 32, 32)
+
+
+def test_presets_that_do_not_size_images_get_the_eval_resize_first():
+    augmentation = build_transforms("shift", 32, None, True)
+    out = augmentation.sample(torch.zeros(1, 70, 50, dtype=torch.uint8))
+    assert out.shape == (1, 32, 32) and isinstance(augmentation.batch, RandomShift)

@@ -44,6 +44,8 @@ class DatasetMeta:
     std: list[float]
     task: str = "multiclass"
     extra: dict = field(default_factory=dict)
+    stored_size: int | None = None  # side of every stored image when all are square and equal
+    #                                 (the embedded MNIST export); None: sizes vary, always resize
 
     @property
     def num_classes(self) -> int:
@@ -131,4 +133,7 @@ def build_manifest(index: DatasetIndex) -> dict:
             "md5": digest.hexdigest(),
         }
     manifest["total"] = len(index.records)
+    skipped = index.meta.extra.get("skipped", [])
+    manifest["skipped_count"] = len(skipped)
+    manifest["skipped"] = skipped
     return manifest

@@ -19,6 +19,7 @@ MNIST_FILES = {
     "test_labels": ("t10k-labels.idx1-ubyte.gz", "27ae3e4e09519cfbb04c329615203637"),
 }
 MNIST_CLASSES = [str(d) for d in range(10)]
+MNIST_SIZE = 28
 
 
 class ChecksumError(ValueError):

@@ -23,6 +23,7 @@ from kdlib.registry import Registry
 class Augmentation:
     sample: v2.Transform | None  # per image, in the DataLoader (None: nothing per image)
     batch: nn.Module | None = None  # per uint8 batch, on the training device
+    sizes_itself: bool = False  # the sample transform already outputs image_size × image_size
 
 
 AugmentationFactory = Callable[..., Augmentation]
@@ -65,22 +66,76 @@ def random_shift(image_size: int, shift_px: int = 2, hflip: bool = False) -> Aug
     return Augmentation(v2.RandomHorizontalFlip() if hflip else None, RandomShift(shift_px))
 
 
+@TRAIN_PRESETS.register("imagenet")
+def imagenet(image_size: int, scale: tuple[float, float] = (0.08, 1.0)) -> Augmentation:
+    """The standard ImageNet recipe: RandomResizedCrop + horizontal flip."""
+    return Augmentation(v2.Compose([v2.RandomResizedCrop(image_size, scale=tuple(scale), antialias=True),
+                                    v2.RandomHorizontalFlip()]), sizes_itself=True)
+
+
+@TRAIN_PRESETS.register("deit")
+def deit(image_size: int, magnitude: int = 9, erase_prob: float = 0.25) -> Augmentation:
+    """Seed 000 (DeiT's main.py): bicubic RandomResizedCrop, flip, RandAugment (2 ops, magnitude
+    9; DeiT's timm ``rand-m9-mstd0.5-inc1`` varies the magnitude, v2's does not) and random
+    erasing with probability 0.25 (zero fill on uint8; DeiT fills with noise after
+    normalization). As in timm, RandAugment replaces colour jitter. Mixup/CutMix are batch-level
+    and not part of this preset."""
+    return Augmentation(v2.Compose([
+        v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandAugment(num_ops=2, magnitude=magnitude),
+        v2.RandomErasing(p=erase_prob, value=0),
+    ]), sizes_itself=True)
+
+
+@TRAIN_PRESETS.register("cub_ls")
+def cub_ls(image_size: int) -> Augmentation:
+    """Seed 001 (LS-KD compatibility) on CUB: RandomResizedCrop (scale 0.2–1, ratio 0.8–1.25),
+    flip, rotation up to 45°, grayscale with probability 0.2, brightness/contrast jitter 0.2."""
+    return Augmentation(v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), ratio=(0.8, 1.25), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomRotation(45),
+        v2.RandomGrayscale(p=0.2),
+        v2.ColorJitter(brightness=0.2, contrast=0.2),
+    ]), sizes_itself=True)
+
+
+@TRAIN_PRESETS.register("lshfm")
+def lshfm(image_size: int) -> Augmentation:
+    """Seed 004 (LSH feature mimicking, VOC/COCO): resize straight to image_size² (448 there),
+    flip, colour jitter 0.3 (brightness, contrast, saturation)."""
+    return Augmentation(v2.Compose([
+        v2.Resize((image_size, image_size), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
+    ]), sizes_itself=True)
+
+
 def build_transforms(
     preset: str,
     image_size: int,
     source_size: int | None,
     train: bool,
     options: dict[str, Any] | None = None,
+    eval_crop_pct: float = 0.875,
 ) -> Augmentation:
-    """Resize when the stored size differs from the model's input size, then (training only)
-    the augmentation preset. A step that does nothing is left out: even ``v2.Identity`` costs
-    microseconds per image."""
-    steps: list[v2.Transform] = []
+    """Per-sample and per-batch transforms of one split.
+
+    Images already stored at ``image_size`` (``source_size``) are not resized. Otherwise
+    evaluation resizes the shorter side to ``image_size / eval_crop_pct`` and center-crops
+    (timm's convention), and training uses the preset, preceded by that same resize when the
+    preset does not produce ``image_size`` itself. A step that does nothing is left out: even
+    ``v2.Identity`` costs microseconds per image.
+    """
+    resize: list[v2.Transform] = []
     if source_size != image_size:
-        steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    batch = None
+        resize = [v2.Resize(int(round(image_size / eval_crop_pct)), antialias=True), v2.CenterCrop(image_size)]
+    steps, batch = list(resize), None
     if train:
         augmentation = TRAIN_PRESETS.get(preset)(image_size, **(options or {}))
+        if augmentation.sizes_itself:
+            steps = []
         if augmentation.sample is not None:
             steps.append(augmentation.sample)
         batch = augmentation.batch
