@@ -105,7 +105,12 @@ MODEL_PRESET: dict[str, tuple[Check, bool]] = {
 }
 DATASET_PRESET: dict[str, tuple[Check, bool]] = {
     "layout": (is_str, True),
-    "root": (is_str, True),
+    "root": (is_str, False),  # the data set on disk; or, with `url`, downloaded and extracted
+    "url": (is_str, False),
+    "sha256": (is_str, False),
+    "md5": (is_str, False),
+    "download_dir": (is_str, False),
+    "archive_subdir": (is_str, False),  # the layout's root inside the extracted archive
     "options": (is_mapping, False),  # keyword arguments of the layout reader (e.g. dogs_root)
     "on_bad_image": (one_of("error", "skip"), False),
     "preload": (is_bool, False),  # decode every image once into memory: only for small data sets
@@ -207,6 +212,10 @@ def validate(params: dict[str, Any]) -> None:
             if preset["augment"] not in TRAIN_PRESETS:
                 errors.append(f"datasets.{name}.augment = {preset['augment']!r}: expected one of: "
                               f"{', '.join(TRAIN_PRESETS.names())}")
+            if not preset.get("root") and not preset.get("url"):
+                errors.append(f"datasets.{name}: give `root` (a path) or `url` with `sha256` or `md5`")
+            if preset.get("url") and not (preset.get("sha256") or preset.get("md5")):
+                errors.append(f"datasets.{name}.url: a download needs `sha256` or `md5` to verify it")
             if len(preset["mean"]) != preset["channels"] or len(preset["std"]) != preset["channels"]:
                 errors.append(f"datasets.{name}: mean and std need {preset['channels']} values (channels)")
             if any(s <= 0 for s in preset["std"]):

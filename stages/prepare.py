@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from kdlib.data import LAYOUTS, DatasetIndex, DatasetMeta, build_manifest, write_index
+from kdlib.data.fetch import fetch
 from kdlib.data.mnist import MNIST_SIZE, export_imagefolder, load_mnist
 from kdlib.data.prepare import index_from_scan
 from stages.common import PREPARED_DIR, REPORTS_DIR, write_json
 from stages.params import load_params
+
+DOWNLOADS_DIR = "data/downloads"
 
 
 def prepare(params: dict[str, Any], out_dir: Path) -> DatasetIndex:
@@ -23,7 +26,11 @@ def prepare(params: dict[str, Any], out_dir: Path) -> DatasetIndex:
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        root, layout = Path(preset["root"]), preset["layout"]
+        root, layout = Path(preset.get("root", "")), preset["layout"]
+        if preset.get("url"):  # download (checksum-verified, idempotent) and extract first
+            fetched = fetch(preset["url"], Path(preset.get("download_dir", DOWNLOADS_DIR)),
+                            sha256=preset.get("sha256"), md5=preset.get("md5"))
+            root = fetched / preset.get("archive_subdir", "")
         if layout == "mnist":
             export_imagefolder(load_mnist(root), staging / "images", data["train_per_class"],
                                data["val_per_class"], data["split_seed"], data["test_per_class"])

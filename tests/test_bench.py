@@ -15,6 +15,7 @@ EXPECTED_KEYS = {
     "kd_gain": {"seeds", "gain_mean", "gain_std", "teacher_top1", "target_met"},
     "throughput": {"stages", "target_met"},
     "pipeline": {"stage_seconds", "total_seconds", "noop_repro_seconds", "teacher_top1", "target_met"},
+    "loader": {"images_per_second", "decode_share", "cache_speedup_2_workers"},
 }
 
 

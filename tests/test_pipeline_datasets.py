@@ -70,3 +70,66 @@ def test_missing_root_is_named(cub_params, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         prepare(cub_params, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists() and not (tmp_path / "prepared.partial").exists()
+
+
+@pytest.fixture
+def served_dir(tmp_path: Path):
+    """A real HTTP server on 127.0.0.1 serving ``tmp_path / 'www'``; yields (base_url, request log)."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", www, requests
+    server.shutdown()
+    server.server_close()
+
+
+def test_preset_with_url_downloads_verifies_extracts_once(cub_params, served_dir, tmp_path):
+    import hashlib
+    import tarfile
+
+    base_url, www, requests = served_dir
+    source = Path(cub_params["datasets"]["cub200"]["root"])
+    archive = www / "CUB_200_2011.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname="CUB_200_2011")
+    preset = cub_params["datasets"]["cub200"]
+    del preset["root"]
+    preset.update(url=f"{base_url}/CUB_200_2011.tgz", sha256=hashlib.sha256(archive.read_bytes()).hexdigest(),
+                  download_dir=str(tmp_path / "downloads"), archive_subdir="CUB_200_2011")
+    validate(cub_params)
+    first = prepare(cub_params, tmp_path / "prepared")
+    assert len(first.records) == 24 and len(requests) == 1
+    second = prepare(cub_params, tmp_path / "prepared")
+    assert [r.md5 for r in second.records] == [r.md5 for r in first.records]
+    assert len(requests) == 1  # idempotent: verified archive and extraction are reused
+
+    from kdlib.data.fetch import FetchError
+
+    preset.update(sha256="0" * 64, download_dir=str(tmp_path / "other"))
+    with pytest.raises(FetchError, match="sha256"):
+        prepare(cub_params, tmp_path / "prepared2")
+    assert not (tmp_path / "prepared2").exists()
+
+
+def test_url_without_checksum_is_refused_by_validation(cub_params):
+    from stages.params import ParamError
+
+    cub_params["datasets"]["cub200"]["url"] = "http://127.0.0.1:9/x.tgz"
+    with pytest.raises(ParamError, match="sha256"):
+        validate(cub_params)
