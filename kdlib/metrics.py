@@ -1,7 +1,7 @@
 """Classification metrics on logits, and a full pass of a model over a loader."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -28,10 +28,12 @@ def confusion_matrix(targets: Tensor, predictions: Tensor, num_classes: int) -> 
 @dataclass
 class EvalResult:
     loss: float
-    top1: float
+    top1: float  # NaN for multi-label data
     top5: float
     logits: Tensor
     targets: Tensor
+    score: float = float("nan")  # what picks the best checkpoint: top-1, or mAP for multi-label
+    metrics: dict[str, float] = field(default_factory=dict)  # headline metrics of the task, in %
 
     @property
     def predictions(self) -> Tensor:
@@ -45,9 +47,14 @@ def evaluate(
     prepare: Callable[[Tensor], Tensor],
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    ignore: Tensor | None = None,
+    ap_mode: str = "voc",
 ) -> EvalResult:
-    """Mean cross-entropy and top-1/top-5 accuracy (in %) of ``model`` over ``loader``.
+    """Loss and accuracy metrics (in %) of ``model`` over ``loader``.
 
+    Single-label targets: cross-entropy, top-1, top-5. Multi-hot targets: BCE, mAP (``ap_mode``
+    "voc" all-point interpolated or "coco" non-interpolated; ``ignore`` marks entries left out,
+    e.g. VOC's difficult objects) and CP/CR/CF1/OP/OR/OF1 at probability 0.5.
     ``prepare`` turns a ``uint8`` batch into model input (normalization, memory format).
     """
     was_training = model.training
@@ -61,12 +68,15 @@ def evaluate(
         all_targets.append(targets)
     model.train(was_training)
     logits, targets = torch.cat(all_logits), torch.cat(all_targets)
+    if targets.ndim == 2:
+        from kdlib.multilabel import mean_average_precision, threshold_metrics
+
+        _, map_percent = mean_average_precision(logits, targets, ignore, mode=ap_mode)
+        metrics = {"mAP": map_percent, **threshold_metrics(torch.sigmoid(logits), targets, 0.5, ignore=ignore)}
+        return EvalResult(float(F.binary_cross_entropy_with_logits(logits, targets)), float("nan"),
+                          float("nan"), logits, targets, map_percent, metrics)
     hits = topk_correct(logits, targets, (1, 5))
     n = max(len(targets), 1)
-    return EvalResult(
-        loss=float(F.cross_entropy(logits, targets)),
-        top1=100.0 * hits[1] / n,
-        top5=100.0 * hits[5] / n,
-        logits=logits,
-        targets=targets,
-    )
+    top1, top5 = 100.0 * hits[1] / n, 100.0 * hits[5] / n
+    return EvalResult(float(F.cross_entropy(logits, targets)), top1, top5, logits, targets, top1,
+                      {"top1": top1, "top5": top5})

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 PNG_META = {"Software": None}  # no version string, so the same inputs give the same bytes
+LABELS = {"top1": "top-1", "top5": "top-5", "mAP": "mAP", "CF1": "CF1", "OF1": "OF1"}
 
 
 def _human_bytes(n: int) -> str:
@@ -21,26 +22,29 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
-def results_table(rows: Sequence[Mapping]) -> str:
+def results_table(rows: Sequence[Mapping], columns: Sequence[str] = ("top1", "top5")) -> str:
     """Markdown table; each row has role, preset, arch, params, checkpoint_bytes, best and last
-    (each with top1/top5/epoch)."""
+    (each with the metrics in ``columns`` and epoch). The first column is also shown for last."""
+    best = " | ".join(f"test {LABELS.get(c, c)} best" for c in columns)
     lines = [
-        "| model | preset (arch) | params | checkpoint | test top-1 best | test top-5 best | "
-        "test top-1 last | best / last epoch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| model | preset (arch) | params | checkpoint | {best} | test {LABELS.get(columns[0], columns[0])} last "
+        "| best / last epoch |",
+        "|---|---|---:|---:|" + "---:|" * (len(columns) + 2),
     ]
     for r in rows:
+        values = " | ".join(f"{r['best'][c]:.2f}" for c in columns)
         lines.append(
             f"| {r['role']} | {r['preset']} ({r['arch']}) | {r['params']:,} | {_human_bytes(r['checkpoint_bytes'])} "
-            f"| {r['best']['top1']:.2f} | {r['best']['top5']:.2f} | {r['last']['top1']:.2f} "
-            f"| {r['best']['epoch']} / {r['last']['epoch']} |"
+            f"| {values} | {r['last'][columns[0]]:.2f} | {r['best']['epoch']} / {r['last']['epoch']} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def plot_training_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> None:
-    """One panel per metric (train loss, val top-1), one line per model."""
-    panels = [("train/loss", "training loss (log scale)"), ("val/top1", "validation top-1 (%)")]
+def plot_training_curves(
+    histories: Mapping[str, Mapping[str, Sequence[float]]], path: Path, score: str = "top1"
+) -> None:
+    """One panel per metric (train loss, the validation score), one line per model."""
+    panels = [("train/loss", "training loss (log scale)"), (f"val/{score}", f"validation {LABELS[score]} (%)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.8))
     for ax, (key, title) in zip(axes, panels):
         for name, history in histories.items():
@@ -57,8 +61,8 @@ def plot_training_curves(histories: Mapping[str, Mapping[str, Sequence[float]]],
     plt.close(fig)
 
 
-def plot_accuracy_bars(accuracies: Mapping[str, Mapping[str, float]], path: Path) -> None:
-    """Grouped bars: test top-1 of the best and last checkpoint per model, values printed."""
+def plot_accuracy_bars(accuracies: Mapping[str, Mapping[str, float]], path: Path, score: str = "top1") -> None:
+    """Grouped bars: the test score of the best and last checkpoint per model, values printed."""
     names = list(accuracies)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -69,7 +73,7 @@ def plot_accuracy_bars(accuracies: Mapping[str, Mapping[str, float]], path: Path
     low = min(min(v.values()) for v in accuracies.values())
     ax.set_ylim(max(0.0, low - 5.0), 100.0)
     ax.set_xticks(x, names)
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel(f"test {LABELS[score]} (%)")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata=PNG_META)

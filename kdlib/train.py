@@ -63,9 +63,10 @@ class MetricsLogger(Protocol):
 @dataclass
 class FitResult:
     best_epoch: int
-    best_val_top1: float
+    score_name: str  # what picked the best checkpoint: "top1", or "mAP" for multi-label data
+    best_val_score: float
     last_epoch: int
-    last_val_top1: float
+    last_val_score: float
     stopped_early: bool
     train_seconds: float
     images_per_second: float
@@ -124,9 +125,10 @@ def fit(
     logger: MetricsLogger | None = None,
     runtime: Runtime = Runtime(),
     progress: bool = True,
+    ap_mode: str = "voc",
 ) -> FitResult:
-    """Train ``model`` with ``objective``; write ``best.pt`` (best val top-1, ties broken by val
-    loss) and ``last.pt``.
+    """Train ``model`` with ``objective``; write ``best.pt`` (best val top-1 — mAP for multi-hot
+    targets, with ``ap_mode`` — ties broken by val loss) and ``last.pt``.
 
     The test split never enters here: model selection and early stopping use ``val_set`` only.
     """
@@ -149,10 +151,11 @@ def fit(
         raise ValueError(f"{type(objective).__name__} needs a teacher")
 
     checkpoint_dir = Path(checkpoint_dir)
-    best_top1, best_loss, best_epoch, epochs_without_gain = -1.0, math.inf, 0, 0
+    best_score, best_loss, best_epoch, epochs_without_gain = -1.0, math.inf, 0, 0
+    multilabel = train_set.multi_hot is not None
     history: list[dict[str, float]] = []
     epoch_times: list[float] = []
-    seen, train_seconds, last_val_top1, epoch = 0, 0.0, 0.0, 0
+    seen, train_seconds, last_val_score, epoch = 0, 0.0, 0.0, 0
     stopped_early = False
 
     for epoch in range(1, recipe.epochs + 1):
@@ -187,29 +190,31 @@ def fit(
             # accumulate on the device: a float() per step would wait for the GPU every step
             n = len(targets)
             count += n
-            correct = correct + (logits.detach().argmax(dim=1) == targets).sum()
+            if not multilabel:
+                correct = correct + (logits.detach().argmax(dim=1) == targets).sum()
             for name, value in {"loss": out.total.detach(), **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value * n
         epoch_seconds = time.perf_counter() - start
         train_seconds += epoch_seconds
         seen += count
 
-        val = evaluate(model, val_loader, normalizer, device, amp_dtype)
-        last_val_top1 = val.top1
+        val = evaluate(model, val_loader, normalizer, device, amp_dtype, val_set.ignore, ap_mode)
+        last_val_score = val.score
         row = {f"train/{k}": float(v) / count for k, v in sums.items()}
         row.update({
             "train/top1": 100.0 * float(correct) / count,
             "val/loss": val.loss,
-            "val/top1": val.top1,
-            "val/top5": val.top5,
+            **{f"val/{name}": value for name, value in val.metrics.items()},
             "lr": optimizer.param_groups[0]["lr"],
         })
+        if multilabel:
+            del row["train/top1"]
         epoch_times.append(epoch_seconds)
         history.append(row)
         # ties in top-1 are common on small validation sets: the lower loss breaks them
-        improved = val.top1 > best_top1 or (val.top1 == best_top1 and val.loss < best_loss)
+        improved = val.score > best_score or (val.score == best_score and val.loss < best_loss)
         if improved:
-            best_top1, best_loss, best_epoch, epochs_without_gain = val.top1, val.loss, epoch, 0
+            best_score, best_loss, best_epoch, epochs_without_gain = val.score, val.loss, epoch, 0
         else:
             epochs_without_gain += 1
         if runtime.is_main:
@@ -219,19 +224,20 @@ def fit(
                 logger.next_step()
             if improved:
                 save_checkpoint(checkpoint_dir / "best.pt", model,
-                                {**checkpoint_meta, "epoch": epoch, "val_top1": val.top1})
+                                {**checkpoint_meta, "epoch": epoch, "val_score": val.score})
         if recipe.patience and epochs_without_gain >= recipe.patience:
             stopped_early = True
             break
 
     if runtime.is_main:
         save_checkpoint(checkpoint_dir / "last.pt", model,
-                        {**checkpoint_meta, "epoch": epoch, "val_top1": last_val_top1})
+                        {**checkpoint_meta, "epoch": epoch, "val_score": last_val_score})
     return FitResult(
         best_epoch=best_epoch,
-        best_val_top1=best_top1,
+        score_name="mAP" if multilabel else "top1",
+        best_val_score=best_score,
         last_epoch=epoch,
-        last_val_top1=last_val_top1,
+        last_val_score=last_val_score,
         stopped_early=stopped_early,
         train_seconds=train_seconds,
         images_per_second=seen / max(train_seconds, 1e-9),

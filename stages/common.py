@@ -24,7 +24,7 @@ def load_split(
         dataset_preset.get("augment_options"), dataset_preset.get("eval_crop_pct", 0.875),
     )
     return IndexedImageDataset(meta.root, index.split(split), meta.channels, transforms.sample,
-                               dataset_preset.get("preload", False), transforms.batch)
+                               dataset_preset.get("preload", False), transforms.batch, meta.num_classes)
 
 
 def prepared_index() -> DatasetIndex:

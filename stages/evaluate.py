@@ -27,7 +27,8 @@ def evaluate_checkpoint(params: dict[str, Any], index: DatasetIndex, path: Path)
     runtime = Runtime.from_env("auto")
     loader = make_loader(test_set, params["eval"]["batch_size"], False, 0, runtime)
     normalizer = BatchNormalizer(meta["mean"], meta["std"]).to(runtime.device)
-    result = evaluate(model.to(runtime.device), loader, normalizer, runtime.device)
+    result = evaluate(model.to(runtime.device), loader, normalizer, runtime.device, None, test_set.ignore,
+                      dataset_preset.get("ap_mode", "voc"))
     return result, meta, count_parameters(model)
 
 
@@ -38,23 +39,26 @@ def main() -> None:
     out_dir = REPORTS_DIR / "evaluate"
     metrics: dict[str, Any] = {}
     confusions: dict[str, Any] = {"classes": index.meta.classes}
+    multilabel = index.meta.task == "multilabel"
+    score = "mAP" if multilabel else "top1"
     for role in ROLES:
         row: dict[str, Any] = {}
         for which in ("best", "last"):
             path = MODELS_DIR / role / f"{which}.pt"
             result, meta, n_params = evaluate_checkpoint(params, index, path)
-            row[which] = {"top1": round(result.top1, 4), "top5": round(result.top5, 4),
+            row[which] = {**{k: round(v, 4) for k, v in result.metrics.items()},
                           "loss": round(result.loss, 6), "epoch": meta["epoch"]}
             if which == "best":
                 row.update(params=n_params, checkpoint_bytes=path.stat().st_size)
-                names = meta["classes"]
-                pairs = [{"actual": names[a], "predicted": names[p]}
-                         for a, p in zip(result.targets.tolist(), result.predictions.tolist())]
+                names, pairs = meta["classes"], []
+                if not multilabel:  # a confusion matrix needs one label per image
+                    pairs = [{"actual": names[a], "predicted": names[p]}
+                             for a, p in zip(result.targets.tolist(), result.predictions.tolist())]
+                    confusions[role] = confusion_matrix(result.targets, result.predictions, len(names)).tolist()
                 write_json(out_dir / "confusion" / f"{role}.json", pairs)
-                confusions[role] = confusion_matrix(result.targets, result.predictions, len(names)).tolist()
         metrics[role] = row
-        print(f"{role:9s} best top-1 {row['best']['top1']:.2f}  last top-1 {row['last']['top1']:.2f}")
-    metrics["kd_gain_top1"] = round(metrics["distill"]["best"]["top1"] - metrics["baseline"]["best"]["top1"], 4)
+        print(f"{role:9s} best {score} {row['best'][score]:.2f}  last {score} {row['last'][score]:.2f}")
+    metrics[f"kd_gain_{score}"] = round(metrics["distill"]["best"][score] - metrics["baseline"]["best"][score], 4)
     write_json(out_dir / "confusion_matrices.json", confusions)
     write_json(out_dir / "metrics.json", metrics)
 

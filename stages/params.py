@@ -113,7 +113,8 @@ DATASET_PRESET: dict[str, tuple[Check, bool]] = {
     "archive_subdir": (is_str, False),  # the layout's root inside the extracted archive
     "options": (is_mapping, False),  # keyword arguments of the layout reader (e.g. dogs_root)
     "on_bad_image": (one_of("error", "skip"), False),
-    "preload": (is_bool, False),  # decode every image once into memory: only for small data sets
+    "preload": (is_bool, False),
+    "ap_mode": (one_of("voc", "coco"), False),  # multi-label AP: all-point interpolated or not  # decode every image once into memory: only for small data sets
     "eval_crop_pct": (is_float(0, 1, lo_open=True), False),  # eval: resize to size/crop_pct, center crop
     "image_size": (is_int(8), True),
     "channels": (one_of(1, 3), True),  # type: ignore[arg-type]

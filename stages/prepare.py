@@ -40,7 +40,7 @@ def prepare(params: dict[str, Any], out_dir: Path) -> DatasetIndex:
         # packed layouts write their images under staging, which becomes out_dir below
         final_root = (out_dir / scan.root.relative_to(staging)) if scan.root.is_relative_to(staging) else scan.root
         meta = DatasetMeta(name, str(final_root), scan.classes, preset["channels"], preset["image_size"],
-                           preset["mean"], preset["std"], extra={"layout": preset["layout"]},
+                           preset["mean"], preset["std"], task=scan.task, extra={"layout": preset["layout"]},
                            stored_size=MNIST_SIZE if preset["layout"] == "mnist" else None)
         index = index_from_scan(scan, meta, preset.get("val_fraction", 0.1), preset.get("test_fraction", 0.2),
                                 data["split_seed"], preset.get("on_bad_image", "error"))

@@ -5,16 +5,16 @@ import json
 
 import pandas as pd
 
-from kdlib.report import plot_accuracy_bars, plot_confusion, plot_training_curves, results_table
+from kdlib.report import LABELS, plot_accuracy_bars, plot_confusion, plot_training_curves, results_table
 from stages.common import REPORTS_DIR, ROLES
 from stages.params import load_params
 
 FIGURES = REPORTS_DIR / "figures"
 
 
-def history(role: str) -> dict[str, list[float]]:
+def history(role: str, score: str) -> dict[str, list[float]]:
     curves = {}
-    for key in ("train/loss", "val/top1"):
+    for key in ("train/loss", f"val/{score}"):
         tsv = REPORTS_DIR / role / "plots" / "metrics" / f"{key}.tsv"
         curves[key] = pd.read_csv(tsv, sep="\t")[key.split("/")[-1]].tolist()
     return curves
@@ -26,15 +26,18 @@ def main() -> None:
     manifest = json.loads((REPORTS_DIR / "prepare" / "manifest.json").read_text())
     confusions = json.loads((REPORTS_DIR / "evaluate" / "confusion_matrices.json").read_text())
     presets = {"teacher": params["teacher"], "baseline": params["student"], "distill": params["student"]}
+    score = "mAP" if "kd_gain_mAP" in evaluation else "top1"
+    columns = ["mAP", "CF1", "OF1"] if score == "mAP" else ["top1", "top5"]
     rows = [{"role": role, "preset": presets[role], "arch": params["models"][presets[role]]["arch"],
              **evaluation[role]} for role in ROLES]
     FIGURES.mkdir(parents=True, exist_ok=True)
-    plot_training_curves({role: history(role) for role in ROLES}, FIGURES / "training_curves.png")
-    plot_accuracy_bars({role: {w: evaluation[role][w]["top1"] for w in ("best", "last")} for role in ROLES},
-                       FIGURES / "test_accuracy.png")
+    plot_training_curves({role: history(role, score) for role in ROLES}, FIGURES / "training_curves.png", score)
+    plot_accuracy_bars({role: {w: evaluation[role][w][score] for w in ("best", "last")} for role in ROLES},
+                       FIGURES / "test_accuracy.png", score)
     for role in ROLES:
-        plot_confusion(confusions[role], confusions["classes"], f"{role} (best checkpoint, test)",
-                       FIGURES / f"confusion_{role}.png")
+        if role in confusions:
+            plot_confusion(confusions[role], confusions["classes"], f"{role} (best checkpoint, test)",
+                           FIGURES / f"confusion_{role}.png")
     kd = params["kd"]
     splits = manifest["splits"]
     text = (
@@ -42,9 +45,9 @@ def main() -> None:
         f"Data: {manifest['num_classes']} classes; train {splits['train']['count']}, "
         f"val {splits['val']['count']}, test {splits['test']['count']} images. "
         f"Distillation: {kd['method']}, T = {kd['temperature']}, α = {kd['alpha']}; seed {params['seed']}.\n\n"
-        + results_table(rows)
-        + f"\nKD gain (distill − baseline, best checkpoints, test top-1): "
-        f"**{evaluation['kd_gain_top1']:+.2f} pt**\n\n"
+        + results_table(rows, columns)
+        + f"\nKD gain (distill − baseline, best checkpoints, test {LABELS[score]}): "
+        f"**{evaluation[f'kd_gain_{score}']:+.2f} pt**\n\n"
         "Figures: `figures/training_curves.png`, `figures/test_accuracy.png`, `figures/confusion_*.png`.\n"
     )
     (REPORTS_DIR / "results.md").write_text(text)

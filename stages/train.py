@@ -17,7 +17,7 @@ from dvclive import Live
 
 from kdlib.checkpoint import model_from_checkpoint
 from kdlib.data.index import DatasetIndex
-from kdlib.losses import build_objective
+from kdlib.losses import METHODS, build_objective
 from kdlib.models import build_model, count_parameters
 from kdlib.runtime import Runtime, seed_everything
 from kdlib.teacher import OnlineTeacher
@@ -43,15 +43,19 @@ def train_role(
     runtime = Runtime.from_env("auto")  # CUDA when present (set CUDA_VISIBLE_DEVICES= to force CPU)
     meta = index.meta
     model = build_model(spec.arch, meta.num_classes, meta.channels, spec.pretrained, **spec.kwargs)
-    teacher = None
+    teacher, multilabel = None, meta.task == "multilabel"
     if role == "distill":
         teacher_model, teacher_meta = model_from_checkpoint(teacher_checkpoint)
         teacher = OnlineTeacher(teacher_model.to(runtime.device), teacher_meta.get("input_size"))
         kd = params["kd"]
-        objective = build_objective(kd["method"], temperature=kd["temperature"], alpha=kd["alpha"],
-                                    label_smoothing=recipe.label_smoothing)
+        if getattr(METHODS.get(kd["method"]), "multilabel", False) != multilabel:
+            raise SystemExit(f"error: kd.method = {kd['method']!r} does not fit {meta.name!r}, a "
+                             f"{meta.task} data set (use e.g. {'sigmoid_kd' if multilabel else 'kd'})")
+        smoothing = {} if multilabel else {"label_smoothing": recipe.label_smoothing}
+        objective = build_objective(kd["method"], temperature=kd["temperature"], alpha=kd["alpha"], **smoothing)
     else:
-        objective = build_objective("ce", label_smoothing=recipe.label_smoothing)
+        objective = build_objective("bce") if multilabel else build_objective(
+            "ce", label_smoothing=recipe.label_smoothing)
     checkpoint_meta = {
         "role": role, "preset": spec.name, "arch": spec.arch, "model_kwargs": spec.kwargs,
         "num_classes": meta.num_classes, "in_chans": meta.channels, "classes": meta.classes,
@@ -61,7 +65,7 @@ def train_role(
     shutil.rmtree(out_dir, ignore_errors=True)
     result = fit(model, train_set, val_set, objective, recipe, normalizer_for(index, recipe.channels_last),
                  out_dir, checkpoint_meta, params["seed"], teacher=teacher, logger=logger,
-                 runtime=runtime, progress=progress)
+                 runtime=runtime, progress=progress, ap_mode=dataset_preset.get("ap_mode", "voc"))
     return result, count_parameters(model)
 
 
@@ -74,8 +78,8 @@ def main() -> None:
         result, n_params = train_role(params, role, prepared_index(), MODELS_DIR / role,
                                       MODELS_DIR / "teacher" / "best.pt", logger=live)
         live.summary.update({
-            "best_epoch": result.best_epoch, "best_val_top1": result.best_val_top1,
-            "last_epoch": result.last_epoch, "last_val_top1": result.last_val_top1,
+            "best_epoch": result.best_epoch, f"best_val_{result.score_name}": result.best_val_score,
+            "last_epoch": result.last_epoch, f"last_val_{result.score_name}": result.last_val_score,
             "stopped_early": result.stopped_early, "params": n_params,
         })
     # Wall-clock figures vary run to run; they live apart from the reproducible metrics.
@@ -84,8 +88,8 @@ def main() -> None:
         "train_images_per_second": round(result.images_per_second, 1),
         "epoch_seconds": [round(s, 3) for s in result.epoch_seconds],
     })
-    print(f"{role}: best val top-1 {result.best_val_top1:.2f} (epoch {result.best_epoch}), "
-          f"last {result.last_val_top1:.2f}; {result.train_seconds:.1f} s")
+    print(f"{role}: best val {result.score_name} {result.best_val_score:.2f} (epoch {result.best_epoch}), "
+          f"last {result.last_val_score:.2f}; {result.train_seconds:.1f} s")
 
 
 if __name__ == "__main__":

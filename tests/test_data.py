@@ -281,7 +281,7 @@ def test_write_read_index_round_trip(flat_root: Path, tmp_path: Path) -> None:
     index = index_from_scan(scan, meta_for(scan.classes, flat_root), 0.25, 0.2, seed=0)
     out = tmp_path / "prepared"
     write_index(index, out)
-    assert (out / "index.csv").read_text().splitlines()[0] == "path,label,split,md5"
+    assert (out / "index.csv").read_text().splitlines()[0] == "path,label,split,md5,positives,difficult"
     loaded = read_index(out)
     assert loaded.records == index.records
     assert loaded.meta == index.meta

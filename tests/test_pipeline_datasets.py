@@ -133,3 +133,50 @@ def test_url_without_checksum_is_refused_by_validation(cub_params):
     cub_params["datasets"]["cub200"]["url"] = "http://127.0.0.1:9/x.tgz"
     with pytest.raises(ParamError, match="sha256"):
         validate(cub_params)
+
+
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor"]
+
+
+def build_voc(root: Path, images: int = 70) -> Path:
+    base = root / "VOCdevkit" / "VOC2007"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (base / sub).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    ids = [f"{i:06d}" for i in range(images)]
+    for i, image_id in enumerate(ids):
+        present = sorted({i % 20, int(rng.integers(0, 20))})  # every class in trainval
+        objects = "".join(
+            f"<object><name>{VOC_CLASSES[c]}</name><difficult>{int(i % 7 == 0 and k == 0)}</difficult></object>"
+            for k, c in enumerate(present))
+        (base / "Annotations" / f"{image_id}.xml").write_text(f"<annotation>{objects}</annotation>")
+        pixels = (rng.integers(0, 60, (40, 48, 3)) + 9 * present[0]).astype(np.uint8)
+        Image.fromarray(pixels).save(base / "JPEGImages" / f"{image_id}.jpg")
+    (base / "ImageSets/Main/trainval.txt").write_text("\n".join(ids[:60]) + "\n")
+    (base / "ImageSets/Main/test.txt").write_text("\n".join(ids[60:]) + "\n")
+    return root
+
+
+def test_voc_multilabel_preset_trains_with_bce_and_sigmoid_kd_and_reports_map(tmp_path):
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["dataset"], params["teacher"], params["student"] = "voc2007", "cnn_small", "cnn_small"
+    params["datasets"]["voc2007"].update(root=str(build_voc(tmp_path / "voc")), image_size=32, val_fraction=0.2)
+    params["kd"]["method"] = "sigmoid_kd"
+    for preset in params["models"].values():
+        preset.update(epochs=2, warmup_epochs=0, batch_size=8)
+    validate(params)
+    index = prepare(params, tmp_path / "prepared")
+    assert index.meta.task == "multilabel" and index.meta.num_classes == 20
+    assert any(r.difficult for r in index.records) and all(r.label == -1 for r in index.records)
+    for role in ("teacher", "baseline", "distill"):
+        result, _ = train_role(params, role, index, tmp_path / role, tmp_path / "teacher" / "best.pt", progress=False)
+        assert result.score_name == "mAP" and 0.0 <= result.best_val_score <= 100.0
+        evaluated, _, _ = evaluate_checkpoint(params, index, tmp_path / role / "best.pt")
+        assert evaluated.targets.shape == (10, 20)
+        assert {"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"} <= set(evaluated.metrics)
+
+    params["kd"]["method"] = "kd"  # single-label KD on multi-label data is refused, by name
+    with pytest.raises(SystemExit, match="sigmoid_kd"):
+        train_role(params, "distill", index, tmp_path / "x", tmp_path / "teacher" / "best.pt", progress=False)

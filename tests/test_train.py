@@ -75,7 +75,7 @@ def test_best_and_last_checkpoints_rebuild_the_model(image_dir, tmp_path):
     best = load_checkpoint(tmp_path / "best.pt")
     last = load_checkpoint(tmp_path / "last.pt")
     assert best["meta"]["epoch"] == result.best_epoch and last["meta"]["epoch"] == 3
-    assert best["meta"]["val_top1"] == pytest.approx(result.best_val_top1)
+    assert best["meta"]["val_score"] == pytest.approx(result.best_val_score) and result.score_name == "top1"
     rebuilt, meta = model_from_checkpoint(tmp_path / "last.pt")
     x = torch.randn(2, 1, 16, 16)
     model.eval()

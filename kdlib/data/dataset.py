@@ -35,7 +35,8 @@ def load_image(path: Path, channels: int) -> Tensor:
 
 
 class IndexedImageDataset(Dataset):
-    """Yields ``(image uint8 CHW, label, position)``; the position lets a distillation method
+    """Yields ``(image uint8 CHW, target, position)``: the class index, or a multi-hot float
+    vector for multi-label records; the position lets a distillation method
     look up per-sample data (e.g. cached teacher outputs).
 
     With ``preload=True`` every image is decoded once at construction and kept in memory,
@@ -51,6 +52,7 @@ class IndexedImageDataset(Dataset):
         transform: Callable[[Tensor], Tensor] | None = None,
         preload: bool = False,
         batch_transform: Callable[[Tensor], Tensor] | None = None,
+        num_classes: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.records = list(records)
@@ -59,6 +61,18 @@ class IndexedImageDataset(Dataset):
         self.batch_transform = batch_transform
         self.labels = [r.label for r in self.records]  # plain ints: indexing a tensor costs more per item
         self.targets = torch.tensor(self.labels, dtype=torch.long)
+        # multi-label records (label -1) yield multi-hot float targets; `ignore` marks the
+        # difficult-only classes that scoring leaves out
+        self.multi_hot: Tensor | None = None
+        self.ignore: Tensor | None = None
+        if self.records and all(r.label < 0 for r in self.records):
+            if num_classes is None:
+                raise ValueError("multi-label records need num_classes")
+            self.multi_hot = torch.zeros(len(self.records), num_classes)
+            self.ignore = torch.zeros(len(self.records), num_classes, dtype=torch.bool)
+            for i, r in enumerate(self.records):
+                self.multi_hot[i, list(r.positives)] = 1.0
+                self.ignore[i, list(r.difficult)] = True
         self._cache: list[Tensor] | None = None
         if preload:
             self._cache = [load_image(self.root / r.path, channels) for r in self.records]
@@ -75,4 +89,5 @@ class IndexedImageDataset(Dataset):
         image = self.image(i)
         if self.transform is not None:
             image = self.transform(image)
-        return image, self.labels[i], i
+        target = self.multi_hot[i] if self.multi_hot is not None else self.labels[i]
+        return image, target, i

@@ -28,9 +28,14 @@ META_FILE = "dataset.json"
 @dataclass(frozen=True)
 class Record:
     path: str
-    label: int
+    label: int  # class index; -1 for multi-label data sets
     split: str
     md5: str = ""
+    positives: tuple[int, ...] = ()  # multi-label: classes present
+    difficult: tuple[int, ...] = ()  # multi-label: present only as difficult objects (not scored)
+
+    def classes_present(self) -> tuple[int, ...]:
+        return self.positives if self.label < 0 else (self.label,)
 
 
 @dataclass
@@ -73,17 +78,19 @@ def validate_index(index: DatasetIndex) -> None:
     """Check labels, split names, that train/val/test are non-empty and disjoint (by path and
     by content), and that every class has a training image."""
     num_classes = index.meta.num_classes
+    multilabel = index.meta.task == "multilabel"
     for r in index.records:
         if r.split not in SPLITS:
             raise ValueError(f"{r.path}: split {r.split!r} is not one of {SPLITS}")
-        if not 0 <= r.label < num_classes:
-            raise ValueError(f"{r.path}: label {r.label} outside 0..{num_classes - 1}")
+        labels = r.positives + r.difficult if multilabel else (r.label,)
+        if any(not 0 <= c < num_classes for c in labels):
+            raise ValueError(f"{r.path}: label {labels} outside 0..{num_classes - 1}")
     for split in SPLITS:
         if not index.split(split):
             raise ValueError(f"the {split!r} split is empty")
     assert_disjoint({s: [r.path for r in index.split(s)] for s in SPLITS})
     assert_disjoint({s: [r.md5 for r in index.split(s) if r.md5] for s in SPLITS})
-    train_classes = {r.label for r in index.split("train")}
+    train_classes = {c for r in index.split("train") for c in r.classes_present()}
     missing = [index.meta.classes[c] for c in range(num_classes) if c not in train_classes]
     if missing:
         raise ValueError(f"classes with no training image: {', '.join(missing[:10])}")
@@ -94,10 +101,18 @@ def write_index(index: DatasetIndex, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / INDEX_FILE, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["path", "label", "split", "md5"])
+        writer.writerow(["path", "label", "split", "md5", "positives", "difficult"])
         for r in index.records:
-            writer.writerow([r.path, r.label, r.split, r.md5])
+            writer.writerow([r.path, r.label, r.split, r.md5, _ints(r.positives), _ints(r.difficult)])
     (out_dir / META_FILE).write_text(json.dumps(asdict(index.meta), indent=2) + "\n")
+
+
+def _ints(values: tuple[int, ...]) -> str:
+    return " ".join(map(str, values))
+
+
+def _parse_ints(text: str | None) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split()) if text else ()
 
 
 def read_index(directory: Path) -> DatasetIndex:
@@ -112,7 +127,8 @@ def read_index(directory: Path) -> DatasetIndex:
         reader = csv.DictReader(handle)
         for line_no, row in enumerate(reader, start=2):
             try:
-                records.append(Record(row["path"], int(row["label"]), row["split"], row.get("md5", "")))
+                records.append(Record(row["path"], int(row["label"]), row["split"], row.get("md5", ""),
+                                      _parse_ints(row.get("positives")), _parse_ints(row.get("difficult"))))
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{index_path}:{line_no}: malformed row ({err})") from None
     return DatasetIndex(meta, records)
@@ -123,10 +139,11 @@ def build_manifest(index: DatasetIndex) -> dict:
     manifest: dict = {"num_classes": index.meta.num_classes, "splits": {}}
     for split in SPLITS:
         records = sorted(index.split(split), key=lambda r: r.path)
-        per_class = Counter(r.label for r in records)
+        per_class = Counter(c for r in records for c in r.classes_present())
         digest = hashlib.md5()
         for r in records:
-            digest.update(f"{r.path}\t{r.label}\t{r.md5}\n".encode())
+            extra = f"\t{_ints(r.positives)}\t{_ints(r.difficult)}" if r.label < 0 else ""
+            digest.update(f"{r.path}\t{r.label}\t{r.md5}{extra}\n".encode())
         manifest["splits"][split] = {
             "count": len(records),
             "per_class": {index.meta.classes[c]: per_class.get(c, 0) for c in range(index.meta.num_classes)},

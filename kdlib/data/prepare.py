@@ -86,7 +86,8 @@ def index_from_scan(
         _, held = stratified_split([images[i].label for i in train_pos], val_fraction, rng)
         for j in held:
             splits[train_pos[j]] = "val"
-    records = [Record(im.path, im.label, str(split), md5) for im, split, md5 in zip(images, splits, md5s)]
+    records = [Record(im.path, im.label, str(split), md5, im.positives, im.difficult)
+               for im, split, md5 in zip(images, splits, md5s)]
     meta.extra = {**meta.extra, "skipped": skipped}
     index = DatasetIndex(meta, records)
     validate_index(index)

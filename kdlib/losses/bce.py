@@ -28,6 +28,7 @@ class BinaryCrossEntropy(nn.Module):
     """Module form of :func:`bce_loss`."""
 
     needs_teacher = False
+    multilabel = True  # multi-hot targets
 
     def forward(
         self, student_logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None

@@ -86,6 +86,7 @@ class SigmoidKDLoss(nn.Module):
     """Module form of :func:`sigmoid_kd_loss`; returns the total and its two terms for logging."""
 
     needs_teacher = True
+    multilabel = True  # multi-hot targets
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9):
         super().__init__()
