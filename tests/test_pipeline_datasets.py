@@ -180,3 +180,36 @@ def test_voc_multilabel_preset_trains_with_bce_and_sigmoid_kd_and_reports_map(tm
     params["kd"]["method"] = "kd"  # single-label KD on multi-label data is refused, by name
     with pytest.raises(SystemExit, match="sigmoid_kd"):
         train_role(params, "distill", index, tmp_path / "x", tmp_path / "teacher" / "best.pt", progress=False)
+
+
+@pytest.mark.slow
+def test_stage_scripts_run_on_multilabel_voc(tmp_path):
+    """The six stage scripts, run as processes in order (as dvc.yaml runs them), on a VOC fixture."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    work = tmp_path / "work"
+    work.mkdir()
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["dataset"], params["teacher"], params["student"] = "voc2007", "cnn_small", "cnn_small"
+    params["datasets"]["voc2007"].update(root=str(build_voc(tmp_path / "voc")), image_size=32, val_fraction=0.2)
+    params["kd"]["method"] = "sigmoid_kd"
+    for preset in params["models"].values():
+        preset.update(epochs=1, warmup_epochs=0, batch_size=8)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args in (["prepare"], ["train", "teacher"], ["train", "baseline"], ["train", "distill"], ["evaluate"],
+                 ["report"]):
+        proc = subprocess.run([sys.executable, "-m", f"stages.{args[0]}", *args[1:]], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    metrics = json.loads((work / "reports/evaluate/metrics.json").read_text())
+    assert "kd_gain_mAP" in metrics and "mAP" in metrics["distill"]["best"]
+    assert json.loads((work / "reports/distill/metrics.json").read_text())["best_val_mAP"] >= 0
+    results = (work / "reports/results.md").read_text()
+    assert "test mAP best" in results and "CF1" in results
+    assert (work / "reports/figures/training_curves.png").is_file()
