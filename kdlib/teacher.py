@@ -1,25 +1,52 @@
 """The teacher during distillation: frozen, in eval mode, without gradients.
 
-Follows timm's ``DistillationTeacher``: when the teacher was trained at another input size,
-the student's batch is resized for it (bilinear), so teacher and student see the same view.
+Follows timm's ``DistillationTeacher``: the student's batch is adapted to what the teacher was
+trained on, so both see the same view: renormalized when the teacher used another mean/std
+(e.g. a teacher trained with ImageNet statistics and a student with the data set's own), and
+resized (bilinear) when it was trained at another input size.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _as_lists(stats: tuple[Sequence[float], Sequence[float]]) -> list[list[float]]:
+    return [list(map(float, values)) for values in stats]
+
+
+def _channel_tensor(values: Sequence[float]) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+
 class OnlineTeacher:
-    def __init__(self, model: nn.Module, input_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        input_size: int | None = None,
+        student_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+        teacher_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+    ) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.input_size = input_size
+        self.renorm: tuple[Tensor, Tensor] | None = None
+        if student_stats and teacher_stats and _as_lists(student_stats) != _as_lists(teacher_stats):
+            s_mean, s_std = (_channel_tensor(v) for v in student_stats)
+            t_mean, t_std = (_channel_tensor(v) for v in teacher_stats)
+            # x_t = (x_s·σ_s + μ_s − μ_t) / σ_t, as one multiply-add
+            self.renorm = (s_std / t_std, (s_mean - t_mean) / t_std)
 
     @torch.no_grad()
     def __call__(self, images: Tensor, positions: Tensor) -> Tensor:
         self.model.eval()  # a caller's model.train() must never reach the teacher's BN/dropout
+        if self.renorm is not None:
+            scale, shift = (t.to(images.device) for t in self.renorm)
+            images = images * scale + shift
         if self.input_size is not None and images.shape[-1] != self.input_size:
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
                                    align_corners=False, antialias=True)

@@ -46,7 +46,8 @@ def train_role(
     teacher, multilabel = None, meta.task == "multilabel"
     if role == "distill":
         teacher_model, teacher_meta = model_from_checkpoint(teacher_checkpoint)
-        teacher = OnlineTeacher(teacher_model.to(runtime.device), teacher_meta.get("input_size"))
+        teacher = OnlineTeacher(teacher_model.to(runtime.device), teacher_meta.get("input_size"),
+                                (meta.mean, meta.std), (teacher_meta["mean"], teacher_meta["std"]))
         kd = params["kd"]
         if getattr(METHODS.get(kd["method"]), "multilabel", False) != multilabel:
             raise SystemExit(f"error: kd.method = {kd['method']!r} does not fit {meta.name!r}, a "

@@ -141,3 +141,22 @@ def test_optimizer_exempts_what_timm_models_exempt_from_weight_decay():
     for token in ("pos_embed", "cls_token", "dist_token"):
         assert id(named[token]) not in decayed
     assert id(named["patch_embed.proj.weight"]) in decayed
+
+
+def test_teacher_sees_its_own_normalization():
+    model = build_model("cnn_small", 3, 3)
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(module, args):
+        seen["x"] = args[0]
+
+    model.register_forward_pre_hook(record)
+    student_stats = ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    teacher_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    raw = torch.rand(2, 3, 8, 8)
+    student_view = (raw - torch.tensor(student_stats[0]).view(1, 3, 1, 1)) / torch.tensor(student_stats[1]).view(1, 3, 1, 1)
+    OnlineTeacher(model, None, student_stats, teacher_stats)(student_view, torch.arange(2))
+    expected = (raw - torch.tensor(teacher_stats[0]).view(1, 3, 1, 1)) / torch.tensor(teacher_stats[1]).view(1, 3, 1, 1)
+    assert torch.allclose(seen["x"], expected, atol=1e-5)
+    OnlineTeacher(model, None, student_stats, student_stats)(student_view, torch.arange(2))
+    assert torch.equal(seen["x"], student_view)  # same statistics: passed through untouched
