@@ -126,9 +126,11 @@ def fit(
     runtime: Runtime = Runtime(),
     progress: bool = True,
     ap_mode: str = "voc",
+    mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> FitResult:
     """Train ``model`` with ``objective``; write ``best.pt`` (best val top-1 — mAP for multi-hot
-    targets, with ``ap_mode`` — ties broken by val loss) and ``last.pt``.
+    targets, with ``ap_mode`` — ties broken by val loss) and ``last.pt``. ``mix`` (see
+    :func:`kdlib.data.transforms.build_mix`) mixes each normalized training batch.
 
     The test split never enters here: model selection and early stopping use ``val_set`` only.
     """
@@ -175,6 +177,8 @@ def fit(
                 images = train_set.batch_transform(images)
             images = normalizer(images)
             targets = targets.to(device, non_blocking=True)
+            if mix is not None:  # MixUp/CutMix: the teacher below sees the same mixed images
+                images, targets = mix(images, targets)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(images)
                 teacher_logits = teacher(images, positions) if teacher is not None else None
@@ -190,8 +194,9 @@ def fit(
             # accumulate on the device: a float() per step would wait for the GPU every step
             n = len(targets)
             count += n
-            if not multilabel:
-                correct = correct + (logits.detach().argmax(dim=1) == targets).sum()
+            if not multilabel:  # with mixed soft targets, against their dominant class
+                labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
+                correct = correct + (logits.detach().argmax(dim=1) == labels).sum()
             for name, value in {"loss": out.total.detach(), **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value * n
         epoch_seconds = time.perf_counter() - start

@@ -114,7 +114,9 @@ DATASET_PRESET: dict[str, tuple[Check, bool]] = {
     "options": (is_mapping, False),  # keyword arguments of the layout reader (e.g. dogs_root)
     "on_bad_image": (one_of("error", "skip"), False),
     "preload": (is_bool, False),
-    "ap_mode": (one_of("voc", "coco"), False),  # multi-label AP: all-point interpolated or not  # decode every image once into memory: only for small data sets
+    "ap_mode": (one_of("voc", "coco"), False),
+    "mixup": (is_float(0), False),  # MixUp alpha (0 = off); single-label only
+    "cutmix": (is_float(0), False),  # CutMix alpha (0 = off); one of the two per batch when both on  # multi-label AP: all-point interpolated or not  # decode every image once into memory: only for small data sets
     "eval_crop_pct": (is_float(0, 1, lo_open=True), False),  # eval: resize to size/crop_pct, center crop
     "image_size": (is_int(8), True),
     "channels": (one_of(1, 3), True),  # type: ignore[arg-type]
@@ -217,6 +219,8 @@ def validate(params: dict[str, Any]) -> None:
                 errors.append(f"datasets.{name}: give `root` (a path) or `url` with `sha256` or `md5`")
             if preset.get("url") and not (preset.get("sha256") or preset.get("md5")):
                 errors.append(f"datasets.{name}.url: a download needs `sha256` or `md5` to verify it")
+            if (preset.get("mixup") or preset.get("cutmix")) and preset["layout"] in ("voc2007", "coco2014"):
+                errors.append(f"datasets.{name}: mixup/cutmix are for single-label data sets")
             if len(preset["mean"]) != preset["channels"] or len(preset["std"]) != preset["channels"]:
                 errors.append(f"datasets.{name}: mean and std need {preset['channels']} values (channels)")
             if any(s <= 0 for s in preset["std"]):

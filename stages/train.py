@@ -16,6 +16,7 @@ from typing import Any
 from dvclive import Live
 
 from kdlib.checkpoint import model_from_checkpoint
+from kdlib.data.transforms import build_mix
 from kdlib.data.index import DatasetIndex
 from kdlib.losses import METHODS, build_objective
 from kdlib.models import build_model, count_parameters
@@ -66,7 +67,8 @@ def train_role(
     shutil.rmtree(out_dir, ignore_errors=True)
     result = fit(model, train_set, val_set, objective, recipe, normalizer_for(index, recipe.channels_last),
                  out_dir, checkpoint_meta, params["seed"], teacher=teacher, logger=logger,
-                 runtime=runtime, progress=progress, ap_mode=dataset_preset.get("ap_mode", "voc"))
+                 runtime=runtime, progress=progress, ap_mode=dataset_preset.get("ap_mode", "voc"),
+                 mix=build_mix(meta.num_classes, dataset_preset.get("mixup", 0.0), dataset_preset.get("cutmix", 0.0)))
     return result, count_parameters(model)
 
 

@@ -46,7 +46,7 @@ class ListLogger:
 
 
 def run_fit(image_dir, out: Path, epochs: int = 2, patience: int = 0, objective=None, teacher=None,
-            logger=None, amp: str = "none"):
+            logger=None, amp: str = "none", mix=None):
     root, records = image_dir
     augment = build_transforms("shift", 16, 16, True, {"shift_px": 2})
     train = IndexedImageDataset(root, [r for r in records if r.split == "train"], 1, augment.sample,
@@ -56,7 +56,7 @@ def run_fit(image_dir, out: Path, epochs: int = 2, patience: int = 0, objective=
     model = build_model("cnn_small", 3, 1)
     recipe = Recipe(epochs=epochs, batch_size=8, lr=0.05, patience=patience, warmup_epochs=1, amp=amp)
     result = fit(model, train, val, objective or build_objective("ce"), recipe, BatchNormalizer([0.5], [0.25]),
-                 out, META, seed=0, teacher=teacher, logger=logger, progress=False)
+                 out, META, seed=0, teacher=teacher, logger=logger, progress=False, mix=mix)
     return model, result
 
 
@@ -160,3 +160,14 @@ def test_teacher_sees_its_own_normalization():
     assert torch.allclose(seen["x"], expected, atol=1e-5)
     OnlineTeacher(model, None, student_stats, student_stats)(student_view, torch.arange(2))
     assert torch.equal(seen["x"], student_view)  # same statistics: passed through untouched
+
+
+def test_mixup_cutmix_training_with_a_teacher(image_dir, tmp_path):
+    from kdlib.data.transforms import build_mix
+
+    logger = ListLogger()
+    _, result = run_fit(image_dir, tmp_path, epochs=2, objective=build_objective("kd", temperature=4.0, alpha=0.5),
+                        teacher=OnlineTeacher(build_model("cnn_small", 3, 1)), logger=logger,
+                        mix=build_mix(3, mixup_alpha=0.8, cutmix_alpha=1.0))
+    assert all(0.0 <= row["train/top1"] <= 100.0 for row in logger.rows if row)
+    assert result.best_epoch >= 1

@@ -84,3 +84,27 @@ def test_presets_that_do_not_size_images_get_the_eval_resize_first():
     augmentation = build_transforms("shift", 32, None, True)
     out = augmentation.sample(torch.zeros(1, 70, 50, dtype=torch.uint8))
     assert out.shape == (1, 32, 32) and isinstance(augmentation.batch, RandomShift)
+
+
+def test_mix_gives_soft_targets_and_respects_off():
+    from kdlib.data.transforms import build_mix
+
+    assert build_mix(5) is None
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 5
+    for mix in (build_mix(5, mixup_alpha=0.8), build_mix(5, cutmix_alpha=1.0), build_mix(5, 0.8, 1.0)):
+        mixed, targets = mix(images, labels)
+        assert mixed.shape == images.shape and targets.shape == (8, 5)
+        assert torch.allclose(targets.sum(dim=1), torch.ones(8))
+        assert (targets.max(dim=1).values < 1).any()  # really mixed
+
+
+def test_fit_trains_with_mixup_soft_targets_through_kd_hard_term():
+    from kdlib.data.transforms import build_mix
+    from kdlib.losses import kd_loss
+
+    logits, teacher = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5)
+    _, soft = build_mix(5, mixup_alpha=0.8)(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    loss = kd_loss(logits, teacher, soft, temperature=2.0, alpha=0.5, label_smoothing=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and logits.grad is not None

@@ -142,6 +142,23 @@ def build_transforms(
     return Augmentation(v2.Compose(steps) if steps else None, batch)
 
 
+def build_mix(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> v2.Transform | None:
+    """Batch-level MixUp (Zhang et al., ICLR 2018) and/or CutMix (Yun et al., ICCV 2019), one of
+    them per batch when both are on, as DeiT does; ``None`` when both alphas are 0.
+
+    Called as ``images, soft_targets = mix(images, labels)`` on a normalized float batch; the
+    targets become mixed one-hot rows, which cross-entropy (and the KD hard term) accept.
+    """
+    choices: list[v2.Transform] = []
+    if mixup_alpha > 0:
+        choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not choices:
+        return None
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
 class BatchNormalizer(nn.Module):
     """``uint8`` batch → float ``(x/255 − mean) / std``, optionally channels_last."""
 
