@@ -2,14 +2,13 @@
 
 For every layout: build a small data set in its real on-disk format (tests/layout_fixtures.py),
 then, in a scratch copy of this repository, `dvc exp run -S dataset=<layout>
--S datasets.<layout>.root=<fixture> ...` with one-epoch presets, and print each command with
-the test metrics it produced.
+-S datasets.<layout>.root=<fixture> ...` with one-epoch presets, and print each command and
+whether it succeeded.
 
     python scripts/layouts_smoke.py [LAYOUT ...]
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 from common import copy_repo, git_env  # noqa: E402
 from layout_fixtures import LAYOUTS_ALL, build_dataset  # noqa: E402
 
-MULTILABEL = {"voc2007", "coco2014"}
+from layout_fixtures import MULTILABEL  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +33,7 @@ def main() -> None:
         for layout in layouts:
             overrides = build_dataset(layout, Path(tmp) / "data" / layout)
             sets = [f"dataset={layout}", f"datasets.{layout}.root={overrides['root']}",
-                    f"datasets.{layout}.image_size=32", f"datasets.{layout}.val_fraction=0.25",
+                    f"datasets.{layout}.image_size=32",
                     "teacher=cnn_small", "student=cnn_small", "models.cnn_small.epochs=1",
                     "models.cnn_small.warmup_epochs=0", "models.cnn_small.batch_size=8",
                     f"kd.method={'sigmoid_kd' if layout in MULTILABEL else 'kd'}"]
@@ -50,18 +49,7 @@ def main() -> None:
                 failures += 1
                 print(f"  FAILED ({proc.returncode})\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
                 continue
-            show = subprocess.run(["dvc", "exp", "show", "--json", "--rev", f"smoke-{layout}".replace("_", "-")],
-                                  cwd=work, env=env, capture_output=True, text=True)
-            summary = "ok"
-            try:
-                data = json.loads(show.stdout)
-                metrics = data[0]["experiments"][0]["revs"][0]["data"]["metrics"]["reports/evaluate/metrics.json"]["data"]
-                score = "mAP" if layout in MULTILABEL else "top1"
-                summary = (f"test {score}: teacher {metrics['teacher']['best'][score]:.1f}, baseline "
-                           f"{metrics['baseline']['best'][score]:.1f}, KD {metrics['distill']['best'][score]:.1f}")
-            except (KeyError, IndexError, ValueError, TypeError):
-                pass
-            print(f"  ok in {seconds:.0f} s; {summary}", flush=True)
+            print(f"  ok in {seconds:.0f} s", flush=True)
     print(f"{len(layouts) - failures} passed, {failures} failed")
     raise SystemExit(1 if failures else 0)
 
