@@ -35,6 +35,8 @@ class LayoutScan:
     classes: list[str]
     images: list[ScannedImage]
     task: str = "multiclass"  # or "multilabel"
+    stored_size: int | None = None  # side of every image when all are square and equal (MNIST,
+    #                                 CIFAR): then nothing needs resizing to that size
 
 
 def require_root(root: Path | str, layout: str) -> Path:

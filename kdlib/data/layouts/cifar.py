@@ -222,7 +222,7 @@ def _scan(
                 images.append(ScannedImage(relative, label, split))
             if remaining is not None:
                 remaining -= count
-    return LayoutScan(images_root, classes, images)
+    return LayoutScan(images_root, classes, images, stored_size=32)
 
 
 @register_layout("cifar10")
