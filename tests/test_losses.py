@@ -7,11 +7,22 @@ row 1: log(e^0.5+e^-1+e²) − 0.5 = 1.74131; mean 1.07446.
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlib.losses import LossOutput, build_objective, kd_loss, soft_kl
+from kdlib.losses import (
+    METHODS,
+    LossOutput,
+    StudentOutput,
+    TeacherOutput,
+    build_objective,
+    kd_loss,
+    method_fits_task,
+    soft_kl,
+)
 
 S = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
 T_ = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
@@ -87,7 +98,9 @@ def test_gradient_does_not_flow_into_teacher() -> None:
 def test_module_gradient_does_not_flow_into_teacher() -> None:
     student = S.clone().requires_grad_(True)
     teacher = T_.clone().requires_grad_(True)
-    build_objective("kd", temperature=2.0, alpha=1.0)(student, Y, teacher).total.backward()
+    build_objective("kd", temperature=2.0, alpha=1.0)(
+        StudentOutput(student), Y, TeacherOutput(teacher)
+    ).total.backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert teacher.grad is None
 
@@ -106,9 +119,11 @@ def test_batchmean_not_numel_convention() -> None:
 def test_label_smoothing_passes_through() -> None:
     assert close(kd_loss(S, T_, Y, 2.0, 0.5, label_smoothing=0.1), KD_T2_A05_LS01)
     assert close(kd_loss(S, T_, Y, 2.0, 0.0, label_smoothing=0.1), CE_LS01)
-    out = build_objective("kd", temperature=2.0, alpha=0.5, label_smoothing=0.1)(S, Y, T_)
+    out = build_objective("kd", temperature=2.0, alpha=0.5, label_smoothing=0.1)(
+        StudentOutput(S), Y, TeacherOutput(T_)
+    )
     assert close(out.total, KD_T2_A05_LS01)
-    assert close(build_objective("ce", label_smoothing=0.1)(S, Y).total, CE_LS01)
+    assert close(build_objective("ce", label_smoothing=0.1)(StudentOutput(S), Y).total, CE_LS01)
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0])
@@ -125,7 +140,7 @@ def test_invalid_alpha_raises(alpha: float) -> None:
 
 def test_kd_module_matches_function_and_reports_terms() -> None:
     objective = build_objective("kd", temperature=4.0, alpha=0.9)
-    out = objective(S, Y, T_)
+    out = objective(StudentOutput(S), Y, TeacherOutput(T_))
     assert isinstance(out, LossOutput)
     assert torch.allclose(out.total, kd_loss(S, T_, Y, temperature=4.0, alpha=0.9), atol=1e-6)
     assert close(out.total, KD_T4_A09)
@@ -137,12 +152,12 @@ def test_kd_module_matches_function_and_reports_terms() -> None:
 
 def test_kd_module_requires_teacher_logits() -> None:
     with pytest.raises(ValueError, match="teacher"):
-        build_objective("kd", temperature=4.0, alpha=0.9)(S, Y)
+        build_objective("kd", temperature=4.0, alpha=0.9)(StudentOutput(S), Y)
 
 
 def test_cross_entropy_module() -> None:
     objective = build_objective("ce")
-    out = objective(S, Y)
+    out = objective(StudentOutput(S), Y)
     assert isinstance(out, LossOutput)
     assert close(out.total, CE)
     assert set(out.terms) == {"ce"}
@@ -165,4 +180,76 @@ def test_kd_module_rejects_invalid_hyperparameters(kwargs: dict) -> None:
     """The module form must not silently return nan/inf or a negative weight for bad settings."""
     params = {"temperature": 4.0, "alpha": 0.9, **kwargs}
     with pytest.raises(ValueError):
-        build_objective("kd", **params)(S, Y, T_)
+        build_objective("kd", **params)(StudentOutput(S), Y, TeacherOutput(T_))
+
+
+# ---------------------------------------------------------------------------------------------
+# Interface of every registered method.
+# ---------------------------------------------------------------------------------------------
+
+ATTRIBUTES = ("needs_teacher", "needs_features", "needs_lsh", "uses_distillation_token", "tasks")
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_declares_the_five_attributes_and_a_docstring(name: str) -> None:
+    cls = METHODS.get(name)
+    for attribute in ATTRIBUTES:
+        assert attribute in vars(cls), f"{name} must set {attribute} explicitly"
+    assert all(isinstance(getattr(cls, a), bool) for a in ATTRIBUTES[:4])
+    assert cls.tasks and set(cls.tasks) <= {"multiclass", "multilabel"}
+    assert cls.__doc__ and cls.__doc__.strip()
+    assert ".. math::" in sys.modules[cls.__module__].__doc__  # the formula, in the module docstring
+    # the feature/teacher flags are consistent
+    assert not cls.needs_lsh or cls.needs_features
+    assert not (cls.needs_features or cls.uses_distillation_token) or cls.needs_teacher
+    # every method builds with its defaults
+    assert isinstance(build_objective(name), cls)
+
+
+def test_method_fits_task() -> None:
+    assert method_fits_task(METHODS.get("kd"), "multiclass")
+    assert not method_fits_task(METHODS.get("kd"), "multilabel")
+    assert method_fits_task(METHODS.get("sigmoid_kd"), "multilabel")
+    assert method_fits_task(METHODS.get("lshl2"), "multilabel") and method_fits_task(METHODS.get("lshl2"), "multiclass")
+    assert not method_fits_task(METHODS.get("lshl2_s"), "multilabel")
+
+
+def test_build_objective_refuses_unknown_knobs_naming_them() -> None:
+    with pytest.raises(ValueError, match="'tau'") as info:
+        build_objective("kd", tau=2.0)
+    assert "temperature" in str(info.value)  # lists what it takes
+    with pytest.raises(ValueError, match="'label_smoothing'"):
+        build_objective("bce", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_label_smoothing_is_validated(value: float) -> None:
+    for name in ("ce", "kd", "deit_soft", "deit_hard", "l2", "lsh", "lshl2", "lshl2_s"):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            build_objective(name, label_smoothing=value)
+
+
+def test_kd_message_names_knob_value_and_range() -> None:
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got 0"):
+        build_objective("kd", temperature=0)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got 1.5"):
+        build_objective("kd", alpha=1.5)
+
+
+def test_soft_targets_flow_through_the_hard_term() -> None:
+    """MixUp/CutMix targets: row 0 = 0.3·class 1 + 0.7·class 2, row 1 = one-hot class 0.
+    −log p_1 = −log p_2 + 1 in row 0 (logits 2 vs 3), so the soft CE is CE + 0.3/2 = CE + 0.15."""
+    soft = torch.tensor([[0.0, 0.3, 0.7], [1.0, 0.0, 0.0]])
+    assert close(build_objective("ce")(StudentOutput(S), soft).total, CE + 0.15)
+    out = build_objective("kd", temperature=2.0, alpha=0.5)(StudentOutput(S), soft, TeacherOutput(T_))
+    assert close(out.total, 0.5 * (CE + 0.15) + 0.5 * 4.0 * KL_T2)
+    # one-hot soft targets equal integer targets
+    one_hot = F.one_hot(Y, 3).float()
+    assert close(build_objective("ce")(StudentOutput(S), one_hot).total, CE)
+
+
+def test_terms_are_detached() -> None:
+    student = S.clone().requires_grad_(True)
+    out = build_objective("kd")(StudentOutput(student), Y, TeacherOutput(T_))
+    assert out.total.requires_grad
+    assert not any(v.requires_grad for v in out.terms.values())

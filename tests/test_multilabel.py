@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlib.losses import LossOutput, build_objective
+from kdlib.losses import LossOutput, StudentOutput, TeacherOutput, build_objective
 from kdlib.losses.bce import BinaryCrossEntropy, bce_loss
 from kdlib.losses.sigmoid_kd import SigmoidKDLoss, sigmoid_kd_loss, sigmoid_kl
 from kdlib.multilabel import average_precision, mean_average_precision, threshold_metrics
@@ -296,10 +296,11 @@ KL_T2 = 0.06612291332912024  # mean_{b,c} binary KL(σ(T_/2) || σ(S/2)), withou
 def test_bce_golden_value_and_module() -> None:
     assert float(bce_loss(S, Y)) == pytest.approx(BCE, abs=1e-6)
     assert torch.allclose(bce_loss(S, Y), F.binary_cross_entropy_with_logits(S, Y.float()))
-    out = build_objective("bce")(S, Y)
+    out = build_objective("bce")(StudentOutput(S), Y)
     assert isinstance(out, LossOutput) and set(out.terms) == {"bce"}
     assert float(out.total) == pytest.approx(BCE, abs=1e-6)
     assert BinaryCrossEntropy.needs_teacher is False
+    assert BinaryCrossEntropy.tasks == ("multilabel",)
 
 
 def test_sigmoid_kl_single_element_golden_values() -> None:
@@ -373,11 +374,25 @@ def test_invalid_alpha_raises(alpha: float) -> None:
 def test_build_objective_sigmoid_kd() -> None:
     objective = build_objective("sigmoid_kd", temperature=2.0, alpha=0.5)
     assert isinstance(objective, SigmoidKDLoss) and objective.needs_teacher is True
-    out = objective(S, Y, T_)
+    assert objective.tasks == ("multilabel",)
+    out = objective(StudentOutput(S), Y, TeacherOutput(T_))
     assert isinstance(out, LossOutput) and set(out.terms) == {"bce", "kd"}
     assert float(out.terms["bce"]) == pytest.approx(BCE, abs=1e-6)
     assert float(out.terms["kd"]) == pytest.approx(4 * KL_T2, abs=1e-6)
     assert torch.allclose(out.total, sigmoid_kd_loss(S, T_, Y, temperature=2.0, alpha=0.5))
     assert not out.terms["kd"].requires_grad
     with pytest.raises(ValueError, match="teacher"):
-        objective(S, Y)
+        objective(StudentOutput(S), Y)
+
+
+def test_multilabel_feature_methods_use_bce_as_the_hard_term() -> None:
+    """``l2`` with ``multilabel=True``: γ·BCE + β·L2. Features f_s = [[0, 1], [1, 1]],
+    f_t = [[1, 1], [1, 3]]: squared differences 1, 0, 0, 4 → L2 = 5/4."""
+    f_s, f_t = torch.tensor([[0.0, 1.0], [1.0, 1.0]]), torch.tensor([[1.0, 1.0], [1.0, 3.0]])
+    objective = build_objective("l2", beta=0.5, gamma=2.0, multilabel=True)
+    out = objective(StudentOutput(S, features=f_s), Y, TeacherOutput(T_, features=f_t))
+    assert set(out.terms) == {"bce", "l2"}
+    assert float(out.terms["bce"]) == pytest.approx(BCE, abs=1e-6)
+    assert float(out.total) == pytest.approx(2.0 * BCE + 0.5 * 1.25, abs=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        build_objective("lshl2", multilabel=True, label_smoothing=0.1)

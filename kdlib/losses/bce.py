@@ -1,5 +1,6 @@
 """Binary cross-entropy on multi-hot targets (``bce``): the multi-label teacher's and baseline
-student's objective (seed S4's "BCE" baseline, ``BCEWithLogits`` from ImageNet weights).
+student's objective (seed S4's "BCE" baseline, ``BCEWithLogits`` from ImageNet weights), and the
+hard term of the feature methods (``l2``, ``lsh``, ``lshl2``) with ``multilabel=True``.
 
 .. math::
 
@@ -9,13 +10,14 @@ student's objective (seed S4's "BCE" baseline, ``BCEWithLogits`` from ImageNet w
 one independent sigmoid per class, averaged over the batch **and** the classes (PyTorch's
 ``BCEWithLogitsLoss`` default ``reduction="mean"``). Targets are multi-hot ``(B, C)``; VOC
 "difficult" labels are positives in training (S4), and ignored only in the AP metric.
+No knobs.
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlib.losses.registry import LossOutput, register_method
+from kdlib.losses.registry import MULTILABEL, LossOutput, StudentOutput, TeacherOutput, register_method
 
 
 def bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -25,13 +27,17 @@ def bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 @register_method("bce")
 class BinaryCrossEntropy(nn.Module):
-    """Module form of :func:`bce_loss`."""
+    """Module form of :func:`bce_loss` (multi-label only; the teacher argument is ignored).
+    Term logged: ``bce``."""
 
     needs_teacher = False
-    multilabel = True  # multi-hot targets
+    needs_features = False
+    needs_lsh = False
+    uses_distillation_token = False
+    tasks = (MULTILABEL,)
 
     def forward(
-        self, student_logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None
+        self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None
     ) -> LossOutput:
-        loss = bce_loss(student_logits, targets)
+        loss = bce_loss(student.logits, targets)
         return LossOutput(loss, {"bce": loss.detach()})

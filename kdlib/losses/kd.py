@@ -9,9 +9,12 @@ arXiv:1503.02531.
         + \\alpha\\,T^2\\,\\mathrm{KL}\\big(\\mathrm{softmax}(z_t/T)\\,\\|\\,\\mathrm{softmax}(z_s/T)\\big)
 
 with the KL divergence summed over classes and averaged over the batch (``batchmean``), and
-:math:`\\mathrm{CE}_\\epsilon` cross-entropy with label smoothing :math:`\\epsilon` (0 by default).
-The :math:`T^2` factor keeps the gradient of the soft term on the scale of the hard term when
-``T`` changes (Hinton et al., §2).
+:math:`\\mathrm{CE}_\\epsilon` cross-entropy with label smoothing :math:`\\epsilon` (0 by default;
+integer or soft MixUp/CutMix targets). The :math:`T^2` factor keeps the gradient of the soft term
+on the scale of the hard term when ``T`` changes (Hinton et al., §2).
+
+Knobs: ``temperature`` T (default 4, finite > 0), ``alpha`` α (default 0.9, in [0, 1]);
+context: ``label_smoothing`` ε. Terms logged: ``ce`` (unweighted CE_ε) and ``kd`` (T²·KL).
 
 How the seeds' conventions map onto this one (α here always weights the *teacher* term):
 
@@ -20,30 +23,30 @@ How the seeds' conventions map onto this one (α here always weights the *teache
 * seed 003 (Intel scenes) writes ``0.5·CE + 0.5·T²·KL``, T=4: ``alpha=0.5, temperature=4``.
 * seed 004's ``kd`` term is ``T²·KL_sum/B`` = batchmean, T=4.
 * DeiT's *soft* loss divides a summed KL by ``B·C`` (numel) instead of ``B``; it equals this
-  convention's KL term divided by the number of classes. DeiT-style token distillation is a
-  separate method.
+  convention's KL term divided by the number of classes C. DeiT-style token distillation is
+  the separate methods ``deit_soft`` / ``deit_hard``.
 """
 from __future__ import annotations
-
-import math
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlib.losses.registry import LossOutput, register_method
+from kdlib.losses._common import check_positive, check_smoothing, check_unit_interval, require_teacher
+from kdlib.losses.ce import ce_loss
+from kdlib.losses.registry import MULTICLASS, LossOutput, StudentOutput, TeacherOutput, register_method
 
 
 def check_kd_hyperparameters(temperature: float, alpha: float) -> None:
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    check_positive("temperature", temperature)
+    check_unit_interval("alpha", alpha)
 
 
 def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """``T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))``, summed over classes, mean over the batch."""
+    """``T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))``, summed over classes, mean over the batch.
+
+    No gradient flows into ``teacher_logits``."""
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
@@ -56,19 +59,19 @@ def kd_loss(
     alpha: float,
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    """``(1-α)·CE(z_s, y) + α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`` (batchmean KL).
+    """``(1-α)·CE_ε(z_s, y) + α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`` (batchmean KL).
 
     Args:
         student_logits: ``(B, C)`` student logits.
         teacher_logits: ``(B, C)`` teacher logits (no gradient flows into them).
-        targets: ``(B,)`` integer class labels.
+        targets: ``(B,)`` integer class labels or ``(B, C)`` soft targets.
         temperature: softmax temperature ``T > 0``.
         alpha: weight of the distillation term in ``[0, 1]``; ``alpha=1`` is pure KD.
-        label_smoothing: label smoothing of the hard term.
+        label_smoothing: label smoothing ε of the hard term.
     """
     check_kd_hyperparameters(temperature, alpha)
-    hard = F.cross_entropy(student_logits.float(), targets, label_smoothing=label_smoothing)
-    soft = soft_kl(student_logits, teacher_logits.detach(), temperature)
+    hard = ce_loss(student_logits, targets, label_smoothing)
+    soft = soft_kl(student_logits, teacher_logits, temperature)
     return (1.0 - alpha) * hard + alpha * soft
 
 
@@ -77,22 +80,22 @@ class KDLoss(nn.Module):
     """Module form of :func:`kd_loss`; returns the total and its two terms for logging."""
 
     needs_teacher = True
+    needs_features = False
+    needs_lsh = False
+    uses_distillation_token = False
+    tasks = (MULTICLASS,)
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, label_smoothing: float = 0.0):
         super().__init__()
-        check_kd_hyperparameters(temperature, alpha)
-        self.temperature = temperature
-        self.alpha = alpha
-        self.label_smoothing = label_smoothing
+        self.temperature = check_positive("temperature", temperature)
+        self.alpha = check_unit_interval("alpha", alpha)
+        self.label_smoothing = check_smoothing(label_smoothing)
 
     def forward(
-        self, student_logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None
+        self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None
     ) -> LossOutput:
-        if teacher_logits is None:
-            raise ValueError("the 'kd' method needs teacher logits")
-        hard = F.cross_entropy(
-            student_logits.float(), targets, label_smoothing=self.label_smoothing
-        )
-        soft = soft_kl(student_logits, teacher_logits.detach(), self.temperature)
+        teacher = require_teacher("kd", teacher)
+        hard = ce_loss(student.logits, targets, self.label_smoothing)
+        soft = soft_kl(student.logits, teacher.logits, self.temperature)
         total = (1.0 - self.alpha) * hard + self.alpha * soft
         return LossOutput(total, {"ce": hard.detach(), "kd": soft.detach()})

@@ -30,18 +30,20 @@ term is on the scale of the hard one. The :math:`T^2` factor plays the same role
 KD: :math:`\\partial\\,T^2\\mathrm{KL}_{bin}/\\partial z^s = T\\,(p - q)`, which for large ``T``
 tends to :math:`(z^s - z^t)/4`, independent of ``T``. Unlike ``kd`` (softmax over classes,
 also S4's ``kd`` option), this does not assume the classes are mutually exclusive.
+
+Knobs: ``temperature`` T (default 4, finite > 0), ``alpha`` α (default 0.9, in [0, 1]).
+Multi-label only (multi-hot ``(B, C)`` targets). Terms logged: ``bce`` and ``kd`` (T²·mean KL_bin).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlib.losses._common import check_positive, check_unit_interval, require_teacher
 from kdlib.losses.bce import bce_loss
 from kdlib.losses.kd import check_kd_hyperparameters
-from kdlib.losses.registry import LossOutput, register_method
+from kdlib.losses.registry import MULTILABEL, LossOutput, StudentOutput, TeacherOutput, register_method
 
 
 def sigmoid_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -49,8 +51,7 @@ def sigmoid_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
 
     ``0`` when the logits are equal; no gradient flows into ``teacher_logits``.
     """
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    check_positive("temperature", temperature)
     student = student_logits.float() / temperature
     teacher = teacher_logits.detach().float() / temperature
     q = torch.sigmoid(teacher)
@@ -86,20 +87,21 @@ class SigmoidKDLoss(nn.Module):
     """Module form of :func:`sigmoid_kd_loss`; returns the total and its two terms for logging."""
 
     needs_teacher = True
-    multilabel = True  # multi-hot targets
+    needs_features = False
+    needs_lsh = False
+    uses_distillation_token = False
+    tasks = (MULTILABEL,)  # multi-hot targets
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9):
         super().__init__()
-        check_kd_hyperparameters(temperature, alpha)
-        self.temperature = temperature
-        self.alpha = alpha
+        self.temperature = check_positive("temperature", temperature)
+        self.alpha = check_unit_interval("alpha", alpha)
 
     def forward(
-        self, student_logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None
+        self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None
     ) -> LossOutput:
-        if teacher_logits is None:
-            raise ValueError("the 'sigmoid_kd' method needs teacher logits")
-        hard = bce_loss(student_logits, targets)
-        soft = sigmoid_kl(student_logits, teacher_logits, self.temperature)
+        teacher = require_teacher("sigmoid_kd", teacher)
+        hard = bce_loss(student.logits, targets)
+        soft = sigmoid_kl(student.logits, teacher.logits, self.temperature)
         total = (1.0 - self.alpha) * hard + self.alpha * soft
         return LossOutput(total, {"bce": hard.detach(), "kd": soft.detach()})
