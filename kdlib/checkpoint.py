@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdlib.features import FeatureStudent
 from kdlib.models import build_model
 
 
@@ -30,12 +31,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model recorded in ``meta`` (random init, no download) and load its weights."""
+    """Rebuild the model recorded in ``meta`` (random init, no download) and load its weights.
+
+    A feature-mimicking student (``meta["feature_student"]``) comes back as the
+    :class:`~kdlib.features.FeatureStudent` it was trained as; its ``forward`` returns logits.
+    """
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
     model = build_model(
         meta["arch"], meta["num_classes"], meta["in_chans"], pretrained=False, **meta.get("model_kwargs", {})
     )
+    if meta.get("feature_student"):
+        config = meta["feature_student"]
+        model = FeatureStudent(model, config["student_width"], config["teacher_width"], meta["num_classes"],
+                               config["project"])
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model, meta

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from kdlib.data.views import AugmentedViews, ViewSampler
 
 
 @dataclass(frozen=True)
@@ -66,17 +68,23 @@ def make_loader(
     runtime: Runtime,
     num_workers: int = 0,
 ) -> DataLoader:
-    """A loader whose order depends only on ``seed`` (and the epoch, via ``set_epoch``)."""
+    """A loader whose order depends only on ``seed`` (and the epoch, via ``set_epoch``).
+
+    Over :class:`~kdlib.data.views.AugmentedViews` the sampler yields ``(index, view)`` pairs,
+    the view chosen by the epoch; the image order is the same as over the plain data set.
+    """
     generator = torch.Generator().manual_seed(seed)
-    sampler = None
     if runtime.distributed:
         sampler = DistributedSampler(
             dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=train, seed=seed
         )
+    else:
+        sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
+    if isinstance(dataset, AugmentedViews):
+        sampler = ViewSampler(sampler, dataset.num_views)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and sampler is None,
         sampler=sampler,
         drop_last=False,
         num_workers=num_workers,

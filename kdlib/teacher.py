@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlib.features import teacher_output
+from kdlib.losses.registry import TeacherOutput
+
 
 def _as_lists(stats: tuple[Sequence[float], Sequence[float]]) -> list[list[float]]:
     return [list(map(float, values)) for values in stats]
@@ -23,14 +26,19 @@ def _channel_tensor(values: Sequence[float]) -> Tensor:
 
 
 class OnlineTeacher:
+    """Runs the teacher on each batch the student sees. ``features=True`` also returns its
+    pooled penultimate features (feature-mimicking methods)."""
+
     def __init__(
         self,
         model: nn.Module,
         input_size: int | None = None,
         student_stats: tuple[Sequence[float], Sequence[float]] | None = None,
         teacher_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+        features: bool = False,
     ) -> None:
         self.model = model.eval()
+        self.features = features
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.input_size = input_size
@@ -42,7 +50,10 @@ class OnlineTeacher:
             self.renorm = (s_std / t_std, (s_mean - t_mean) / t_std)
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, positions: Tensor) -> Tensor:
+    def __call__(self, images: Tensor, positions: Tensor | None = None, views: Tensor | None = None
+                 ) -> TeacherOutput:
+        """The teacher's output on a normalized student batch (``positions`` / ``views`` name
+        the batch's images and views; a cache needs them, the online teacher does not)."""
         self.model.eval()  # a caller's model.train() must never reach the teacher's BN/dropout
         if self.renorm is not None:
             scale, shift = (t.to(images.device) for t in self.renorm)
@@ -50,4 +61,4 @@ class OnlineTeacher:
         if self.input_size is not None and images.shape[-1] != self.input_size:
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
                                    align_corners=False, antialias=True)
-        return self.model(images)
+        return teacher_output(self.model, images, self.features)

@@ -1,9 +1,12 @@
-"""The one training loop: teacher, baseline student and distilled student all use :func:`fit`.
+"""The one training loop: teacher, baseline, feature alignment and distillation all use :func:`fit`.
 
-The objective decides what is learned (:mod:`kdlib.losses`); an optional ``teacher`` callable
-supplies teacher logits per batch (an online teacher now, a cache later). Logging and
-checkpointing happen only on the main process (:class:`kdlib.runtime.Runtime`), so running
-under ``torchrun`` needs only a DDP wrapper around ``model``.
+The objective decides what is learned (:mod:`kdlib.losses`) and what each step computes: the
+student's pooled features or its distillation head when the method needs them, and the
+teacher's output from an optional ``teacher`` callable (:class:`kdlib.teacher.OnlineTeacher`
+or :class:`kdlib.teacher_cache.CachedTeacher`: the loop does not know which). Training images
+are replayable views (:mod:`kdlib.data.views`), so a cached teacher output belongs to exactly
+the view the student sees. Logging and checkpointing happen only on the main process
+(:class:`kdlib.runtime.Runtime`), so running under ``torchrun`` needs only a DDP wrapper.
 """
 from __future__ import annotations
 
@@ -20,10 +23,14 @@ from tqdm import tqdm
 from kdlib.checkpoint import save_checkpoint
 from kdlib.data.dataset import IndexedImageDataset
 from kdlib.data.transforms import BatchNormalizer
+from kdlib.data.views import AugmentedViews, make_view_seeds
+from kdlib.features import prediction_logits, student_output
+from kdlib.losses.registry import TeacherOutput
 from kdlib.metrics import evaluate
 from kdlib.runtime import Runtime, make_loader
 
-TeacherFn = Callable[[Tensor, Tensor], Tensor]  # (normalized images, sample positions) -> logits
+# (normalized images, image positions, view indices) -> the teacher's output on those views
+TeacherFn = Callable[[Tensor, Tensor, Tensor], TeacherOutput]
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -127,10 +134,17 @@ def fit(
     progress: bool = True,
     ap_mode: str = "voc",
     mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+    view_seeds: Tensor | None = None,
+    select_best: bool = True,
 ) -> FitResult:
     """Train ``model`` with ``objective``; write ``best.pt`` (best val top-1 — mAP for multi-hot
     targets, with ``ap_mode`` — ties broken by val loss) and ``last.pt``. ``mix`` (see
     :func:`kdlib.data.transforms.build_mix`) mixes each normalized training batch.
+
+    Epoch ``e`` trains on view ``(e − 1) mod K`` of every image, from ``view_seeds`` ``(N, K)``
+    (a teacher cache's views); by default ``K`` = epochs, a fresh view per epoch, seeded by
+    ``seed``. With ``select_best=False`` (feature alignment, whose classifier is not being
+    trained) nothing is validated and only ``last.pt`` is written.
 
     The test split never enters here: model selection and early stopping use ``val_set`` only.
     """
@@ -140,7 +154,10 @@ def fit(
     normalizer.to(device)
     if recipe.channels_last:
         model.to(memory_format=torch.channels_last)
-    train_loader = make_loader(train_set, recipe.batch_size, True, seed, runtime, recipe.num_workers)
+    if view_seeds is None:
+        view_seeds = make_view_seeds(seed, len(train_set), recipe.epochs)
+    views = AugmentedViews(train_set, view_seeds)
+    train_loader = make_loader(views, recipe.batch_size, True, seed, runtime, recipe.num_workers)
     val_loader = make_loader(val_set, recipe.eval_batch_size, False, seed, runtime, recipe.num_workers)
     optimizer = build_optimizer(model, recipe)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
@@ -151,6 +168,12 @@ def fit(
     )
     if getattr(objective, "needs_teacher", False) and teacher is None:
         raise ValueError(f"{type(objective).__name__} needs a teacher")
+    with_features = getattr(objective, "needs_features", False)
+    if getattr(objective, "uses_distillation_token", False):
+        if not hasattr(model, "set_distilled_training"):
+            raise ValueError(f"{type(objective).__name__} needs a student with a distillation token "
+                             f"(timm's *_distilled_* models); {type(model).__name__} has none")
+        model.set_distilled_training(True)  # training returns (class, distillation) logits
 
     checkpoint_dir = Path(checkpoint_dir)
     best_score, best_loss, best_epoch, epochs_without_gain = -1.0, math.inf, 0, 0
@@ -161,8 +184,7 @@ def fit(
     stopped_early = False
 
     for epoch in range(1, recipe.epochs + 1):
-        if runtime.distributed:
-            train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        train_loader.sampler.set_epoch(epoch - 1)  # type: ignore[union-attr]
         model.train()
         sums: dict[str, Tensor | float] = {}
         correct: Tensor | int = 0
@@ -171,18 +193,19 @@ def fit(
         # disable=None: a progress bar on a terminal, nothing in a log file
         batches = tqdm(train_loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
                        disable=None if progress and runtime.is_main else True)
-        for images, targets, positions in batches:
+        for images, targets, positions, view_ids in batches:
             images = images.to(device, non_blocking=True)
             if train_set.batch_transform is not None:
-                images = train_set.batch_transform(images)
+                images = train_set.batch_transform(images, views.batch_seeds(positions, view_ids))
             images = normalizer(images)
             targets = targets.to(device, non_blocking=True)
             if mix is not None:  # MixUp/CutMix: the teacher below sees the same mixed images
                 images, targets = mix(images, targets)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(images)
-                teacher_logits = teacher(images, positions) if teacher is not None else None
-            out = objective(logits.float(), targets, teacher_logits)
+                student = student_output(model, images, with_features)
+                teacher_out = teacher(images, positions, view_ids) if teacher is not None else None
+            student = _float32(student)  # losses in fp32 whatever the autocast dtype
+            out = objective(student, targets, _float32(teacher_out) if teacher_out is not None else None)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out.total).backward()
             if recipe.grad_clip:
@@ -196,32 +219,30 @@ def fit(
             count += n
             if not multilabel:  # with mixed soft targets, against their dominant class
                 labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
-                correct = correct + (logits.detach().argmax(dim=1) == labels).sum()
+                correct = correct + (prediction_logits(student).detach().argmax(dim=1) == labels).sum()
             for name, value in {"loss": out.total.detach(), **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value * n
         epoch_seconds = time.perf_counter() - start
         train_seconds += epoch_seconds
         seen += count
 
-        val = evaluate(model, val_loader, normalizer, device, amp_dtype, val_set.ignore, ap_mode)
-        last_val_score = val.score
         row = {f"train/{k}": float(v) / count for k, v in sums.items()}
-        row.update({
-            "train/top1": 100.0 * float(correct) / count,
-            "val/loss": val.loss,
-            **{f"val/{name}": value for name, value in val.metrics.items()},
-            "lr": optimizer.param_groups[0]["lr"],
-        })
-        if multilabel:
-            del row["train/top1"]
+        if not multilabel and select_best:
+            row["train/top1"] = 100.0 * float(correct) / count
+        improved = False
+        if select_best:
+            val = evaluate(model, val_loader, normalizer, device, amp_dtype, val_set.ignore, ap_mode)
+            last_val_score = val.score
+            row.update({"val/loss": val.loss, **{f"val/{name}": value for name, value in val.metrics.items()}})
+            # ties in top-1 are common on small validation sets: the lower loss breaks them
+            improved = val.score > best_score or (val.score == best_score and val.loss < best_loss)
+            if improved:
+                best_score, best_loss, best_epoch, epochs_without_gain = val.score, val.loss, epoch, 0
+            else:
+                epochs_without_gain += 1
+        row["lr"] = optimizer.param_groups[0]["lr"]
         epoch_times.append(epoch_seconds)
         history.append(row)
-        # ties in top-1 are common on small validation sets: the lower loss breaks them
-        improved = val.score > best_score or (val.score == best_score and val.loss < best_loss)
-        if improved:
-            best_score, best_loss, best_epoch, epochs_without_gain = val.score, val.loss, epoch, 0
-        else:
-            epochs_without_gain += 1
         if runtime.is_main:
             if logger is not None:
                 for name, value in row.items():
@@ -249,6 +270,11 @@ def fit(
         history=history,
         epoch_seconds=epoch_times,
     )
+
+
+def _float32(output: Any) -> Any:
+    """A Student/TeacherOutput with every tensor in float32."""
+    return output._replace(**{k: v.float() for k, v in output._asdict().items() if v is not None})
 
 
 def recipe_from_dict(values: dict[str, Any]) -> Recipe:

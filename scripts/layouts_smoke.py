@@ -36,7 +36,7 @@ def main() -> None:
                     f"datasets.{layout}.image_size=32",
                     "teacher=cnn_small", "student=cnn_small", "models.cnn_small.epochs=1",
                     "models.cnn_small.warmup_epochs=0", "models.cnn_small.batch_size=8",
-                    f"kd.method={'sigmoid_kd' if layout in MULTILABEL else 'kd'}"]
+                    f"distill.method={'sigmoid_kd' if layout in MULTILABEL else 'kd'}"]
             sets += [f"datasets.{layout}.options.{k}={v}" for k, v in overrides.get("options", {}).items()]
             cmd = ["dvc", "exp", "run", "--temp", "-n", f"smoke-{layout}".replace("_", "-")]
             for item in sets:

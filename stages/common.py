@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,38 @@ PREPARED_DIR = Path("data/prepared")
 MODELS_DIR = Path("models")
 REPORTS_DIR = Path("reports")
 ROLES = ("teacher", "baseline", "distill")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where the training stages read and write, relative to ``root`` (the repository for
+    ``dvc repro``; a scratch directory when tests and benchmarks call the stage functions)."""
+
+    root: Path = Path(".")
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / PREPARED_DIR
+
+    @property
+    def models(self) -> Path:
+        return self.root / MODELS_DIR
+
+    @property
+    def reports(self) -> Path:
+        return self.root / REPORTS_DIR
+
+    @property
+    def teacher_checkpoint(self) -> Path:
+        return self.models / "teacher" / "best.pt"
+
+    @property
+    def teacher_cache(self) -> Path:
+        return self.models / "teacher_cache"
+
+    @property
+    def align(self) -> Path:
+        return self.models / "align"
 
 
 def load_split(

@@ -82,7 +82,7 @@ def is_pretrained(v: Any) -> str | None:
 MODEL_PRESET: dict[str, tuple[Check, bool]] = {
     "arch": (is_str, True),
     "pretrained": (is_pretrained, False),
-    "input_size": (lambda v: None if v is None else is_int(8)(v), False),
+    "input_size": (lambda v: None if v is None else is_int(8)(v), True),  # null: the data set's size
     "kwargs": (is_mapping, False),
     "drop_path": (is_float(0, 1, hi_open=True), False),
     "optimizer": (one_of("sgd", "adamw"), True),
@@ -139,10 +139,21 @@ SCHEMA: dict[str, Any] = {
         "test_per_class": (lambda v: None if v is None else is_int(1)(v), True),
         "num_workers": (is_int(0), True),
     },
-    "kd": {
-        "method": (is_str, True),  # checked against kdlib's method registry in validate()
-        "temperature": (is_float(0, lo_open=True), True),
-        "alpha": (is_float(0, 1), True),
+    "teacher_ls": (lambda v: None if v is None else is_float(0, 1, hi_open=True)(v), True),
+    "distill": ("methods", None),  # `method` + one knob section per method; checked in validate()
+    "align": {
+        "epochs": (is_int(0), True),
+        "optimizer": (one_of("sgd", "adamw"), True),
+        "lr": (is_float(0, lo_open=True), True),
+        "momentum": (is_float(0, 1, hi_open=True), False),
+        "weight_decay": (is_float(0), False),
+        "beta": (is_float(0, lo_open=True), True),
+    },
+    "teacher_cache": {
+        "enabled": (is_bool, True),
+        "views": (lambda v: None if v is None else is_int(1)(v), True),
+        "topk": (lambda v: None if v is None else is_int(1)(v), True),
+        "batch_size": (is_int(1), True),
     },
     "eval": {
         "batch_size": (is_int(1), True),
@@ -166,6 +177,11 @@ def _check_section(values: Any, schema: dict[str, Any], where: str, errors: list
                 errors.append(f"{path}: missing section")
             else:
                 _check_section(values[key], spec, path + ".", errors)
+        elif spec[0] == "methods":
+            if key not in values:
+                errors.append(f"{path}: missing section")
+            else:
+                _check_methods(values[key], path, errors)
         elif spec[0] == "presets":
             presets = values.get(key)
             if not isinstance(presets, dict) or not presets:
@@ -184,11 +200,42 @@ def _check_section(values: Any, schema: dict[str, Any], where: str, errors: list
                 errors.append(f"{path} = {values[key]!r}: expected {expected}")
 
 
+def _check_methods(section: Any, where: str, errors: list[str]) -> None:
+    """``distill``: ``method`` names a registered method that uses a teacher; every other key is
+    a method's knob section, checked by building the method with it (its constructor validates
+    each knob), so a new method file needs no schema edit here."""
+    from kdlib.losses import METHODS
+
+    if not isinstance(section, dict):
+        errors.append(f"{where}: expected a mapping")
+        return
+    teacher_methods = [m for m in METHODS.names() if getattr(METHODS.get(m), "needs_teacher", False)]
+    method = section.get("method")
+    if method not in teacher_methods:
+        errors.append(f"{where}.method = {method!r}: expected one of: {', '.join(teacher_methods)}")
+    elif method not in section:
+        errors.append(f"{where}.{method}: missing (the knobs of the chosen method; may be {{}})")
+    for name, knobs in section.items():
+        if name == "method":
+            continue
+        if name not in teacher_methods:
+            errors.append(f"{where}.{name}: unknown key; expected `method` or a method name: "
+                          f"{', '.join(teacher_methods)}")
+        elif not isinstance(knobs, dict):
+            errors.append(f"{where}.{name} = {knobs!r}: expected a mapping of the method's knobs")
+        else:
+            try:
+                METHODS.get(name)(**knobs)
+            except TypeError as err:  # an unknown knob
+                errors.append(f"{where}.{name}: {err}".replace("__init__() ", ""))
+            except ValueError as err:
+                errors.append(f"{where}.{name}: {err}")
+
+
 def validate(params: dict[str, Any]) -> None:
     """Raise :class:`ParamError` listing every problem in ``params``."""
     from kdlib.data.layouts import LAYOUTS
     from kdlib.data.transforms import TRAIN_PRESETS
-    from kdlib.losses import METHODS
     from kdlib.models import known_architectures
 
     errors: list[str] = []
@@ -200,9 +247,6 @@ def validate(params: dict[str, Any]) -> None:
                               f"{', '.join(params['models'])}")
         if params["dataset"] not in params["datasets"]:
             errors.append(f"dataset = {params['dataset']!r}: expected one of: {', '.join(params['datasets'])}")
-        methods = [m for m in METHODS.names() if getattr(METHODS.get(m), "needs_teacher", False)]
-        if params["kd"]["method"] not in methods:
-            errors.append(f"kd.method = {params['kd']['method']!r}: expected one of: {', '.join(methods)}")
         archs = known_architectures()
         for name, preset in params["models"].items():
             if preset["arch"] not in archs:

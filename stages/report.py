@@ -38,13 +38,14 @@ def main() -> None:
         if role in confusions:
             plot_confusion(confusions[role], confusions["classes"], f"{role} (best checkpoint, test)",
                            FIGURES / f"confusion_{role}.png")
-    kd = params["kd"]
+    method = params["distill"]["method"]
+    knobs = ", ".join(f"{k} = {v}" for k, v in params["distill"][method].items())
     splits = manifest["splits"]
     text = (
         f"# Results: {params['dataset']}, teacher {params['teacher']} → student {params['student']}\n\n"
         f"Data: {manifest['num_classes']} classes; train {splits['train']['count']}, "
         f"val {splits['val']['count']}, test {splits['test']['count']} images. "
-        f"Distillation: {kd['method']}, T = {kd['temperature']}, α = {kd['alpha']}; seed {params['seed']}.\n\n"
+        f"Distillation: {method} ({knobs}); seed {params['seed']}.\n\n"
         + results_table(rows, columns)
         + f"\nKD gain (distill − baseline, best checkpoints, test {LABELS[score]}): "
         f"**{evaluation[f'kd_gain_{score}']:+.2f} pt**\n\n"

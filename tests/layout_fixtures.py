@@ -418,7 +418,7 @@ def tiny_params(base_params: dict[str, Any], dataset: str, overrides: dict[str, 
     params["datasets"][dataset].update(copy.deepcopy(overrides))
     params["datasets"][dataset].update(image_size=32, val_fraction=0.25)
     params["teacher"] = params["student"] = "cnn_small"
-    params["kd"]["method"] = "sigmoid_kd" if dataset in MULTILABEL else "kd"
+    params["distill"]["method"] = "sigmoid_kd" if dataset in MULTILABEL else "kd"
     for preset in params["models"].values():
         preset.update(epochs=1, warmup_epochs=0, batch_size=8)
     validate(params)

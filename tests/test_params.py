@@ -53,41 +53,70 @@ def test_unknown_top_level_key(repo_params) -> None:
     assert "seed" in message and "models" in message  # what is allowed
 
 
-def test_unknown_kd_key(repo_params) -> None:
-    message = error_of(mutated(repo_params, "kd.temprature", 4.0))
-    assert "kd.temprature: unknown key" in message
-    assert "temperature" in message and "alpha" in message
+def test_unknown_method_knob(repo_params) -> None:
+    message = error_of(mutated(repo_params, "distill.kd.temprature", 4.0))
+    assert "distill.kd" in message and "temprature" in message
+
+
+def test_unknown_method_section(repo_params) -> None:
+    message = error_of(mutated(repo_params, "distill.fitnets", {}))
+    assert "distill.fitnets: unknown key" in message and "lshl2" in message and "deit_hard" in message
+
+
+@pytest.mark.parametrize("method", ["ce", "bce", "nope"])
+def test_method_must_be_a_registered_teacher_method(repo_params, method) -> None:
+    message = error_of(mutated(repo_params, "distill.method", method))
+    assert f"distill.method = {method!r}" in message and "kd" in message and "lshl2" in message
+
+
+def test_chosen_method_needs_its_section(repo_params) -> None:
+    params = copy.deepcopy(repo_params)
+    del params["distill"]["deit_hard"]
+    params["distill"]["method"] = "deit_hard"
+    assert "distill.deit_hard: missing" in error_of(params)
 
 
 def test_missing_required_key(repo_params) -> None:
     params = copy.deepcopy(repo_params)
-    del params["kd"]["alpha"]
-    assert "kd.alpha: missing" in error_of(params)
+    del params["align"]["lr"]
+    assert "align.lr: missing" in error_of(params)
 
 
-@pytest.mark.parametrize("value", [0, -1, 0.0])
-def test_temperature_must_be_positive(repo_params, value) -> None:
-    message = error_of(mutated(repo_params, "kd.temperature", value))
-    assert f"kd.temperature = {value!r}" in message
-    assert "(0, inf]" in message
+@pytest.mark.parametrize("value", [0, -1, 0.0, float("nan"), float("inf")])
+def test_temperature_must_be_positive_and_finite(repo_params, value) -> None:
+    """A nan/inf temperature would pass a `<= 0` check and make every loss nan."""
+    message = error_of(mutated(repo_params, "distill.kd.temperature", value))
+    assert "distill.kd" in message and "temperature" in message
 
 
 @pytest.mark.parametrize("value", [1.5, -0.1])
 def test_alpha_in_unit_interval(repo_params, value) -> None:
-    message = error_of(mutated(repo_params, "kd.alpha", value))
-    assert f"kd.alpha = {value!r}" in message and "[0, 1]" in message
+    message = error_of(mutated(repo_params, "distill.kd.alpha", value))
+    assert "distill.kd" in message and "alpha" in message and str(value) in message
 
 
 def test_alpha_bounds_are_allowed(repo_params) -> None:
-    validate(mutated(repo_params, "kd.alpha", 0))
-    validate(mutated(repo_params, "kd.alpha", 1.0))
+    validate(mutated(repo_params, "distill.kd.alpha", 0))
+    validate(mutated(repo_params, "distill.kd.alpha", 1.0))
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_temperature_must_be_finite(repo_params, value) -> None:
-    """A nan/inf temperature passes kd_loss's own `<= 0` check and makes every loss nan."""
-    message = error_of(mutated(repo_params, "kd.temperature", value))
-    assert "kd.temperature" in message
+@pytest.mark.parametrize(("knob", "value"), [("bias", "mode"), ("num_hyperplanes", 0), ("sigma", -1.0),
+                                             ("beta", -1.0)])
+def test_lsh_knobs_are_checked(repo_params, knob, value) -> None:
+    message = error_of(mutated(repo_params, f"distill.lshl2.{knob}", value))
+    assert "distill.lshl2" in message and knob in message
+
+
+@pytest.mark.parametrize(("key", "value"), [("teacher_ls", 1.0), ("teacher_ls", "0.1"), ("teacher_cache.views", 0),
+                                            ("teacher_cache.enabled", "yes"), ("align.epochs", -1)])
+def test_distillation_sections_are_checked(repo_params, key, value) -> None:
+    assert f"{key} = {value!r}" in error_of(mutated(repo_params, key, value))
+
+
+def test_every_method_with_its_defaults_validates(repo_params) -> None:
+    for method in repo_params["distill"]:
+        if method != "method":
+            validate(mutated(repo_params, "distill.method", method))
 
 
 def test_string_where_number_expected(repo_params) -> None:
@@ -169,9 +198,9 @@ def test_bad_choice_lists_allowed(repo_params) -> None:
 
 
 def test_all_errors_are_reported_together(repo_params) -> None:
-    params = mutated(mutated(repo_params, "kd.alpha", 2.0), "seed", -1)
+    params = mutated(mutated(repo_params, "distill.kd.alpha", 2.0), "seed", -1)
     message = error_of(params)
-    assert "kd.alpha" in message and "seed = -1" in message
+    assert "distill.kd" in message and "seed = -1" in message
 
 
 def test_params_not_a_mapping() -> None:
@@ -188,12 +217,12 @@ def test_load_params_missing_file_exits_2(tmp_path: Path, capsys) -> None:
 
 def test_load_params_invalid_file_exits_2(tmp_path: Path, capsys, repo_params) -> None:
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(mutated(repo_params, "kd.temperature", -1)))
+    path.write_text(yaml.safe_dump(mutated(repo_params, "align.lr", -1)))
     with pytest.raises(SystemExit) as info:
         load_params(path)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "kd.temperature = -1" in err
+    assert err.startswith("error:") and "align.lr = -1" in err
 
 
 def test_load_params_bad_yaml_exits_2(tmp_path: Path, capsys) -> None:

@@ -12,7 +12,8 @@ from PIL import Image
 from stages.evaluate import evaluate_checkpoint
 from stages.params import load_params, validate
 from stages.prepare import prepare
-from stages.train import train_role
+from stages.common import Workspace
+from stages.train import train_pipeline, train_role
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,13 +55,14 @@ def cub_params(tmp_path: Path) -> dict:
 
 
 def test_cub_preset_runs_prepare_train_distill_evaluate(cub_params, tmp_path):
-    index = prepare(cub_params, tmp_path / "prepared")
+    ws = Workspace(tmp_path)
+    index = prepare(cub_params, ws.prepared)
     assert index.meta.classes == ["001.Bird_1", "002.Bird_2", "003.Bird_3"]
     counts = {s: len(index.split(s)) for s in ("train", "val", "test")}
     assert counts["test"] == 6 and counts["train"] + counts["val"] == 18 and counts["val"] >= 3
+    train_pipeline(cub_params, index, ws)
     for role in ("teacher", "baseline", "distill"):
-        train_role(cub_params, role, index, tmp_path / role, tmp_path / "teacher" / "best.pt", progress=False)
-        result, meta, _ = evaluate_checkpoint(cub_params, index, tmp_path / role / "best.pt")
+        result, meta, _ = evaluate_checkpoint(cub_params, index, ws.models / role / "best.pt")
         assert meta["in_chans"] == 3 and meta["input_size"] == 32
         assert len(result.targets) == 6 and 0.0 <= result.top1 <= 100.0
 
@@ -163,28 +165,28 @@ def test_voc_multilabel_preset_trains_with_bce_and_sigmoid_kd_and_reports_map(tm
     params = copy.deepcopy(load_params(REPO / "params.yaml"))
     params["dataset"], params["teacher"], params["student"] = "voc2007", "cnn_small", "cnn_small"
     params["datasets"]["voc2007"].update(root=str(build_voc(tmp_path / "voc")), image_size=32, val_fraction=0.2)
-    params["kd"]["method"] = "sigmoid_kd"
+    params["distill"]["method"] = "sigmoid_kd"
     for preset in params["models"].values():
         preset.update(epochs=2, warmup_epochs=0, batch_size=8)
     validate(params)
-    index = prepare(params, tmp_path / "prepared")
+    ws = Workspace(tmp_path)
+    index = prepare(params, ws.prepared)
     assert index.meta.task == "multilabel" and index.meta.num_classes == 20
     assert any(r.difficult for r in index.records) and all(r.label == -1 for r in index.records)
-    for role in ("teacher", "baseline", "distill"):
-        result, _ = train_role(params, role, index, tmp_path / role, tmp_path / "teacher" / "best.pt", progress=False)
+    for role, (result, _) in train_pipeline(params, index, ws).items():
         assert result.score_name == "mAP" and 0.0 <= result.best_val_score <= 100.0
-        evaluated, _, _ = evaluate_checkpoint(params, index, tmp_path / role / "best.pt")
+        evaluated, _, _ = evaluate_checkpoint(params, index, ws.models / role / "best.pt")
         assert evaluated.targets.shape == (10, 20)
         assert {"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"} <= set(evaluated.metrics)
 
-    params["kd"]["method"] = "kd"  # single-label KD on multi-label data is refused, by name
+    params["distill"]["method"] = "kd"  # single-label KD on multi-label data is refused, by name
     with pytest.raises(SystemExit, match="sigmoid_kd"):
-        train_role(params, "distill", index, tmp_path / "x", tmp_path / "teacher" / "best.pt", progress=False)
+        train_role(params, "distill", index, ws, progress=False)
 
 
 @pytest.mark.slow
 def test_stage_scripts_run_on_multilabel_voc(tmp_path):
-    """The six stage scripts, run as processes in order (as dvc.yaml runs them), on a VOC fixture."""
+    """The stage scripts, run as processes in order (as dvc.yaml runs them), on a VOC fixture."""
     import json
     import os
     import subprocess
@@ -197,13 +199,13 @@ def test_stage_scripts_run_on_multilabel_voc(tmp_path):
     params = copy.deepcopy(load_params(REPO / "params.yaml"))
     params["dataset"], params["teacher"], params["student"] = "voc2007", "cnn_small", "cnn_small"
     params["datasets"]["voc2007"].update(root=str(build_voc(tmp_path / "voc")), image_size=32, val_fraction=0.2)
-    params["kd"]["method"] = "sigmoid_kd"
+    params["distill"]["method"] = "sigmoid_kd"
     for preset in params["models"].values():
         preset.update(epochs=1, warmup_epochs=0, batch_size=8)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for args in (["prepare"], ["train", "teacher"], ["train", "baseline"], ["train", "distill"], ["evaluate"],
-                 ["report"]):
+    for args in (["prepare"], ["train", "teacher"], ["train", "baseline"], ["teacher_cache"], ["align"],
+                 ["train", "distill"], ["evaluate"], ["report"]):
         proc = subprocess.run([sys.executable, "-m", f"stages.{args[0]}", *args[1:]], cwd=work, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -13,7 +13,8 @@ from layout_fixtures import FACTS, LAYOUTS_ALL, MULTILABEL, build_dataset, tiny_
 from stages.evaluate import evaluate_checkpoint
 from stages.params import load_params
 from stages.prepare import prepare
-from stages.train import train_role
+from stages.common import Workspace
+from stages.train import train_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,8 +32,9 @@ def test_layout_runs_prepare_train_distill_evaluate(layout: str, base_params: di
     assert params["datasets"][layout]["root"] == overrides["root"]
     assert params["datasets"][layout]["layout"] == layout
 
-    index = prepare(params, tmp_path / "prepared")
-    assert (tmp_path / "prepared").is_dir() and not (tmp_path / "prepared.partial").exists()
+    ws = Workspace(tmp_path)
+    index = prepare(params, ws.prepared)
+    assert ws.prepared.is_dir() and not (tmp_path / "data/prepared.partial").exists()
     meta = index.meta
     assert meta.name == layout and meta.extra["layout"] == layout and meta.extra["skipped"] == []
     assert meta.classes == facts.classes and meta.num_classes == len(facts.classes)
@@ -57,14 +59,12 @@ def test_layout_runs_prepare_train_distill_evaluate(layout: str, base_params: di
         assert Counter(r.label for r in index.split("test")) == {c: facts.test_per_class
                                                                  for c in range(meta.num_classes)}
 
-    teacher_checkpoint = tmp_path / "teacher" / "best.pt"
-    for role in ("teacher", "baseline", "distill"):
-        result, n_params = train_role(params, role, index, tmp_path / role, teacher_checkpoint, progress=False)
-        assert (tmp_path / role / "best.pt").is_file() and n_params > 0
+    for role, (result, n_params) in train_pipeline(params, index, ws).items():
+        assert (ws.models / role / "best.pt").is_file() and n_params > 0
         assert result.score_name == ("mAP" if facts.task == "multilabel" else "top1")
         assert 0.0 <= result.best_val_score <= 100.0
 
-    evaluated, checkpoint_meta, _ = evaluate_checkpoint(params, index, tmp_path / "distill" / "best.pt")
+    evaluated, checkpoint_meta, _ = evaluate_checkpoint(params, index, ws.models / "distill" / "best.pt")
     assert checkpoint_meta["role"] == "distill" and checkpoint_meta["classes"] == facts.classes
     assert checkpoint_meta["num_classes"] == len(facts.classes) and checkpoint_meta["input_size"] == 32
     assert len(evaluated.targets) == facts.test

@@ -85,9 +85,11 @@ class IndexedImageDataset(Dataset):
             return self._cache[i]
         return load_image(self.root / self.records[i].path, self.channels)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+    def target(self, i: int) -> Tensor | int:
+        return self.multi_hot[i] if self.multi_hot is not None else self.labels[i]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor | int, int]:
         image = self.image(i)
         if self.transform is not None:
             image = self.transform(image)
-        target = self.multi_hot[i] if self.multi_hot is not None else self.labels[i]
-        return image, target, i
+        return image, self.target(i), i

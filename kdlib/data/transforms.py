@@ -35,19 +35,29 @@ class RandomShift(nn.Module):
     ``[-max_px, max_px]²``, filling with zeros.
 
     Per image this is exactly ``v2.RandomCrop(size, padding=max_px)``; here one padded copy and
-    one gather serve the whole batch. Offsets come from torch's global generator, so
-    :func:`kdlib.runtime.seed_everything` makes them reproducible.
+    one gather serve the whole batch. Offsets come from ``seeds`` (one per image, see
+    :mod:`kdlib.data.views`) when given, so a view can be replayed; otherwise from torch's
+    global generator.
     """
 
     def __init__(self, max_px: int) -> None:
         super().__init__()
         self.max_px = max_px
 
-    def forward(self, images: Tensor) -> Tensor:
+    def offsets(self, seeds: Tensor) -> tuple[Tensor, Tensor]:
+        """``(top, left)`` in ``[0, 2·max_px]`` from bits 8-23 and 32-47 of each seed (a seeded
+        per-image transform never sees the seed's bits directly: it draws from a generator)."""
+        span = 2 * self.max_px + 1
+        return (seeds >> 8) % 65536 % span, (seeds >> 32) % 65536 % span
+
+    def forward(self, images: Tensor, seeds: Tensor | None = None) -> Tensor:
         b, c, h, w = images.shape
         p, dev = self.max_px, images.device
         padded = F.pad(images, (p, p, p, p))
-        top, left = torch.randint(0, 2 * p + 1, (2, b)).to(dev)
+        if seeds is None:
+            top, left = torch.randint(0, 2 * p + 1, (2, b)).to(dev)
+        else:
+            top, left = (t.to(dev) for t in self.offsets(seeds))
         rows = (top[:, None] + torch.arange(h, device=dev))[:, None, :, None]
         cols = (left[:, None] + torch.arange(w, device=dev))[:, None, None, :]
         return padded[torch.arange(b, device=dev)[:, None, None, None],

@@ -11,9 +11,11 @@ class TimmClassifier(nn.Module):
 
     Subclasses define ``forward_features`` and ``forward_head`` and name their last Linear ``fc``,
     so feature-based distillation reads pooled features the same way as from timm's models.
+    ``global_pool`` is timm's: ``avg`` (GAP), ``max`` (GMP) or ``avgmax`` ((GAP + GMP) / 2).
     """
 
     fc: nn.Linear
+    head_hidden_size: int  # width of the pooled pre-logits features (the classifier's input)
 
     def forward_features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -23,6 +25,12 @@ class TimmClassifier(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new ``num_classes`` head; 0 removes it, so ``forward`` returns pooled features."""
+        width = self.head_hidden_size
+        self.num_classes = num_classes
+        self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()  # type: ignore[assignment]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

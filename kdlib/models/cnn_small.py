@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from timm.layers import SelectAdaptivePool2d
 from timm.models import register_model
 from torch import Tensor, nn
 
@@ -31,6 +31,7 @@ class SmallCNN(TimmClassifier):
         in_chans: int = 1,
         widths: tuple[int, int, int] = (32, 64, 64),
         drop_rate: float = 0.0,
+        global_pool: str = "avg",
         **_: Any,
     ) -> None:
         super().__init__()
@@ -42,9 +43,9 @@ class SmallCNN(TimmClassifier):
             nn.MaxPool2d(2),
             *_conv_bn_relu(w2, w3),
         )
-        self.num_features = w3
+        self.num_features = self.head_hidden_size = w3
         self.num_classes = num_classes
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(w3, num_classes)
 
@@ -52,7 +53,7 @@ class SmallCNN(TimmClassifier):
         return self.features(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.drop(torch.flatten(self.pool(x), 1))
+        x = self.drop(self.pool(x))
         return x if pre_logits else self.fc(x)
 
 

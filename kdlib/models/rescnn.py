@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
+from timm.layers import SelectAdaptivePool2d
 from timm.models import register_model
 from torch import Tensor, nn
 
@@ -53,6 +53,7 @@ class ResCNN(TimmClassifier):
         stem_channels: int = 16,
         head_hidden: Sequence[int] | None = None,
         drop_rate: float = 0.5,
+        global_pool: str = "avg",
         **_: Any,
     ) -> None:
         super().__init__()
@@ -73,7 +74,7 @@ class ResCNN(TimmClassifier):
         self.blocks = nn.Sequential(*stages)
         self.num_features = channels
         self.num_classes = num_classes
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         hidden = list(head_hidden) if head_hidden is not None else [channels // 2]
         head: list[nn.Module] = []
         width = channels
@@ -81,13 +82,14 @@ class ResCNN(TimmClassifier):
             head += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Dropout(drop_rate)]
             width = h
         self.head_hidden = nn.Sequential(*head)
+        self.head_hidden_size = width
         self.fc = nn.Linear(width, num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.blocks(self.stem(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_hidden(torch.flatten(self.pool(x), 1))
+        x = self.head_hidden(self.pool(x))
         return x if pre_logits else self.fc(x)
 
 
