@@ -15,9 +15,10 @@ from pathlib import Path
 
 from common import bench_parser, default_params, print_table, shrink, write_result
 
+from stages.common import Workspace
 from stages.evaluate import evaluate_checkpoint
 from stages.prepare import prepare
-from stages.train import train_role
+from stages.train import train_pipeline
 
 
 def main() -> None:
@@ -28,18 +29,17 @@ def main() -> None:
     if args.quick:
         params = shrink(params)
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        index = prepare(params, work / "prepared")
-        train_role(params, "teacher", index, work / "teacher", None, progress=False)
-        teacher_top1 = evaluate_checkpoint(params, index, work / "teacher" / "best.pt")[0].top1
+        ws = Workspace(Path(tmp))
+        index = prepare(params, ws.prepared)
+        train_pipeline(params, index, ws, roles=("teacher",))
+        teacher_top1 = evaluate_checkpoint(params, index, ws.teacher_checkpoint)[0].top1
         rows = []
         for seed in args.seeds:
             run = copy.deepcopy(params)
             run["seed"] = seed
-            top1 = {}
-            for role in ("baseline", "distill"):
-                train_role(run, role, index, work / role, work / "teacher" / "best.pt", progress=False)
-                top1[role] = evaluate_checkpoint(run, index, work / role / "best.pt")[0].top1
+            train_pipeline(run, index, ws, roles=("baseline", "distill"))
+            top1 = {role: evaluate_checkpoint(run, index, ws.models / role / "best.pt")[0].top1
+                    for role in ("baseline", "distill")}
             rows.append({"seed": seed, "baseline_top1": top1["baseline"], "kd_top1": top1["distill"],
                          "gain": top1["distill"] - top1["baseline"]})
             print(f"seed {seed}: baseline {top1['baseline']:.2f}  KD {top1['distill']:.2f}  "
@@ -50,15 +50,16 @@ def main() -> None:
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
     (b_mean, b_std), (k_mean, k_std), (g_mean, g_std) = (mean_std(k) for k in ("baseline_top1", "kd_top1", "gain"))
+    method = params["distill"]["method"]
     print(f"\nteacher {params['teacher']} test top-1 {teacher_top1:.2f}; student {params['student']}; "
-          f"KD T={params['kd']['temperature']} alpha={params['kd']['alpha']}")
+          f"{method} {params['distill'][method]}; teacher cache {params['teacher_cache']['enabled']}")
     print_table(["seed", "baseline top-1", "KD top-1", "gain (pt)"],
                 [[r["seed"], r["baseline_top1"], r["kd_top1"], r["gain"]] for r in rows]
                 + [["mean", b_mean, k_mean, g_mean], ["std", b_std, k_std, g_std]])
     met = g_mean >= 1.0 and g_mean > 2 * g_std
     print(f"gain {g_mean:+.2f} ± {g_std:.2f} pt; target (>= +1.0 and > 2 std): {'met' if met else 'NOT met'}")
     write_result("kd_gain", {
-        "quick": args.quick, "teacher": params["teacher"], "student": params["student"], "kd": params["kd"],
+        "quick": args.quick, "teacher": params["teacher"], "student": params["student"], "distill": {"method": method, **params["distill"][method]},
         "data": params["data"], "teacher_top1": teacher_top1, "seeds": rows,
         "baseline_top1_mean": b_mean, "baseline_top1_std": b_std, "kd_top1_mean": k_mean, "kd_top1_std": k_std,
         "gain_mean": g_mean, "gain_std": g_std, "target_met": met,
