@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
     parser.add_argument("--deit-epochs", type=int, default=20)
+    parser.add_argument("--methods", nargs="+", help="only these (the baseline is always run)")
     args = parser.parse_args()
     params = default_params()
     params["models"]["deit"]["epochs"] = args.deit_epochs
@@ -67,6 +68,7 @@ def main() -> None:
         teacher_top1 = evaluate_checkpoint(params, index, ws.teacher_checkpoint)[0].top1
         for group in args.groups:
             student, methods = GROUPS[group]
+            methods = [m for m in methods if m == "baseline" or not args.methods or m in args.methods]
             results[group] = {m: [] for m in methods}
             for seed in args.seeds:
                 for method in methods:

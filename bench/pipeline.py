@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 from common import bench_parser, copy_repo, default_params, git_env, print_table, shrink, write_result
 
-STAGES = ("prepare", "teacher", "baseline", "distill", "evaluate", "report")
+REPO = Path(__file__).resolve().parents[1]
+STAGES = tuple(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])  # dvc.yaml's order
 
 
 def main() -> None:

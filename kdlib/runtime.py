@@ -73,13 +73,17 @@ def make_loader(
     Over :class:`~kdlib.data.views.AugmentedViews` the sampler yields ``(index, view)`` pairs,
     the view chosen by the epoch; the image order is the same as over the plain data set.
     """
-    generator = torch.Generator().manual_seed(seed)
+    # Two generators: the DataLoader draws a worker base seed from its own at every new iterator
+    # (each epoch without persistent workers, once with them), so a shared one would make the
+    # shuffle order depend on num_workers.
+    order = torch.Generator().manual_seed(seed)
+    workers = torch.Generator().manual_seed(seed)
     if runtime.distributed:
         sampler = DistributedSampler(
             dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=train, seed=seed
         )
     else:
-        sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
+        sampler = RandomSampler(dataset, generator=order) if train else SequentialSampler(dataset)
     if isinstance(dataset, AugmentedViews):
         sampler = ViewSampler(sampler, dataset.num_views)
     return DataLoader(
@@ -89,7 +93,7 @@ def make_loader(
         drop_last=False,
         num_workers=num_workers,
         worker_init_fn=_seed_worker,
-        generator=generator,
+        generator=workers,
         persistent_workers=num_workers > 0,
         pin_memory=runtime.device.type == "cuda",
     )

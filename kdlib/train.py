@@ -152,6 +152,7 @@ def fit(
     amp_dtype = AMP_DTYPES[recipe.amp]
     model.to(device)
     normalizer.to(device)
+    objective.to(device)  # buffers such as LSH hyperplanes live where the features are
     if recipe.channels_last:
         model.to(memory_format=torch.channels_last)
     if view_seeds is None:
@@ -201,9 +202,11 @@ def fit(
             targets = targets.to(device, non_blocking=True)
             if mix is not None:  # MixUp/CutMix: the teacher below sees the same mixed images
                 images, targets = mix(images, targets)
+            # the teacher runs in its own precision (float32), not the student's autocast: its
+            # outputs are then the same online and from the cache
+            teacher_out = teacher(images, positions, view_ids) if teacher is not None else None
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 student = student_output(model, images, with_features)
-                teacher_out = teacher(images, positions, view_ids) if teacher is not None else None
             student = _float32(student)  # losses in fp32 whatever the autocast dtype
             out = objective(student, targets, _float32(teacher_out) if teacher_out is not None else None)
             optimizer.zero_grad(set_to_none=True)

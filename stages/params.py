@@ -204,7 +204,7 @@ def _check_methods(section: Any, where: str, errors: list[str]) -> None:
     """``distill``: ``method`` names a registered method that uses a teacher; every other key is
     a method's knob section, checked by building the method with it (its constructor validates
     each knob), so a new method file needs no schema edit here."""
-    from kdlib.losses import METHODS
+    from kdlib.losses import CONTEXT_ARGS, METHODS, method_knobs
 
     if not isinstance(section, dict):
         errors.append(f"{where}: expected a mapping")
@@ -224,12 +224,15 @@ def _check_methods(section: Any, where: str, errors: list[str]) -> None:
         elif not isinstance(knobs, dict):
             errors.append(f"{where}.{name} = {knobs!r}: expected a mapping of the method's knobs")
         else:
-            try:
-                METHODS.get(name)(**knobs)
-            except TypeError as err:  # an unknown knob
-                errors.append(f"{where}.{name}: {err}".replace("__init__() ", ""))
-            except ValueError as err:
-                errors.append(f"{where}.{name}: {err}")
+            allowed = [k for k in method_knobs(name) if k not in CONTEXT_ARGS]
+            unknown = [k for k in knobs if k not in allowed]
+            for knob in unknown:
+                errors.append(f"{where}.{name}.{knob}: unknown knob; {name} takes: {', '.join(allowed)}")
+            if not unknown:
+                try:  # the method's constructor checks every value and names the bad one
+                    METHODS.get(name)(**knobs)
+                except (TypeError, ValueError) as err:
+                    errors.append(f"{where}.{name}: {err}")
 
 
 def validate(params: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 For each training image, ``K`` augmented views (``teacher_cache.views``; by default one per
 student epoch) whose seeds rebuild them exactly; the teacher's logits on each view (top-k
-compressed when there are more classes than ``teacher_cache.topk``) and, for feature methods,
+compressed when a single-label data set has more classes than ``teacher_cache.topk``) and, for feature methods,
 its pooled features. ``distill`` replays the same views and reads these instead of running the
 teacher, after checking the cache's key (teacher checkpoint, prepared data, transform, views,
 seed). With ``teacher_cache.enabled: false`` it writes only ``cache.json`` saying so.
@@ -37,10 +37,11 @@ def build_cache(params: dict[str, Any], index: DatasetIndex, ws: Workspace = Wor
     teacher, _ = D.load_teacher(index, runtime, features, ws)
     train_set, _ = D.train_sets(params, index)
     views = AugmentedViews(train_set, D.training_view_seeds(params, len(train_set)))
+    # top-k with a uniform tail approximates a softmax; independent sigmoids need every logit
+    topk = None if index.meta.task == "multilabel" else settings["topk"]
     start = time.perf_counter()
     cache = build_teacher_cache(teacher, views, normalizer_for(index), runtime.device, settings["batch_size"],
-                                key=D.expected_cache_key(params, index, ws), topk=settings["topk"],
-                                progress=progress)
+                                key=D.expected_cache_key(params, index, ws), topk=topk, progress=progress)
     cache.save(ws.teacher_cache)
     return {"enabled": True, "images": cache.num_images, "views": cache.num_views, "features": features,
             "bytes": cache.nbytes, "build_seconds": time.perf_counter() - start}

@@ -127,7 +127,6 @@ def test_cached_and_online_distillation_give_the_same_history(method, tol, setup
     (fp16 features for l2) separates the two runs."""
     index, ws, params = setup
     with_method(params, method)
-    params["models"]["cnn_small"].update(amp="none")  # the online teacher would run under bf16 autocast
     assert params["teacher_cache"]["views"] is None
     cached = _distill(params, index, ws)
     cached_state = load_checkpoint(ws.models / "distill" / "last.pt")["state_dict"]

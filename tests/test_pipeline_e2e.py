@@ -121,3 +121,26 @@ def test_experiment_with_deit_student_then_metrics_and_plots_diff(workdir):
     plots = run(["dvc", "plots", "diff", "HEAD", "-o", "plots_out"], work, env)
     html = (work / "plots_out" / "index.html").read_text()
     assert "Validation top-1" in html or "val/top1" in html, plots.stdout
+
+
+def test_feature_and_token_distillation_experiments(workdir):
+    """`dvc exp run -S distill.method=...`: a feature method runs the align stage and writes its LSH
+    bias; a sweep of its knobs reuses the teacher cache; DeiT token distillation on the DeiT student."""
+    import torch
+
+    work, env = workdir
+    run(["dvc", "exp", "run", "-S", "student=cnn_small", "-S", "distill.method=lshl2"], work, env)
+    assert json.loads((work / "models/align/align.json").read_text())["aligned"] is True
+    assert (work / "models/align/last.pt").is_file() and (work / "models/distill/lsh.pt").is_file()
+    meta = torch.load(work / "models/distill/best.pt", weights_only=True)["meta"]
+    assert meta["feature_student"]["project"] is True  # cnn_small's 64-d feature → resnet18's 512
+    assert json.loads((work / "models/teacher_cache/cache.json").read_text())["feature_dim"] == 512
+
+    sweep = run(["dvc", "exp", "run", "-S", "distill.lshl2.beta=3"], work, env).stdout
+    assert "Running stage 'distill'" in sweep
+    assert "Running stage 'teacher_cache'" not in sweep, sweep  # the cache does not depend on beta
+
+    run(["dvc", "exp", "run", "-S", "student=deit", "-S", "distill.method=deit_hard"], work, env)
+    assert json.loads((work / "models/align/align.json").read_text())["aligned"] is False
+    live = json.loads((work / "reports/distill/metrics.json").read_text())
+    assert "dist" in live["train"] and live["params"] > 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
@@ -24,12 +25,32 @@ from torch.utils.data import Dataset, Sampler
 SEED_BITS = 62  # seeds stay positive in int64 and leave bit room for derived values
 
 
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer (Steele et al., OOPSLA 2014): a bijection of uint64 that scrambles
+    every input bit into every output bit (arithmetic wraps modulo 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+    return z ^ (z >> np.uint64(31))
+
+
 def make_view_seeds(seed: int, num_images: int, num_views: int) -> Tensor:
-    """``(num_images, num_views)`` int64 table of view seeds, deterministic for ``seed``."""
+    """``(num_images, num_views)`` int64 table of view seeds in ``[0, 2**62)``.
+
+    Entry ``(i, k)`` is a hash of ``(seed, i, k)`` alone, so view ``k`` of image ``i`` is the
+    same whatever the number of views: a cache of ``K`` views holds exactly the first ``K`` views
+    of an uncached run with the same seed.
+    """
     if num_views < 1:
         raise ValueError(f"num_views must be >= 1, got {num_views}")
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2**SEED_BITS, (num_images, num_views), generator=generator, dtype=torch.int64)
+    with np.errstate(over="ignore"):
+        images = np.arange(num_images, dtype=np.uint64)[:, None]
+        views = np.arange(num_views, dtype=np.uint64)[None, :]
+        key = _splitmix64(np.uint64(seed & (2**64 - 1)) * np.uint64(_GOLDEN) + images)
+        mixed = _splitmix64(key + views * np.uint64(_GOLDEN))
+    return torch.from_numpy((mixed >> np.uint64(64 - SEED_BITS)).astype(np.int64))
 
 
 @contextlib.contextmanager
