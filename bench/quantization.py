@@ -1,0 +1,144 @@
+"""Quantized inference against the best fp32 path, and the KD student against its teacher.
+
+Trains the default pipeline (shortened) in a copy of this repository with ``dvc repro evaluate``,
+or takes ``--repo`` with trained models, then measures every (model, precision) in a fresh
+process (kdlib.quantize.measure.run_isolated): test accuracy, batch-1 latency (median/p95),
+images/s at batch 64, peak RSS, size on disk. Targets: the fastest int8 student is >= 2x faster at
+batch 1 than the fastest fp32 student path (eager NCHW, channels_last, ONNX Runtime), loses
+<= 0.5 pt top-1 and is >= 3x smaller. All figures are ratios from one run.
+
+    python bench/quantization.py [--quick] [--repo PATH] [--threads 2]
+"""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from common import bench_parser, copy_repo, git_env, print_table, write_result
+
+from kdlib.checkpoint import load_checkpoint
+from kdlib.data import read_index
+from kdlib.quantize.measure import EvalJob, add_deltas, materialize, run_isolated
+from stages.common import load_split
+
+STUDENT = ["fp32", "fp32_channels_last", "onnx_fp32", "bf16", "fp16", "int8_dynamic", "int8_static", "fp8",
+           "onnx_int8"]
+TEACHER = ["fp32", "fp32_channels_last", "onnx_fp32", "int8_static", "onnx_int8"]
+FP32_PATHS = {"fp32", "fp32_channels_last", "onnx_fp32"}
+INT8_PATHS = {"int8_static", "onnx_int8", "int8_dynamic"}
+
+
+def train_copy(work: Path, quick: bool) -> Path:
+    """The pipeline up to evaluate in a copy of the repository, with fewer epochs."""
+    repo = copy_repo(work)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for preset in params["models"].values():
+        preset.update(epochs=1 if quick else 5, warmup_epochs=0, patience=0)
+    if quick:
+        params["data"].update(train_per_class=10, val_per_class=5, test_per_class=20)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["dvc", "repro", "evaluate"], cwd=repo, env=git_env(), check=True, capture_output=True)
+    return repo
+
+
+def measure(repo: Path, threads: int, quick: bool) -> list[dict]:
+    os.chdir(repo)  # the prepared index records paths relative to the repository
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    preset = params["datasets"][params["dataset"]]
+    index = read_index(Path("data/prepared"))
+    runs = dict(warmup=3, timed_runs=20, throughput_runs=3) if quick else dict(warmup=20, timed_runs=200,
+                                                                              throughput_runs=20)
+    rows = []
+    for role, precisions in (("distill", STUDENT), ("baseline", ["fp32"]), ("teacher", TEACHER)):
+        path = Path("models") / role / "best.pt"
+        size = load_checkpoint(path)["meta"]["input_size"]
+        test, train = load_split(index, "test", preset, size, False), load_split(index, "train", preset, size, False)
+        picks = sorted(random.Random(0).sample(range(len(train)), min(256, len(train))))
+        test_set, calibration = materialize(test), materialize(train, picks).images
+        for precision in precisions:
+            job = EvalJob(role, path.resolve(), precision, test_set, calibration, threads, 256, 64,
+                          runs["warmup"], runs["timed_runs"], runs["throughput_runs"], "cpu", test.ignore)
+            row = run_isolated(job)
+            print(f"{role:9s} {precision:18s} {row['status']} {row.get('reason', '')}", flush=True)
+            rows.append(row)
+    return add_deltas(rows, "top1")
+
+
+def best(rows: list[dict], model: str, names: set[str], key: str = "latency_b1_median_ms") -> dict | None:
+    ok = [r for r in rows if r["model"] == model and r["precision"] in names and r["status"] == "ok"]
+    return min(ok, key=lambda r: r[key]) if ok else None
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--repo", type=Path, help="a repository with data/prepared and models/*/best.pt")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    out = args.out.resolve()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = args.repo.resolve() if args.repo else train_copy(Path(tmp), args.quick)
+        cwd = os.getcwd()
+        try:
+            rows = measure(repo, args.threads, args.quick)
+        finally:
+            os.chdir(cwd)
+    table = []
+    for r in rows:
+        if r["status"] != "ok":
+            table.append([r["model"], r["precision"], f"{r['status']}: {r.get('reason', '')[:60]}"] + [""] * 9)
+            continue
+        table.append([r["model"], r["precision"], r["backend"][:40], r["top1"], f"{r.get('delta_top1', 0):+.2f}",
+                      f"{r['latency_b1_median_ms']:.3f}", f"{r['latency_b1_p95_ms']:.3f}",
+                      f"{1e3 / r['throughput_img_s']:.3f}", f"{r['size_bytes'] / 1024:.1f}",
+                      f"{r.get('size_ratio', 1):.2f}x", f"{r['peak_rss_mib']:.0f}", f"{r['macs'] / 1e6:.2f}"])
+    print(f"\nthreads {args.threads}; batch-1 latency over the timed runs; ms/img at batch 64; "
+          f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    print_table(["model", "precision", "backend", "top-1", "Δ pt", "b1 ms", "b1 p95", "b64 ms/img", "size KiB",
+                 "smaller", "peak MiB", "MMACs"], table)
+    fp32, int8 = best(rows, "distill", FP32_PATHS), best(rows, "distill", INT8_PATHS)
+    summary: dict = {}
+    if fp32 and int8:
+        ref = next(r for r in rows if r["model"] == "distill" and r["precision"] == "fp32")
+        tp_fp32 = max(r["throughput_img_s"] for r in rows if r["model"] == "distill" and r["precision"] in FP32_PATHS
+                      and r["status"] == "ok")
+        summary["int8_vs_best_fp32"] = {
+            "int8_path": int8["precision"], "int8_backend": int8["backend"], "fp32_path": fp32["precision"],
+            "speedup_b1": round(fp32["latency_b1_median_ms"] / int8["latency_b1_median_ms"], 3),
+            "speedup_b64": round(int8["throughput_img_s"] / tp_fp32, 3),
+            "top1_loss_pt": round(ref["top1"] - int8["top1"], 3),
+            "size_ratio": round(ref["size_bytes"] / int8["size_bytes"], 3)}
+        s = summary["int8_vs_best_fp32"]
+        s["target_met"] = s["speedup_b1"] >= 2 and s["top1_loss_pt"] <= 0.5 and s["size_ratio"] >= 3
+        print(f"\nint8 student ({s['int8_path']}: {s['int8_backend']}) vs best fp32 student ({s['fp32_path']}): "
+              f"{s['speedup_b1']:.2f}x at batch 1, {s['speedup_b64']:.2f}x at batch 64, "
+              f"{s['top1_loss_pt']:+.2f} pt top-1 lost, {s['size_ratio']:.2f}x smaller; "
+              f"target (>=2x, <=0.5 pt, >=3x) {'met' if s['target_met'] else 'NOT met'}")
+    student = {r["precision"]: r for r in rows if r["model"] == "distill" and r["status"] == "ok"}
+    teacher = {r["precision"]: r for r in rows if r["model"] == "teacher" and r["status"] == "ok"}
+    if "fp32" in student and "fp32" in teacher:
+        kd = {"speedup_b1_fp32": round(teacher["fp32"]["latency_b1_median_ms"] / student["fp32"]["latency_b1_median_ms"], 2),
+              "speedup_b64_fp32": round(student["fp32"]["throughput_img_s"] / teacher["fp32"]["throughput_img_s"], 2),
+              "peak_rss_saving_mib": round(teacher["fp32"]["peak_rss_mib"] - student["fp32"]["peak_rss_mib"], 1),
+              "size_ratio": round(teacher["fp32"]["size_bytes"] / student["fp32"]["size_bytes"], 1),
+              "params_ratio": round(teacher["fp32"]["params"] / student["fp32"]["params"], 1),
+              "top1_teacher": teacher["fp32"]["top1"], "top1_student": student["fp32"]["top1"]}
+        bt, bs = best(rows, "teacher", set(teacher)), best(rows, "distill", set(student))
+        kd["speedup_b1_best_vs_best"] = round(bt["latency_b1_median_ms"] / bs["latency_b1_median_ms"], 2)
+        summary["kd_student_vs_teacher"] = kd
+        print(f"KD student vs teacher (fp32 eager): {kd['speedup_b1_fp32']}x faster at batch 1, "
+              f"{kd['speedup_b64_fp32']}x at batch 64, {kd['peak_rss_saving_mib']} MiB less peak RSS, "
+              f"{kd['size_ratio']}x smaller, {kd['params_ratio']}x fewer parameters; best path vs best path "
+              f"{kd['speedup_b1_best_vs_best']}x at batch 1")
+    write_result("quantization", {"quick": args.quick, "threads": args.threads, "load_average_before": load_before[0],
+                                  "rows": rows, "summary": summary,
+                                  "target_met": summary.get("int8_vs_best_fp32", {}).get("target_met", False)}, out)
+
+
+if __name__ == "__main__":
+    main()

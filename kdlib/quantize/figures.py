@@ -1,0 +1,108 @@
+"""The quantization table (Markdown) and figures (PNG): accuracy against latency and against size
+with the Pareto front marked, and the teacher-vs-student bubble plot (bubble area ∝ parameters)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from kdlib.report import LABELS, PNG_META, _human_bytes  # noqa: E402
+
+MARKERS = "osD^v<>pP*Xh"
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: lower ``x`` (cost) and higher ``y`` (accuracy)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _ok(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def plot_accuracy_vs(rows: Sequence[Mapping[str, Any]], x_key: str, xlabel: str, path: Path,
+                     score: str = "top1") -> None:
+    """One point per (model, precision); colour = model, marker = precision; Pareto front as a line."""
+    rows = _ok(rows)
+    models = sorted({r["model"] for r in rows})
+    precisions = sorted({r["precision"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for r in rows:
+        ax.scatter(r[x_key], r[score], color=colors[models.index(r["model"]) % len(colors)],
+                   marker=MARKERS[precisions.index(r["precision"]) % len(MARKERS)], s=40, zorder=3)
+    points = [(r[x_key], r[score]) for r in rows]
+    front = pareto_front(points)
+    if front:
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, zorder=2,
+                label="Pareto front")
+        for i in front:
+            ax.annotate(f"{rows[i]['model']}/{rows[i]['precision']}", points[i], fontsize=7,
+                        xytext=(4, -10), textcoords="offset points")
+    for m in models:
+        ax.scatter([], [], color=colors[models.index(m) % len(colors)], label=m)
+    for p in precisions:
+        ax.scatter([], [], color="gray", marker=MARKERS[precisions.index(p) % len(MARKERS)], label=p)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"test {LABELS.get(score, score)} (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata=PNG_META)
+    plt.close(fig)
+
+
+def plot_teacher_student(rows: Sequence[Mapping[str, Any]], path: Path, score: str = "top1",
+                         precision: str = "fp32") -> None:
+    """Seed 002's figure: accuracy against batch-1 latency, bubble area proportional to parameters."""
+    rows = [r for r in _ok(rows) if r["precision"] == precision]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    biggest = max((r["params"] for r in rows), default=1)
+    for r in rows:
+        ax.scatter(r["latency_b1_median_ms"], r[score], s=60 + 3000 * r["params"] / biggest, alpha=0.5)
+        ax.annotate(f"{r['model']}\n{r['params']:,} params", (r["latency_b1_median_ms"], r[score]),
+                    fontsize=8, ha="center", va="center")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"latency per image, batch 1 ({precision}, ms, log scale)")
+    ax.set_ylabel(f"test {LABELS.get(score, score)} (%)")
+    ax.margins(0.25)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata=PNG_META)
+    plt.close(fig)
+
+
+def quantization_table(rows: Sequence[Mapping[str, Any]], score: str = "top1",
+                       training_seconds: Mapping[str, float] | None = None) -> str:
+    """Markdown: model, params, precision, accuracy (Δ vs fp32), latency, throughput, size, memory,
+    MACs, training time (seed 003's summary with the deployment columns added)."""
+    label = LABELS.get(score, score)
+    lines = [f"| model | params | MACs | precision | backend | test {label} | Δ vs fp32 | latency b1 median / p95 (ms) "
+             "| img/s (batch) | size | × smaller | peak RSS | training time |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    training_seconds = training_seconds or {}
+    for r in rows:
+        trained = training_seconds.get(r["model"])
+        trained_text = f"{trained:.0f} s" if trained is not None else "—"
+        if r.get("status") != "ok":
+            lines.append(f"| {r['model']} | {r.get('params', 0):,} | — | {r['precision']} | "
+                         f"{r.get('status')}: {r.get('reason', '')} | — | — | — | — | — | — | — | {trained_text} |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['params']:,} | {r['macs'] / 1e6:,.1f} M | {r['precision']} | {r['backend']} | "
+            f"{r[score]:.2f} | {r.get(f'delta_{score}', 0.0):+.2f} | "
+            f"{r['latency_b1_median_ms']:.3f} / {r['latency_b1_p95_ms']:.3f} | "
+            f"{r['throughput_img_s']:,.0f} ({r['throughput_batch']}) | {_human_bytes(r['size_bytes'])} | "
+            f"{r.get('size_ratio', 1.0):.2f} | {r['peak_rss_mib']:.0f} MiB | {trained_text} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,71 @@
+"""Seed 003's residual-CNN size sweep as one queued DVC experiment sweep, then its table.
+
+    python scripts/rescnn_sweep.py REPO [--blocks 4 6 8 10] [--set key=value ...]
+
+Queues ``dvc exp run --queue -S student=rescnn -S models.rescnn.kwargs.blocks=4,6,8,10`` in REPO,
+runs the queue (``dvc queue start`` then waits), collects ``dvc exp show --json`` and prints one row
+per experiment x precision from each experiment's reports/quantization.json metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def dvc(repo: Path, *args: str) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"dvc {' '.join(args)} failed in {repo}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def rows_from_exp_show(data: list) -> list[dict]:
+    rows = []
+    for commit in data:
+        for exp in [commit, *[e for r in commit.get("experiments") or [] for e in r.get("revs", [])]]:
+            d = (exp.get("data") or {})
+            params = ((d.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+            metrics = ((d.get("metrics") or {}).get("reports/quantization.json") or {}).get("data") or {}
+            if params.get("student") != "rescnn" or not metrics:
+                continue
+            blocks = params["models"]["rescnn"]["kwargs"]["blocks"]
+            for precision, r in metrics.get("results", {}).get("distill", {}).items():
+                rows.append({"exp": exp.get("name") or d.get("rev"), "blocks": blocks, "precision": precision, **r})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("repo", type=Path)
+    ap.add_argument("--blocks", type=int, nargs="+", default=[4, 6, 8, 10])
+    ap.add_argument("--set", action="append", default=[], help="extra -S key=value for every experiment")
+    args = ap.parse_args()
+    extra = [x for kv in args.set for x in ("-S", kv)]
+    dvc(args.repo, "exp", "run", "--queue", "-S", "student=rescnn", "-S",
+        "models.rescnn.kwargs.blocks=" + ",".join(map(str, args.blocks)), *extra)
+    dvc(args.repo, "queue", "start", "--jobs", "1")
+    while "Running" in dvc(args.repo, "queue", "status") or "Queued" in dvc(args.repo, "queue", "status"):
+        time.sleep(10)
+    status = dvc(args.repo, "queue", "status")
+    if "Failed" in status:
+        print(status, file=sys.stderr)
+    rows = rows_from_exp_show(json.loads(dvc(args.repo, "exp", "show", "--json")))
+    print("| blocks | precision | status | top-1 | Δ vs fp32 | latency b1 (ms) | size (KiB) | params |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: (r["blocks"], r["precision"])):
+        if r.get("status") != "ok":
+            print(f"| {r['blocks']} | {r['precision']} | {r.get('status')}: {r.get('reason', '')} | | | | | |")
+            continue
+        print(f"| {r['blocks']} | {r['precision']} | ok | {r['top1']:.2f} | {r.get('delta_top1', 0):+.2f} | "
+              f"{r['latency_b1_median_ms']:.3f} | {r['size_bytes'] / 1024:.1f} | {r['params']:,} |")
+
+
+if __name__ == "__main__":
+    main()
