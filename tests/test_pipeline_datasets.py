@@ -179,6 +179,14 @@ def test_voc_multilabel_preset_trains_with_bce_and_sigmoid_kd_and_reports_map(tm
         assert evaluated.targets.shape == (10, 20)
         assert {"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"} <= set(evaluated.metrics)
 
+    # seed 004's multi-label stage 2: BCE + beta (L2 + LSH) after aligning feat_fc
+    params["distill"]["method"] = "lshl2"
+    params["distill"]["lshl2"].update(beta=0.5, num_hyperplanes=64, force_feat_fc=True)  # same widths here
+    params["align"]["epochs"] = 1
+    result = train_pipeline(params, index, ws, roles=("distill",))["distill"][0]
+    assert result.score_name == "mAP" and {"train/bce", "train/l2", "train/lsh"} <= set(result.history[0])
+    assert (ws.align / "last.pt").is_file() and (ws.models / "distill" / "lsh.pt").is_file()
+
     params["distill"]["method"] = "kd"  # single-label KD on multi-label data is refused, by name
     with pytest.raises(SystemExit, match="sigmoid_kd"):
         train_role(params, "distill", index, ws, progress=False)
