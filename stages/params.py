@@ -157,6 +157,15 @@ SCHEMA: dict[str, Any] = {
     },
     "eval": {
         "batch_size": (is_int(1), True),
+        # quantize stage; names are checked against kdlib.quantize.PRECISIONS in validate()
+        "precisions": (lambda v: None if isinstance(v, list) and v and all(isinstance(x, str) for x in v)
+                       and len(set(v)) == len(v) else "a non-empty list of distinct precision names", True),
+        "threads": (is_int(1), True),
+        "warmup_runs": (is_int(0), True),
+        "timed_runs": (is_int(1), True),
+        "throughput_batch": (is_int(2), True),
+        "throughput_runs": (is_int(1), True),
+        "calibration_images": (is_int(1), True),
     },
     "datasets": ("presets", DATASET_PRESET),
     "models": ("presets", MODEL_PRESET),
@@ -250,6 +259,12 @@ def validate(params: dict[str, Any]) -> None:
                               f"{', '.join(params['models'])}")
         if params["dataset"] not in params["datasets"]:
             errors.append(f"dataset = {params['dataset']!r}: expected one of: {', '.join(params['datasets'])}")
+        from kdlib.quantize import PRECISIONS
+
+        for name in params["eval"]["precisions"]:
+            if name not in PRECISIONS:
+                errors.append(f"eval.precisions: {name!r} is not a known precision; expected some of: "
+                              f"{', '.join(PRECISIONS.names())}")
         archs = known_architectures()
         for name, preset in params["models"].items():
             if preset["arch"] not in archs:

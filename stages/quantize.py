@@ -24,10 +24,6 @@ from stages.common import MODELS_DIR, REPORTS_DIR, ROLES, load_split, prepared_i
 from stages.params import load_params
 
 OUT_DIR = REPORTS_DIR / "quantize"
-# eval.* keys of this stage and their values when params.yaml leaves them out
-DEFAULTS = {"precisions": ["fp32", "bf16", "fp16", "int8_dynamic", "int8_static", "fp8", "onnx_fp32", "onnx_int8"],
-            "threads": 2, "warmup_runs": 10, "timed_runs": 100, "throughput_batch": 64, "throughput_runs": 10,
-            "calibration_images": 256}
 CSV_COLUMNS = ["model", "precision", "status", "backend", "top1", "top5", "mAP", "delta_top1", "delta_mAP",
                "latency_b1_median_ms", "latency_b1_p95_ms", "throughput_img_s", "size_bytes", "size_ratio",
                "peak_rss_mib", "params", "macs", "reason"]
@@ -42,7 +38,7 @@ def write_text(path: Path, text: str) -> None:
 
 def main() -> None:
     params = load_params()
-    ev, preset = {**DEFAULTS, **params["eval"]}, params["datasets"][params["dataset"]]
+    ev, preset = params["eval"], params["datasets"][params["dataset"]]
     index = prepared_index()
     score = "mAP" if index.meta.task == "multilabel" else "top1"
     data: dict[Any, Any] = {}

@@ -51,6 +51,11 @@ def main() -> None:
         f"**{evaluation[f'kd_gain_{score}']:+.2f} pt**\n\n"
         "Figures: `figures/training_curves.png`, `figures/test_accuracy.png`, `figures/confusion_*.png`.\n"
     )
+    quant_table = REPORTS_DIR / "quantize" / "table.md"
+    if quant_table.is_file():  # written by the quantize stage
+        text += ("\n## Quantized evaluation (every model x precision; stages/quantize.py)\n\n" + quant_table.read_text()
+                 + "\nFigures: `quantize/accuracy_vs_latency.png`, `quantize/accuracy_vs_size.png` (Pareto front "
+                 "dashed), `quantize/teacher_vs_student.png` (bubble area = parameters).\n")
     (REPORTS_DIR / "results.md").write_text(text)
     print(text)
 

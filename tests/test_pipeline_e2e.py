@@ -29,6 +29,9 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> s
 
 def shrink(params: dict) -> dict:
     params["data"].update(train_per_class=4, val_per_class=2, test_per_class=3)
+    # two precisions without compilation keep the quantize stage short; kdlib/quantize has its own tests
+    params["eval"].update(precisions=["fp32", "fp8"], warmup_runs=1, timed_runs=3, throughput_runs=1,
+                          calibration_images=8)
     for preset in params["models"].values():
         preset["epochs"] = 1
         preset["warmup_epochs"] = 0
@@ -70,11 +73,20 @@ def declared_outputs(work: Path) -> list[Path]:
     return paths
 
 
+MEASURED = ("timing.json", "reports/quantize", "reports/quantization.json", "reports/quantization.csv",
+            "reports/results.md")
+
+
 def lock_hashes(work: Path) -> dict[str, str]:
-    """md5 of every DVC output except the wall-clock timing files, which differ by design."""
+    """md5 of every DVC output except those holding wall-clock measurements (training time, latency),
+    which differ by design; results.md is compared without its quantization section."""
     lock = yaml.safe_load((work / "dvc.lock").read_text())
     return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])
-            if not out["path"].endswith("timing.json")}
+            if not out["path"].endswith(MEASURED)}
+
+
+def results_without_measurements(work: Path) -> str:
+    return (work / "reports/results.md").read_text().split("## Quantized evaluation")[0]
 
 
 def test_repro_produces_every_output_and_is_a_noop_the_second_time(workdir):
@@ -92,6 +104,9 @@ def test_repro_produces_every_output_and_is_a_noop_the_second_time(workdir):
     manifest = json.loads((work / "reports/prepare/manifest.json").read_text())
     assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [40, 20, 30]
     assert "KD gain" in (work / "reports/results.md").read_text()
+    quantization = json.loads((work / "reports/quantization.json").read_text())["results"]
+    assert {row["status"] for role in ("teacher", "baseline", "distill") for row in quantization[role].values()} \
+        == {"ok"}, quantization
 
     second = run(["dvc", "repro"], work, env)
     assert "Running stage" not in second.stdout, second.stdout
@@ -100,11 +115,12 @@ def test_repro_produces_every_output_and_is_a_noop_the_second_time(workdir):
 
 def test_forced_rerun_reproduces_every_output_bit_for_bit(workdir):
     work, env = workdir
-    before = lock_hashes(work)
+    before, results = lock_hashes(work), results_without_measurements(work)
     run(["dvc", "repro", "--force"], work, env)
     after = lock_hashes(work)
-    assert {"models/teacher", "models/distill", "reports/results.md", "reports/figures"} <= set(before)
+    assert {"models/teacher", "models/teacher_cache", "models/distill", "reports/figures"} <= set(before)
     assert before == after, {k: (before[k], after.get(k)) for k in before if before[k] != after.get(k)}
+    assert results == results_without_measurements(work) and "KD gain" in results
 
 
 def test_experiment_with_deit_student_then_metrics_and_plots_diff(workdir):
