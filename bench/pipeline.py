@@ -2,8 +2,8 @@
 
 Copies the repository to a temporary directory and runs each stage with
 `dvc repro --single-item` in pipeline order (DVC's own overhead included), then a no-op
-`dvc repro`. Targets: whole pipeline <= 5 min on 2 cores; teacher test top-1 >= 97%;
-no-op repro < 2 s.
+`dvc repro`. Targets: whole pipeline <= 10 min on 2 cores (quantized evaluation included);
+teacher test top-1 >= 97%; no-op repro < 2 s.
 
     python bench/pipeline.py [--quick]
 """
@@ -49,8 +49,8 @@ def main() -> None:
     print_table(["stage", "seconds"], [[s, seconds[s]] for s in STAGES] + [["total", total], ["no-op repro", noop_s]])
     print(f"teacher test top-1 {teacher_top1:.2f}; baseline {evaluation['baseline']['best']['top1']:.2f}; "
           f"KD {evaluation['distill']['best']['top1']:.2f} (gain {evaluation['kd_gain_top1']:+.2f})")
-    met = total <= 300 and teacher_top1 >= 97.0 and noop_s < 2.0
-    print(f"targets (total <= 300 s, teacher >= 97%, no-op < 2 s): {'met' if met else 'NOT met'}")
+    met = total <= 600 and teacher_top1 >= 97.0 and noop_s < 2.0
+    print(f"targets (total <= 600 s, teacher >= 97%, no-op < 2 s): {'met' if met else 'NOT met'}")
     write_result("pipeline", {"quick": args.quick, "stage_seconds": seconds, "total_seconds": total,
                               "noop_repro_seconds": noop_s, "teacher_top1": teacher_top1,
                               "evaluate": {k: v for k, v in evaluation.items()}, "target_met": met}, args.out)

@@ -32,12 +32,16 @@ def rows_from_exp_show(data: list) -> list[dict]:
         for exp in [commit, *[e for r in commit.get("experiments") or [] for e in r.get("revs", [])]]:
             d = (exp.get("data") or {})
             params = ((d.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-            metrics = ((d.get("metrics") or {}).get("reports/quantization.json") or {}).get("data") or {}
+            all_metrics = d.get("metrics") or {}
+            metrics = (all_metrics.get("reports/quantization.json") or {}).get("data") or {}
             if params.get("student") != "rescnn" or not metrics:
                 continue
             blocks = params["models"]["rescnn"]["kwargs"]["blocks"]
-            for precision, r in metrics.get("results", {}).get("distill", {}).items():
-                rows.append({"exp": exp.get("name") or d.get("rev"), "blocks": blocks, "precision": precision, **r})
+            for role in ("baseline", "distill"):
+                timing = (all_metrics.get(f"reports/{role}/timing.json") or {}).get("data") or {}
+                for precision, r in metrics.get("results", {}).get(role, {}).items():
+                    rows.append({"exp": exp.get("name") or d.get("rev"), "blocks": blocks, "role": role,
+                                 "precision": precision, "train_seconds": timing.get("train_seconds"), **r})
     return rows
 
 
@@ -57,14 +61,16 @@ def main() -> None:
     if "Failed" in status:
         print(status, file=sys.stderr)
     rows = rows_from_exp_show(json.loads(dvc(args.repo, "exp", "show", "--json")))
-    print("| blocks | precision | status | top-1 | Δ vs fp32 | latency b1 (ms) | size (KiB) | params |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: (r["blocks"], r["precision"])):
+    print("| blocks | model | params | precision | test top-1 | Δ vs fp32 | latency b1 (ms) | size (KiB) | "
+          "training (s) |")
+    print("|---:|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: (r["blocks"], r["role"], r["precision"])):
+        head = f"| {r['blocks']} | {r['role']} | {r.get('params') or 0:,} | {r['precision']} |"
         if r.get("status") != "ok":
-            print(f"| {r['blocks']} | {r['precision']} | {r.get('status')}: {r.get('reason', '')} | | | | | |")
+            print(f"{head} {r.get('status')}: {r.get('reason', '')} | | | | |")
             continue
-        print(f"| {r['blocks']} | {r['precision']} | ok | {r['top1']:.2f} | {r.get('delta_top1', 0):+.2f} | "
-              f"{r['latency_b1_median_ms']:.3f} | {r['size_bytes'] / 1024:.1f} | {r['params']:,} |")
+        print(f"{head} {r['top1']:.2f} | {r.get('delta_top1', 0):+.2f} | {r['latency_b1_median_ms']:.3f} | "
+              f"{r['size_bytes'] / 1024:.1f} | {r['train_seconds'] or 0:.0f} |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from kdlib.data.dataset import IndexedImageDataset
 from kdlib.data.index import DatasetIndex
 from kdlib.data.views import AugmentedViews, make_view_seeds
 from kdlib.features import FeatureStudent, feature_width, make_feature_student
-from kdlib.losses import METHODS, MULTILABEL, fit_lsh_hyperplanes, method_fits_task
+from kdlib.losses import METHODS, MULTILABEL, method_fits_task
 from kdlib.models import build_model
 from kdlib.runtime import Runtime
 from kdlib.teacher import OnlineTeacher
@@ -157,8 +157,7 @@ def fit_lsh(objective: nn.Module, teacher_model: nn.Module, view0_features: Tens
     training image (the first, as the seed's one pass over its training loader)."""
     classifier = teacher_model.get_classifier()
     weight = (classifier[0] if isinstance(classifier, tuple) else classifier).weight.detach().cpu()
-    objective.lsh = fit_lsh_hyperplanes(view0_features.float(), weight, objective.num_hyperplanes,
-                                        objective.sigma, objective.bias, seed)
+    objective.fit_hyperplanes(view0_features.float(), weight, seed)
 
 
 def first_view_features(teacher: OnlineTeacher, train_set: IndexedImageDataset, view_seeds: Tensor,

@@ -160,6 +160,9 @@ SCHEMA: dict[str, Any] = {
         # quantize stage; names are checked against kdlib.quantize.PRECISIONS in validate()
         "precisions": (lambda v: None if isinstance(v, list) and v and all(isinstance(x, str) for x in v)
                        and len(set(v)) == len(v) else "a non-empty list of distinct precision names", True),
+        "roles": (lambda v: None if isinstance(v, list) and v and len(set(v)) == len(v)
+                  and set(v) <= {"teacher", "baseline", "distill"} else
+                  "a non-empty list of distinct roles among teacher, baseline, distill", True),
         "threads": (is_int(1), True),
         "warmup_runs": (is_int(0), True),
         "timed_runs": (is_int(1), True),

@@ -20,7 +20,7 @@ import torch
 from kdlib.checkpoint import load_checkpoint
 from kdlib.quantize.figures import plot_accuracy_vs, plot_teacher_student, quantization_table
 from kdlib.quantize.measure import EvalJob, add_deltas, materialize, run_isolated
-from stages.common import MODELS_DIR, REPORTS_DIR, ROLES, load_split, prepared_index, write_json
+from stages.common import MODELS_DIR, REPORTS_DIR, load_split, prepared_index, write_json
 from stages.params import load_params
 
 OUT_DIR = REPORTS_DIR / "quantize"
@@ -43,7 +43,7 @@ def main() -> None:
     score = "mAP" if index.meta.task == "multilabel" else "top1"
     data: dict[Any, Any] = {}
     rows: list[dict[str, Any]] = []
-    for role in ROLES:
+    for role in ev["roles"]:
         path = MODELS_DIR / role / "best.pt"
         size = load_checkpoint(path)["meta"]["input_size"]
         if size not in data:  # decode each split once per input size, then share it with every job
@@ -78,7 +78,7 @@ def main() -> None:
     writer.writerows(rows)
     write_text(REPORTS_DIR / "quantization.csv", buffer.getvalue())
     training = {}
-    for role in ROLES:
+    for role in ev["roles"]:
         timing = REPORTS_DIR / role / "timing.json"
         if timing.is_file():
             training[role] = json.loads(timing.read_text()).get("train_seconds")

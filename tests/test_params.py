@@ -326,3 +326,15 @@ def test_every_model_preset_builds_and_runs_at_its_input_size(repo_root):
         with torch.no_grad():
             logits = model(torch.randn(2, dataset["channels"], size, size))
         assert logits.shape == (2, 10), name
+
+
+@pytest.mark.parametrize(("value", "expected"), [(["student"], "roles among teacher, baseline, distill"),
+                                                 ([], "non-empty"), (["teacher", "teacher"], "distinct")])
+def test_quantize_roles_are_checked(repo_params, value, expected) -> None:
+    message = error_of(mutated(repo_params, "eval.roles", value))
+    assert f"eval.roles = {value!r}" in message and expected in message
+
+
+def test_unknown_precision_lists_the_known_ones(repo_params) -> None:
+    message = error_of(mutated(repo_params, "eval.precisions", ["fp32", "int4"]))
+    assert "'int4'" in message and "onnx_int8" in message and "int8_static" in message
