@@ -292,3 +292,17 @@ def test_align_and_distill_fit_the_same_lsh_hyperplanes(setup):
     saved = torch.load(ws.models / "distill" / "lsh.pt", weights_only=True)
     torch.testing.assert_close(saved["bias"], planes[1].bias, rtol=0, atol=0)
     assert saved["weight_std"] == pytest.approx(float(planes[0].weight.std()))
+
+
+def test_teacher_ls_smooths_the_teachers_labels_only(setup):
+    """`teacher_ls` (seed 001's LS teacher) changes the teacher's objective, not the student's."""
+    index, ws, params = setup
+    params["models"]["resnet18"]["epochs"] = 1
+    plain = train_role(params, "teacher", index, ws, progress=False)[0].history[0]["train/ce"]
+    params["teacher_ls"] = 0.5
+    smoothed = train_role(params, "teacher", index, ws, progress=False)[0].history[0]["train/ce"]
+    # same seed, weights, data and batches (the run is deterministic): only the objective differs
+    assert smoothed != pytest.approx(plain, abs=1e-6)
+    baseline = train_role(params, "baseline", index, ws, progress=False)[0].history[0]["train/ce"]
+    params["teacher_ls"] = None
+    assert baseline == train_role(params, "baseline", index, ws, progress=False)[0].history[0]["train/ce"]
