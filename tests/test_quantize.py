@@ -161,3 +161,15 @@ def test_deltas_pareto_and_table() -> None:
     assert pareto_front([(1.0, 97.0), (0.25, 96.5), (2.0, 90.0)]) == [1, 0]
     table = quantization_table(rows, "top1", {"s": 12.0})
     assert "skipped: no kernel" in table and "-0.50" in table and "12 s" in table
+
+
+def test_int8_static_quantizes_a_residual_cnn(batches) -> None:
+    """A module called twice (one ReLU shared by a residual block) is one partition with two outputs,
+    which the X86InductorQuantizer refuses: rescnn uses a ReLU per call site."""
+    from kdlib.quantize.int8_static import quantize_pt2e, stored_dtypes
+
+    torch.manual_seed(0)
+    model = build_model("rescnn", 10, 1, blocks=4).eval()
+    example, calibration = batches
+    converted = quantize_pt2e(model, example, calibration)
+    assert stored_dtypes(converted).get("int8", 0) >= 0.9 * _weight_count(model)
