@@ -34,6 +34,8 @@ def shrink(params: dict[str, Any], per_class: int = 10, epochs: int = 2) -> dict
                          test_per_class=per_class)
     for preset in small["models"].values():
         preset.update(epochs=epochs, warmup_epochs=0)
+    # one uncompiled precision: a quick run times the pipeline, bench/quantization.py the precisions
+    small["eval"].update(precisions=["fp32"], warmup_runs=1, timed_runs=5, throughput_runs=1, calibration_images=8)
     validate(small)
     return small
 

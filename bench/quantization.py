@@ -69,9 +69,50 @@ def measure(repo: Path, threads: int, quick: bool) -> list[dict]:
     return add_deltas(rows, "top1")
 
 
-def best(rows: list[dict], model: str, names: set[str], key: str = "latency_b1_median_ms") -> dict | None:
+def ort_breakdown(repo: Path, threads: int, quick: bool) -> dict[str, dict]:
+    """Per-node ONNX Runtime profile of the student at batch 1, fp32 against static int8: which
+    kernels int8 speeds up, which it slows, and the per-call time no kernel removes."""
+    import numpy as np
+    import torch
+
+    from kdlib.checkpoint import model_from_checkpoint
+    from kdlib.data import BatchNormalizer
+    from kdlib.quantize import PRECISIONS
+    from kdlib.quantize.base import QuantContext, Skipped
+    from kdlib.quantize.onnx_common import profile_nodes
+
+    os.chdir(repo)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    preset = params["datasets"][params["dataset"]]
+    model, meta = model_from_checkpoint(Path("models/distill/best.pt"))
+    model.eval()
+    normalize = BatchNormalizer(meta["mean"], meta["std"])
+    index = read_index(Path("data/prepared"))
+    test_split = load_split(index, "test", preset, meta["input_size"], False)
+    test = materialize(test_split, list(range(min(64, len(test_split)))))
+    train = load_split(index, "train", preset, meta["input_size"], False)
+    calibration = materialize(train, sorted(random.Random(0).sample(range(len(train)), min(256, len(train)))))
+    torch.set_num_threads(threads)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = QuantContext(normalize(test.images), [normalize(b) for b in calibration.images.split(64)],
+                           threads=threads, workdir=Path(tmp))
+        x = np.ascontiguousarray(ctx.example[:1].numpy())
+        for precision in ("onnx_fp32", "onnx_int8"):
+            try:
+                module = PRECISIONS.get(precision)(model, ctx).module
+            except Skipped as why:
+                print(f"no ONNX Runtime profile: {why}")
+                return {}
+            out[precision] = profile_nodes(module.path, x, threads, runs=300 if quick else 3000)
+    return out
+
+
+def best(rows: list[dict], model: str, names: set[str], batch: int = 1) -> dict | None:
+    """The fastest ok row among ``names``: lowest batch-1 median latency, or highest images/s at batch 64."""
     ok = [r for r in rows if r["model"] == model and r["precision"] in names and r["status"] == "ok"]
-    return min(ok, key=lambda r: r[key]) if ok else None
+    speed = (lambda r: -r["latency_b1_median_ms"]) if batch == 1 else (lambda r: r["throughput_img_s"])
+    return max(ok, key=speed) if ok else None
 
 
 def main() -> None:
@@ -86,6 +127,7 @@ def main() -> None:
         cwd = os.getcwd()
         try:
             rows = measure(repo, args.threads, args.quick)
+            profiles = ort_breakdown(repo, args.threads, args.quick)
         finally:
             os.chdir(cwd)
     table = []
@@ -105,20 +147,28 @@ def main() -> None:
     summary: dict = {}
     if fp32 and int8:
         ref = next(r for r in rows if r["model"] == "distill" and r["precision"] == "fp32")
-        tp_fp32 = max(r["throughput_img_s"] for r in rows if r["model"] == "distill" and r["precision"] in FP32_PATHS
-                      and r["status"] == "ok")
+        fp32_b64 = best(rows, "distill", FP32_PATHS, batch=64)
+        int8_b64 = best(rows, "distill", INT8_PATHS, batch=64)
         summary["int8_vs_best_fp32"] = {
             "int8_path": int8["precision"], "int8_backend": int8["backend"], "fp32_path": fp32["precision"],
             "speedup_b1": round(fp32["latency_b1_median_ms"] / int8["latency_b1_median_ms"], 3),
-            "speedup_b64": round(int8["throughput_img_s"] / tp_fp32, 3),
+            "int8_path_b64": int8_b64["precision"], "fp32_path_b64": fp32_b64["precision"],
+            "speedup_b64": round(int8_b64["throughput_img_s"] / fp32_b64["throughput_img_s"], 3),
             "top1_loss_pt": round(ref["top1"] - int8["top1"], 3),
             "size_ratio": round(ref["size_bytes"] / int8["size_bytes"], 3)}
         s = summary["int8_vs_best_fp32"]
         s["target_met"] = s["speedup_b1"] >= 2 and s["top1_loss_pt"] <= 0.5 and s["size_ratio"] >= 3
         print(f"\nint8 student ({s['int8_path']}: {s['int8_backend']}) vs best fp32 student ({s['fp32_path']}): "
-              f"{s['speedup_b1']:.2f}x at batch 1, {s['speedup_b64']:.2f}x at batch 64, "
+              f"{s['speedup_b1']:.2f}x at batch 1; at batch 64 {s['int8_path_b64']} vs {s['fp32_path_b64']} "
+              f"{s['speedup_b64']:.2f}x; "
               f"{s['top1_loss_pt']:+.2f} pt top-1 lost, {s['size_ratio']:.2f}x smaller; "
               f"target (>=2x, <=0.5 pt, >=3x) {'met' if s['target_met'] else 'NOT met'}")
+    for precision, prof in profiles.items():
+        print(f"\nONNX Runtime per-node profile, student {precision}, batch 1, {args.threads} threads: "
+              f"run {prof['run_median_us']:.0f} us, kernels {prof['kernel_sum_us']:.0f} us")
+        print_table(["node", "op", "median us"], [[n["node"][:40], n["op"], f"{n['median_us']:.0f}"]
+                                                  for n in prof["nodes"]])
+    summary["onnx_profile_b1"] = profiles
     student = {r["precision"]: r for r in rows if r["model"] == "distill" and r["status"] == "ok"}
     teacher = {r["precision"]: r for r in rows if r["model"] == "teacher" and r["status"] == "ok"}
     if "fp32" in student and "fp32" in teacher:

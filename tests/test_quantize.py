@@ -138,6 +138,20 @@ def test_onnx_runtime_fp32_and_int8(cnn, batches, tmp_path) -> None:
     assert _agreement(int8.module(example), cnn(example)) >= 0.8
 
 
+def test_onnx_profile_names_the_executed_kernels(cnn, batches, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from kdlib.quantize.onnx_common import profile_nodes
+
+    fp32, int8 = (_prepare(name, cnn, batches, tmp_path / name) for name in ("onnx_fp32", "onnx_int8"))
+    x = batches[0][:1].numpy()
+    fp32_profile, int8_profile = (profile_nodes(p.module.path, x, 1, runs=20, skip=5) for p in (fp32, int8))
+    assert sum(n["op"] == "Conv" for n in fp32_profile["nodes"]) == 3  # Relu fused into the fp32 Conv
+    assert sum(n["op"] == "QLinearConv" for n in int8_profile["nodes"]) == 3  # QDQ pairs fused into int8 kernels
+    for profile in (fp32_profile, int8_profile):
+        assert profile["run_median_us"] >= max(n["median_us"] for n in profile["nodes"]) > 0
+        assert profile["kernel_sum_us"] == pytest.approx(sum(n["median_us"] for n in profile["nodes"]))
+
+
 def test_measurement_helpers(cnn) -> None:
     x = torch.randn(1, 1, 28, 28)
     # conv1 28*28*32*9 + conv2 14*14*64*32*9 + conv3 7*7*64*64*9 + fc 64*10

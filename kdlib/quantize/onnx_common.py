@@ -80,3 +80,37 @@ def copy_to(src: Path, stem: Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
     return dst
+
+
+def profile_nodes(path: Path, x: np.ndarray, threads: int, runs: int = 2000, skip: int = 200) -> dict[str, Any]:
+    """Where a batch's time goes in ONNX Runtime: the median of each node's kernel time (µs) after
+    ``skip`` warm-up runs, in execution order, the median whole-run time, and the nodes of the graph
+    ORT actually executes (after its fusions and layout changes). The difference between the run
+    and the sum of its kernels is the per-call overhead that no kernel speedup removes.
+    Profiling itself adds a few µs per node, so compare runs profiled the same way."""
+    _, ort = require_onnx()
+    import json
+    import tempfile
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="kdlib-ortprof-") as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        for _ in range(runs):
+            sess.run(None, {name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    kernels: dict[str, tuple[str, list[int]]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            node = event["name"].removesuffix("_kernel_time")
+            kernels.setdefault(node, (event["args"]["op_name"], []))[1].append(event["dur"])
+    whole = [e["dur"] for e in events if e.get("name") == "model_run"][skip:]
+    nodes = [{"node": node, "op": op, "median_us": float(np.median(times[skip:]))}
+             for node, (op, times) in kernels.items()]
+    return {"run_median_us": float(np.median(whole)), "kernel_sum_us": sum(n["median_us"] for n in nodes),
+            "nodes": nodes}
