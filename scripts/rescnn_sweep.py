@@ -50,8 +50,11 @@ def main() -> None:
     ap.add_argument("repo", type=Path)
     ap.add_argument("--blocks", type=int, nargs="+", default=[4, 6, 8, 10])
     ap.add_argument("--set", action="append", default=[], help="extra -S key=value for every experiment")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "reports" / "bench",
+                    help="where rescnn_sweep.json (every row, the settings, the queue's status) goes")
     args = ap.parse_args()
     extra = [x for kv in args.set for x in ("-S", kv)]
+    start = time.perf_counter()
     dvc(args.repo, "exp", "run", "--queue", "-S", "student=rescnn", "-S",
         "models.rescnn.kwargs.blocks=" + ",".join(map(str, args.blocks)), *extra)
     dvc(args.repo, "queue", "start", "--jobs", "1")
@@ -61,6 +64,10 @@ def main() -> None:
     if "Failed" in status:
         print(status, file=sys.stderr)
     rows = rows_from_exp_show(json.loads(dvc(args.repo, "exp", "show", "--json")))
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"blocks": args.blocks, "set": args.set, "queue_status": status,
+              "wall_seconds": round(time.perf_counter() - start, 1), "rows": rows}
+    (args.out / "rescnn_sweep.json").write_text(json.dumps(record, indent=1, default=str))
     print("| blocks | model | params | precision | test top-1 | Δ vs fp32 | latency b1 (ms) | size (KiB) | "
           "training (s) |")
     print("|---:|---|---:|---|---:|---:|---:|---:|---:|")
