@@ -26,7 +26,7 @@ from stages.params import load_params
 OUT_DIR = REPORTS_DIR / "quantize"
 CSV_COLUMNS = ["model", "precision", "status", "backend", "top1", "top5", "mAP", "delta_top1", "delta_mAP",
                "latency_b1_median_ms", "latency_b1_p95_ms", "throughput_img_s", "size_bytes", "size_ratio",
-               "peak_rss_mib", "params", "macs", "reason"]
+               "inference_mib", "peak_rss_mib", "params", "macs", "reason"]
 
 
 def write_text(path: Path, text: str) -> None:
@@ -66,8 +66,11 @@ def main() -> None:
     settings = {"threads": ev["threads"], "batch_1_timed_runs": ev["timed_runs"], "warmup_runs": ev["warmup_runs"],
                 "throughput_batch": ev["throughput_batch"], "throughput_runs": ev["throughput_runs"],
                 "calibration_images": ev["calibration_images"], "score": score,
-                "memory": "peak RSS (VmHWM) of a fresh process per model x precision, forked from a server "
-                          "that has imported torch (rss_start_mib is that baseline)"}
+                "memory": "inference_mib: peak RSS (VmHWM, reset at the start) while the checkpoint is loaded, "
+                          "converted (export, calibration, compilation where the precision needs them) and "
+                          "timed at batch 1 and the throughput batch, minus the RSS before "
+                          "(rss_start_mib: a fresh process forked from a server that has imported torch); "
+                          "peak_rss_mib: that process's peak over the whole evaluation, accuracy pass included"}
     results: dict[str, Any] = {}
     for r in rows:
         results.setdefault(r["model"], {})[r["precision"]] = r

@@ -187,3 +187,29 @@ def test_int8_static_quantizes_a_residual_cnn(batches) -> None:
     example, calibration = batches
     converted = quantize_pt2e(model, example, calibration)
     assert stored_dtypes(converted).get("int8", 0) >= 0.9 * _weight_count(model)
+
+
+def test_inference_memory_counts_the_model_not_the_process(tmp_path) -> None:
+    """``inference_mib`` (peak RSS from just before the model is loaded until it has been timed)
+    sees ResNet-18's 43 MiB of fp32 weights that the whole-process peak, dominated by torch itself,
+    hides; each job runs in its own fresh process, as the quantize stage runs them."""
+    from kdlib.checkpoint import save_checkpoint
+    from kdlib.quantize.measure import EvalJob, TensorImages, reset_peak_rss, run_isolated
+
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
+    meta = {"num_classes": 10, "in_chans": 1, "model_kwargs": {}, "input_size": 28, "mean": [0.5], "std": [0.25],
+            "classes": [str(i) for i in range(10)]}
+    g = torch.Generator().manual_seed(0)
+    test_set = TensorImages(torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=g),
+                            torch.randint(0, 10, (8,), generator=g))
+    memory = {}
+    for arch in ("cnn_small", "resnet18"):
+        path = tmp_path / f"{arch}.pt"
+        save_checkpoint(path, build_model(arch, 10, 1).eval(), {**meta, "arch": arch})
+        row = run_isolated(EvalJob(arch, path, "fp32", test_set, test_set.images, threads=1, batch_size=8,
+                                   throughput_batch=4, warmup=1, timed_runs=2, throughput_runs=1))
+        assert row["status"] == "ok", row
+        assert 0 < row["inference_mib"] <= row["peak_rss_mib"] - row["rss_start_mib"] + 1
+        memory[arch] = row["inference_mib"]
+    assert memory["resnet18"] - memory["cnn_small"] > 30  # ResNet-18's fp32 weights are 42.7 MiB

@@ -97,6 +97,17 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Set this process's peak RSS (``VmHWM``) back to its current RSS (Linux >= 4.0,
+    ``/proc/self/clear_refs`` "5"), so a later :func:`peak_rss_bytes` covers only what follows.
+    False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def current_rss_bytes() -> int:
     try:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -135,6 +146,7 @@ def evaluate_job(job: EvalJob) -> dict[str, Any]:
 
     torch.set_num_threads(job.threads)
     row: dict[str, Any] = {"model": job.model, "precision": job.precision, "threads": job.threads}
+    peak_was_reset = reset_peak_rss()
     rss_start = current_rss_bytes()
     model, meta = model_from_checkpoint(job.checkpoint)
     model.eval()  # a checkpoint loader or wrapper may hand back training mode; measure inference
@@ -157,13 +169,14 @@ def evaluate_job(job: EvalJob) -> dict[str, Any]:
             return {**row, "status": "skipped", "reason": str(why)}
         row["prepare_s"] = round(time.perf_counter() - start, 3)
         prepared.module.eval()  # a fresh wrapper module is in training mode: BatchNorm would use batch stats
+        median, p95 = latency_ms(prepared.module, example[:1], job.warmup, job.timed_runs)
+        images_s = throughput(prepared.module, example, max(1, job.warmup // 5), job.throughput_runs)
+        if peak_was_reset:  # the model's own cost: load, convert, run; the accuracy pass's batches are not
+            row["inference_mib"] = round((peak_rss_bytes() - rss_start) / 2**20, 1)
         loader = DataLoader(job.test_set, batch_size=job.batch_size, shuffle=False, num_workers=0)
         start = time.perf_counter()
         result = evaluate(prepared.module, loader, normalize, torch.device("cpu"), None, job.ignore, job.ap_mode)
         row["eval_s"] = round(time.perf_counter() - start, 3)
-        prepared.module.eval()  # kdlib.metrics.evaluate restores the mode it found
-        median, p95 = latency_ms(prepared.module, example[:1], job.warmup, job.timed_runs)
-        images_s = throughput(prepared.module, example, max(1, job.warmup // 5), job.throughput_runs)
         artifact = prepared.save(Path(tmp) / "artifact" / f"{job.model}_{job.precision}")
         row.update(
             status="ok", backend=prepared.backend, device=prepared.device.type,
