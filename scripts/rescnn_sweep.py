@@ -26,6 +26,18 @@ def dvc(repo: Path, *args: str) -> str:
     return proc.stdout
 
 
+def run_queue(repo: Path, set_args: list[str]) -> str:
+    """``dvc exp run --queue`` with ``set_args`` (``-S key=a,b`` expands to one experiment per value),
+    run the queue one experiment at a time, wait for it; returns ``dvc queue status``."""
+    dvc(repo, "exp", "run", "--queue", *set_args)
+    dvc(repo, "queue", "start", "--jobs", "1")
+    while "Running" in (status := dvc(repo, "queue", "status")) or "Queued" in status:
+        time.sleep(10)
+    if "Failed" in status:
+        print(status, file=sys.stderr)
+    return status
+
+
 def rows_from_exp_show(data: list) -> list[dict]:
     rows = []
     for commit in data:
@@ -55,14 +67,8 @@ def main() -> None:
     args = ap.parse_args()
     extra = [x for kv in args.set for x in ("-S", kv)]
     start = time.perf_counter()
-    dvc(args.repo, "exp", "run", "--queue", "-S", "student=rescnn", "-S",
-        "models.rescnn.kwargs.blocks=" + ",".join(map(str, args.blocks)), *extra)
-    dvc(args.repo, "queue", "start", "--jobs", "1")
-    while "Running" in dvc(args.repo, "queue", "status") or "Queued" in dvc(args.repo, "queue", "status"):
-        time.sleep(10)
-    status = dvc(args.repo, "queue", "status")
-    if "Failed" in status:
-        print(status, file=sys.stderr)
+    status = run_queue(args.repo, ["-S", "student=rescnn", "-S",
+                                   "models.rescnn.kwargs.blocks=" + ",".join(map(str, args.blocks)), *extra])
     rows = rows_from_exp_show(json.loads(dvc(args.repo, "exp", "show", "--json")))
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"blocks": args.blocks, "set": args.set, "queue_status": status,
