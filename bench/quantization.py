@@ -18,12 +18,13 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from torch import Tensor
 
 from common import bench_parser, copy_repo, git_env, print_table, write_result
 
 from kdlib.checkpoint import load_checkpoint
 from kdlib.data import read_index
-from kdlib.quantize.measure import EvalJob, add_deltas, materialize, run_isolated
+from kdlib.quantize.measure import EvalJob, TensorImages, add_deltas, materialize, run_isolated
 from stages.common import load_split
 
 STUDENT = ["fp32", "fp32_channels_last", "onnx_fp32", "bf16", "fp16", "int8_dynamic", "int8_static", "fp8",
@@ -46,23 +47,29 @@ def train_copy(work: Path, quick: bool) -> Path:
     return repo
 
 
-def measure(repo: Path, threads: int, quick: bool) -> list[dict]:
-    os.chdir(repo)  # the prepared index records paths relative to the repository
+def eval_data(role: str) -> tuple[Path, TensorImages, Tensor, Tensor | None]:
+    """``role``'s checkpoint, its test split and a seeded sample of 256 training images for
+    calibration, decoded at the model's input size (run from the repository's root)."""
     params = yaml.safe_load(Path("params.yaml").read_text())
     preset = params["datasets"][params["dataset"]]
     index = read_index(Path("data/prepared"))
+    path = (Path("models") / role / "best.pt").resolve()
+    size = load_checkpoint(path)["meta"]["input_size"]
+    test, train = load_split(index, "test", preset, size, False), load_split(index, "train", preset, size, False)
+    picks = sorted(random.Random(0).sample(range(len(train)), min(256, len(train))))
+    return path, materialize(test), materialize(train, picks).images, test.ignore
+
+
+def measure(repo: Path, threads: int, quick: bool) -> list[dict]:
+    os.chdir(repo)  # the prepared index records paths relative to the repository
     runs = dict(warmup=3, timed_runs=20, throughput_runs=3) if quick else dict(warmup=50, timed_runs=1000,
                                                                               throughput_runs=20)
     rows = []
     for role, precisions in (("distill", STUDENT), ("baseline", ["fp32"]), ("teacher", TEACHER)):
-        path = Path("models") / role / "best.pt"
-        size = load_checkpoint(path)["meta"]["input_size"]
-        test, train = load_split(index, "test", preset, size, False), load_split(index, "train", preset, size, False)
-        picks = sorted(random.Random(0).sample(range(len(train)), min(256, len(train))))
-        test_set, calibration = materialize(test), materialize(train, picks).images
+        path, test_set, calibration, ignore = eval_data(role)
         for precision in precisions:
-            job = EvalJob(role, path.resolve(), precision, test_set, calibration, threads, 256, 64,
-                          runs["warmup"], runs["timed_runs"], runs["throughput_runs"], "cpu", test.ignore)
+            job = EvalJob(role, path, precision, test_set, calibration, threads, 256, 64,
+                          runs["warmup"], runs["timed_runs"], runs["throughput_runs"], "cpu", ignore)
             row = run_isolated(job)
             print(f"{role:9s} {precision:18s} {row['status']} {row.get('reason', '')}", flush=True)
             rows.append(row)
@@ -82,20 +89,14 @@ def ort_breakdown(repo: Path, threads: int, quick: bool) -> dict[str, dict]:
     from kdlib.quantize.onnx_common import profile_nodes
 
     os.chdir(repo)
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    preset = params["datasets"][params["dataset"]]
-    model, meta = model_from_checkpoint(Path("models/distill/best.pt"))
+    path, test_set, calibration, _ = eval_data("distill")
+    model, meta = model_from_checkpoint(path)
     model.eval()
     normalize = BatchNormalizer(meta["mean"], meta["std"])
-    index = read_index(Path("data/prepared"))
-    test_split = load_split(index, "test", preset, meta["input_size"], False)
-    test = materialize(test_split, list(range(min(64, len(test_split)))))
-    train = load_split(index, "train", preset, meta["input_size"], False)
-    calibration = materialize(train, sorted(random.Random(0).sample(range(len(train)), min(256, len(train)))))
     torch.set_num_threads(threads)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = QuantContext(normalize(test.images), [normalize(b) for b in calibration.images.split(64)],
+        ctx = QuantContext(normalize(test_set.images[:64]), [normalize(b) for b in calibration.split(64)],
                            threads=threads, workdir=Path(tmp))
         x = np.ascontiguousarray(ctx.example[:1].numpy())
         for precision in ("onnx_fp32", "onnx_int8"):

@@ -16,24 +16,21 @@ import json
 import time
 from pathlib import Path
 
-from rescnn_sweep import dvc, run_queue
+from rescnn_sweep import dvc, experiments, run_queue
 
 
 def rows_from_exp_show(data: list) -> list[dict]:
     rows = []
-    for commit in data:
-        for exp in [e for r in commit.get("experiments") or [] for e in r.get("revs", [])]:
-            d = exp.get("data") or {}
-            params = ((d.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-            metrics = (((d.get("metrics") or {}).get("reports/evaluate/metrics.json") or {}).get("data") or {})
-            if not metrics:
-                continue
-            score = "top1" if "kd_gain_top1" in metrics else "mAP"
-            rows.append({"exp": exp.get("name") or d.get("rev"), "teacher_ls": params.get("teacher_ls"),
-                         "temperature": params["distill"]["kd"]["temperature"],
-                         "alpha": params["distill"]["kd"]["alpha"], "score": score,
-                         "teacher": metrics["teacher"]["best"][score], "baseline": metrics["baseline"]["best"][score],
-                         "distill": metrics["distill"]["best"][score], "kd_gain": metrics[f"kd_gain_{score}"]})
+    for name, params, metrics in experiments(data):
+        evaluation = metrics.get("reports/evaluate/metrics.json")
+        if not evaluation or params.get("teacher_ls") is None:  # the workspace's commit is not a grid cell
+            continue
+        score = "top1" if "kd_gain_top1" in evaluation else "mAP"
+        rows.append({"exp": name, "teacher_ls": params["teacher_ls"],
+                     "temperature": params["distill"]["kd"]["temperature"],
+                     "alpha": params["distill"]["kd"]["alpha"], "score": score,
+                     "teacher": evaluation["teacher"]["best"][score], "baseline": evaluation["baseline"]["best"][score],
+                     "distill": evaluation["distill"]["best"][score], "kd_gain": evaluation[f"kd_gain_{score}"]})
     return rows
 
 

@@ -38,22 +38,31 @@ def run_queue(repo: Path, set_args: list[str]) -> str:
     return status
 
 
-def rows_from_exp_show(data: list) -> list[dict]:
-    rows = []
+def experiments(data: list) -> list[tuple[str, dict, dict]]:
+    """(name, params.yaml values, {metrics file: values}) of every row of ``dvc exp show --json``:
+    each commit, then its experiments."""
+    out = []
     for commit in data:
         for exp in [commit, *[e for r in commit.get("experiments") or [] for e in r.get("revs", [])]]:
-            d = (exp.get("data") or {})
+            d = exp.get("data") or {}
             params = ((d.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-            all_metrics = d.get("metrics") or {}
-            metrics = (all_metrics.get("reports/quantization.json") or {}).get("data") or {}
-            if params.get("student") != "rescnn" or not metrics:
-                continue
-            blocks = params["models"]["rescnn"]["kwargs"]["blocks"]
-            for role in ("baseline", "distill"):
-                timing = (all_metrics.get(f"reports/{role}/timing.json") or {}).get("data") or {}
-                for precision, r in metrics.get("results", {}).get(role, {}).items():
-                    rows.append({"exp": exp.get("name") or d.get("rev"), "blocks": blocks, "role": role,
-                                 "precision": precision, "train_seconds": timing.get("train_seconds"), **r})
+            metrics = {path: (m or {}).get("data") or {} for path, m in (d.get("metrics") or {}).items()}
+            out.append((exp.get("name") or d.get("rev"), params, metrics))
+    return out
+
+
+def rows_from_exp_show(data: list) -> list[dict]:
+    rows = []
+    for name, params, metrics in experiments(data):
+        quantization = metrics.get("reports/quantization.json")
+        if params.get("student") != "rescnn" or not quantization:
+            continue
+        blocks = params["models"]["rescnn"]["kwargs"]["blocks"]
+        for role in ("baseline", "distill"):
+            timing = metrics.get(f"reports/{role}/timing.json") or {}
+            for precision, r in quantization.get("results", {}).get(role, {}).items():
+                rows.append({"exp": name, "blocks": blocks, "role": role, "precision": precision,
+                             "train_seconds": timing.get("train_seconds"), **r})
     return rows
 
 
