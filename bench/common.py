@@ -18,25 +18,29 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from stages.params import load_params, validate  # noqa: E402
+from stages.params import read_params, resolve  # noqa: E402
 
 BENCH_DIR = REPO / "reports" / "bench"
 
 
 def default_params() -> dict[str, Any]:
-    return load_params(REPO / "params.yaml")
+    """The raw ``params.yaml`` mapping, for a benchmark to edit; ``resolve(params)`` turns an
+    edited copy into the :class:`~stages.params.Run` a stage function takes."""
+    return read_params(REPO / "params.yaml")
 
 
 def shrink(params: dict[str, Any], per_class: int = 10, epochs: int = 2) -> dict[str, Any]:
-    """A copy of ``params`` for a quick run: few images, few epochs."""
+    """A copy of ``params`` for a quick run: few images (the MNIST subset the default data set
+    draws), few epochs, one quick precision; validated."""
     small = copy.deepcopy(params)
-    small["data"].update(train_per_class=per_class, val_per_class=max(per_class // 2, 1),
-                         test_per_class=per_class)
+    small["datasets"]["mnist"].setdefault("options", {}).update(
+        train_per_class=per_class, val_per_class=max(per_class // 2, 1), test_per_class=per_class)
     for preset in small["models"].values():
         preset.update(epochs=epochs, warmup_epochs=0)
+    small["align"]["epochs"] = min(small["align"]["epochs"], epochs)  # feature methods' alignment
     # one uncompiled precision: a quick run times the pipeline, bench/quantization.py the precisions
     small["eval"].update(precisions=["fp32"], warmup_runs=1, timed_runs=5, throughput_runs=1, calibration_images=8)
-    validate(small)
+    resolve(small)  # raises ParamError listing every problem
     return small
 
 
@@ -59,6 +63,22 @@ def copy_repo(dst: Path) -> Path:
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
         subprocess.run(cmd, cwd=dst, env=env, check=True, capture_output=True)
     return dst
+
+
+def dvc_stages(repo: Path) -> list[str]:
+    """Every stage of ``repo``'s ``dvc.yaml`` as DVC names it, in the file's order (one that
+    runs them in turn respects the graph): a ``foreach`` stage is one stage per item,
+    ``NAME@ITEM`` (``evaluate@teacher``, ``evaluate@baseline``, ...)."""
+    proc = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=repo, env=git_env(), capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise SystemExit(f"dvc stage list failed in {repo}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return proc.stdout.split()
+
+
+def stage_group(stage: str) -> str:
+    """The ``dvc.yaml`` entry a stage comes from: ``evaluate`` for ``evaluate@teacher``."""
+    return stage.split("@", 1)[0]
 
 
 def git_env() -> dict[str, str]:

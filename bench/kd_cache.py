@@ -19,23 +19,28 @@ from typing import Any
 
 from common import bench_parser, default_params, print_table, shrink, write_result
 
-from stages.common import Workspace
+from kdlib.checkpoint import Checkpoint
+from kdlib.data.index import DatasetIndex
 from stages.evaluate import evaluate_checkpoint
-from stages.prepare import prepare
+from stages.params import resolve
+from stages.pipeline import prepare, train_pipeline
 from stages.teacher_cache import build_cache
-from stages.train import train_pipeline, train_role
+from stages.train import train_role
+from stages.workspace import Workspace
 
 
-def run_variant(params: dict[str, Any], index: Any, ws: Workspace, variant: str) -> dict[str, Any]:
+def run_variant(params: dict[str, Any], index: DatasetIndex, ws: Workspace, variant: str) -> dict[str, Any]:
     role = "baseline" if variant == "baseline" else "distill"
     build = {"build_seconds": 0.0}
     if role == "distill":
         params["teacher_cache"]["enabled"] = variant == "cached"
-        build = build_cache(params, index, ws, progress=False)
-    result, _ = train_role(params, role, index, ws, progress=False)
+    run = resolve(params)
+    if role == "distill":
+        build = build_cache(run, ws, progress=False)
+    result, _ = train_role(run, role, ws, progress=False)
     return {"epoch_seconds": result.epoch_seconds, "build_seconds": build["build_seconds"],
             "cache_bytes": build.get("bytes", 0),
-            "top1": evaluate_checkpoint(params, index, ws.models / role / "best.pt")[0].top1}
+            "top1": evaluate_checkpoint(run, index, Checkpoint.read(ws.checkpoint(role))).top1}
 
 
 def main() -> None:
@@ -50,13 +55,14 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp))
-        index = prepare(params, ws.prepared)
-        train_pipeline(params, index, ws, roles=("teacher",))
+        run = resolve(params)
+        index = prepare(run, ws)
+        train_pipeline(run, ws, roles=("teacher",))
         for seed in args.seeds:
             for variant in variants:  # interleaved, so machine noise hits all three alike
-                run = copy.deepcopy(params)
-                run["seed"] = seed
-                runs[variant].append(run_variant(run, index, ws, variant))
+                seeded = copy.deepcopy(params)
+                seeded["seed"] = seed
+                runs[variant].append(run_variant(seeded, index, ws, variant))
             print(f"seed {seed}: " + "  ".join(f"{v} {runs[v][-1]['top1']:.2f}" for v in variants), flush=True)
 
     epoch_s = {v: statistics.median(s for r in runs[v] for s in r["epoch_seconds"]) for v in variants}

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from common import bench_parser, default_params, print_table, shrink, write_result
 
-from stages.common import Workspace
+from kdlib.checkpoint import Checkpoint
 from stages.evaluate import evaluate_checkpoint
-from stages.prepare import prepare
-from stages.train import train_pipeline
+from stages.params import resolve
+from stages.pipeline import prepare, train_pipeline
+from stages.workspace import Workspace
 
 
 def main() -> None:
@@ -30,15 +31,17 @@ def main() -> None:
         params = shrink(params)
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp))
-        index = prepare(params, ws.prepared)
-        train_pipeline(params, index, ws, roles=("teacher",))
-        teacher_top1 = evaluate_checkpoint(params, index, ws.teacher_checkpoint)[0].top1
+        run = resolve(params)
+        index = prepare(run, ws)
+        train_pipeline(run, ws, roles=("teacher",))
+        teacher_top1 = evaluate_checkpoint(run, index, Checkpoint.read(ws.teacher_checkpoint)).top1
         rows = []
         for seed in args.seeds:
-            run = copy.deepcopy(params)
-            run["seed"] = seed
-            train_pipeline(run, index, ws, roles=("baseline", "distill"))
-            top1 = {role: evaluate_checkpoint(run, index, ws.models / role / "best.pt")[0].top1
+            seeded = copy.deepcopy(params)
+            seeded["seed"] = seed
+            run = resolve(seeded)
+            train_pipeline(run, ws, roles=("baseline", "distill"))
+            top1 = {role: evaluate_checkpoint(run, index, Checkpoint.read(ws.checkpoint(role))).top1
                     for role in ("baseline", "distill")}
             rows.append({"seed": seed, "baseline_top1": top1["baseline"], "kd_top1": top1["distill"],
                          "gain": top1["distill"] - top1["baseline"]})
@@ -60,7 +63,8 @@ def main() -> None:
     print(f"gain {g_mean:+.2f} ± {g_std:.2f} pt; target (>= +1.0 and > 2 std): {'met' if met else 'NOT met'}")
     write_result("kd_gain", {
         "quick": args.quick, "teacher": params["teacher"], "student": params["student"], "distill": {"method": method, **params["distill"][method]},
-        "data": params["data"], "teacher_top1": teacher_top1, "seeds": rows,
+        "data": {**params["data"], **params["datasets"][params["dataset"]].get("options", {})},
+        "teacher_top1": teacher_top1, "seeds": rows,
         "baseline_top1_mean": b_mean, "baseline_top1_std": b_std, "kd_top1_mean": k_mean, "kd_top1_std": k_std,
         "gain_mean": g_mean, "gain_std": g_std, "target_met": met,
     }, args.out)

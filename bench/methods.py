@@ -22,12 +22,15 @@ from typing import Any
 
 from common import bench_parser, default_params, print_table, shrink, write_result
 
+from kdlib.checkpoint import Checkpoint
+from kdlib.data.index import DatasetIndex
 from stages.align import align
-from stages.common import Workspace
 from stages.evaluate import evaluate_checkpoint
-from stages.prepare import prepare
+from stages.params import resolve
+from stages.pipeline import prepare, train_pipeline
 from stages.teacher_cache import build_cache
-from stages.train import train_pipeline, train_role
+from stages.train import train_role
+from stages.workspace import Workspace
 
 GROUPS = {
     "cnn": ("cnn_small", ["baseline", "kd", "l2", "lsh", "lshl2", "lshl2_s"]),
@@ -35,17 +38,18 @@ GROUPS = {
 }
 
 
-def run_method(params: dict[str, Any], index: Any, ws: Workspace, method: str) -> dict[str, Any]:
+def run_method(params: dict[str, Any], index: DatasetIndex, ws: Workspace, method: str) -> dict[str, Any]:
     role = "baseline" if method == "baseline" else "distill"
     align_seconds = 0.0
     if role == "distill":
         params["distill"]["method"] = method
-        build_cache(params, index, ws, progress=False)
-        align_seconds = align(params, index, ws).get("train_seconds", 0.0)
-    result, n_params = train_role(params, role, index, ws, progress=False)
-    student = params["models"][params["student"]]
-    steps = -(-len(index.split("train")) // student["batch_size"])
-    return {"top1": evaluate_checkpoint(params, index, ws.models / role / "best.pt")[0].top1, "params": n_params,
+    run = resolve(params)
+    if role == "distill":
+        build_cache(run, ws, progress=False)
+        align_seconds = align(run, ws).get("train_seconds", 0.0)
+    result, n_params = train_role(run, role, ws, progress=False)
+    steps = -(-len(index.split("train")) // run.student.recipe.batch_size)
+    return {"top1": evaluate_checkpoint(run, index, Checkpoint.read(ws.checkpoint(role))).top1, "params": n_params,
             "step_ms": 1000 * statistics.median(result.epoch_seconds) / steps, "align_seconds": align_seconds}
 
 
@@ -63,18 +67,19 @@ def main() -> None:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp))
-        index = prepare(params, ws.prepared)
-        train_pipeline(params, index, ws, roles=("teacher",))
-        teacher_top1 = evaluate_checkpoint(params, index, ws.teacher_checkpoint)[0].top1
+        run = resolve(params)
+        index = prepare(run, ws)
+        train_pipeline(run, ws, roles=("teacher",))
+        teacher_top1 = evaluate_checkpoint(run, index, Checkpoint.read(ws.teacher_checkpoint)).top1
         for group in args.groups:
             student, methods = GROUPS[group]
             methods = [m for m in methods if m == "baseline" or not args.methods or m in args.methods]
             results[group] = {m: [] for m in methods}
             for seed in args.seeds:
                 for method in methods:
-                    run = copy.deepcopy(params)
-                    run.update(seed=seed, student=student)
-                    results[group][method].append(run_method(run, index, ws, method))
+                    cell = copy.deepcopy(params)
+                    cell.update(seed=seed, student=student)
+                    results[group][method].append(run_method(cell, index, ws, method))
                     r = results[group][method][-1]
                     print(f"{group} seed {seed} {method}: top-1 {r['top1']:.2f}, {r['step_ms']:.1f} ms/step",
                           flush=True)

@@ -1,7 +1,7 @@
 """Quantized inference against the best fp32 path, and the KD student against its teacher.
 
-Trains the default pipeline (shortened) in a copy of this repository with ``dvc repro evaluate``,
-or takes ``--repo`` with trained models, then measures every (model, precision) in a fresh
+Trains the default pipeline (shortened) in a copy of this repository with ``dvc repro`` of the
+``evaluate@<role>`` stages, or takes ``--repo`` with trained models, then measures every (model, precision) in a fresh
 process (kdlib.quantize.measure.run_isolated): test accuracy, batch-1 latency (median/p95),
 images/s at batch 64, peak RSS, size on disk. Targets: the fastest int8 student is >= 2x faster at
 batch 1 than the fastest fp32 student path (eager NCHW, channels_last, ONNX Runtime), loses
@@ -20,12 +20,12 @@ from pathlib import Path
 import yaml
 from torch import Tensor
 
-from common import bench_parser, copy_repo, git_env, print_table, write_result
+from common import bench_parser, copy_repo, dvc_stages, git_env, print_table, stage_group, write_result
 
-from kdlib.checkpoint import load_checkpoint
-from kdlib.data import read_index
+from kdlib.checkpoint import Checkpoint
 from kdlib.quantize.measure import EvalJob, TensorImages, add_deltas, materialize, run_isolated
-from stages.common import load_split
+from stages.params import load_params, resolve
+from stages.workspace import Workspace
 
 STUDENT = ["fp32", "fp32_channels_last", "onnx_fp32", "bf16", "fp16", "int8_dynamic", "int8_static", "fp8",
            "onnx_int8"]
@@ -35,27 +35,32 @@ INT8_PATHS = {"int8_static", "onnx_int8", "int8_dynamic"}
 
 
 def train_copy(work: Path, quick: bool) -> Path:
-    """The pipeline up to evaluate in a copy of the repository, with fewer epochs."""
+    """The pipeline up to evaluate (every ``evaluate@<role>`` stage) in a copy of the repository,
+    with fewer epochs."""
     repo = copy_repo(work)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for preset in params["models"].values():
         preset.update(epochs=1 if quick else 5, warmup_epochs=0, patience=0)
     if quick:
-        params["data"].update(train_per_class=10, val_per_class=5, test_per_class=20)
+        params["datasets"]["mnist"].setdefault("options", {}).update(
+            train_per_class=10, val_per_class=5, test_per_class=20)
+    resolve(params)  # a ParamError here names the problem; DVC would only say the stage failed
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["dvc", "repro", "evaluate"], cwd=repo, env=git_env(), check=True, capture_output=True)
+    evaluate = [s for s in dvc_stages(repo) if stage_group(s) == "evaluate"]
+    proc = subprocess.run(["dvc", "repro", *evaluate], cwd=repo, env=git_env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"dvc repro {' '.join(evaluate)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return repo
 
 
 def eval_data(role: str) -> tuple[Path, TensorImages, Tensor, Tensor | None]:
     """``role``'s checkpoint, its test split and a seeded sample of 256 training images for
     calibration, decoded at the model's input size (run from the repository's root)."""
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    preset = params["datasets"][params["dataset"]]
-    index = read_index(Path("data/prepared"))
-    path = (Path("models") / role / "best.pt").resolve()
-    size = load_checkpoint(path)["meta"]["input_size"]
-    test, train = load_split(index, "test", preset, size, False), load_split(index, "train", preset, size, False)
+    run, ws = load_params(Path("params.yaml")), Workspace()
+    index = ws.index()
+    path = ws.checkpoint(role).resolve()
+    size = Checkpoint.read(path).record.input_size
+    test, train = run.dataset.load(index, "test", size, False), run.dataset.load(index, "train", size, False)
     picks = sorted(random.Random(0).sample(range(len(train)), min(256, len(train))))
     return path, materialize(test), materialize(train, picks).images, test.ignore
 

@@ -10,7 +10,6 @@ CPU, which is how the presets' defaults were chosen.
 """
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from pathlib import Path
@@ -19,42 +18,40 @@ import torch
 
 from common import bench_parser, default_params, print_table, shrink, write_result
 
-from kdlib.checkpoint import model_from_checkpoint
-from kdlib.data import BatchNormalizer
+from kdlib.checkpoint import Checkpoint
+from kdlib.data import BatchNormalizer, DatasetMeta
 from kdlib.losses import StudentOutput, TeacherOutput, build_objective
 from kdlib.models import build_model
 from kdlib.runtime import seed_everything
 from kdlib.teacher import OnlineTeacher
-from kdlib.train import AMP_DTYPES, build_optimizer, recipe_from_dict
-from stages.params import model_spec
-from stages.common import Workspace
-from stages.prepare import prepare
-from stages.train import train_pipeline
+from kdlib.train import AMP_DTYPES, build_optimizer
+from stages.params import Run, resolve
+from stages.pipeline import prepare, train_pipeline
+from stages.workspace import Workspace
 
 
-def in_memory_rate(params: dict, role: str, meta, teacher_ckpt: Path | None, steps: int,
+def in_memory_rate(run: Run, role: str, meta: DatasetMeta, teacher_ckpt: Path | None, steps: int,
                    amp: str, channels_last: bool) -> float:
     """Images/s of normalize → forward (+ teacher) → loss → backward → step on fixed batches."""
-    spec = model_spec(params, params["teacher" if role == "teacher" else "student"])
-    recipe = recipe_from_dict(params["models"][spec.name])
+    model_run = run.model(role)
+    spec, recipe, size = model_run.spec, model_run.recipe, model_run.input_size
     seed_everything(0)
-    model = build_model(spec.arch, meta.num_classes, meta.channels, False, **spec.kwargs).train()
+    model = build_model(spec.arch, meta.num_classes, meta.channels, False, **spec.model_kwargs).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     normalizer = BatchNormalizer(meta.mean, meta.std, channels_last)
     optimizer = build_optimizer(model, recipe)
-    size = spec.input_size or meta.image_size
     images = torch.randint(0, 256, (recipe.batch_size, meta.channels, size, size), dtype=torch.uint8)
     targets = torch.randint(0, meta.num_classes, (recipe.batch_size,))
     positions = torch.arange(recipe.batch_size)
     teacher = None
     if role == "distill":  # the teacher's cost as the loop pays it: online, or a cache lookup
-        if params["teacher_cache"]["enabled"]:
+        if run.params.teacher_cache.enabled:
             cached = torch.randn(recipe.batch_size, meta.num_classes)
             teacher = lambda x, p, v: TeacherOutput(cached)  # noqa: E731
         else:
-            teacher_model, teacher_meta = model_from_checkpoint(teacher_ckpt)
-            teacher = OnlineTeacher(teacher_model, teacher_meta["input_size"])
+            checkpoint = Checkpoint.read(teacher_ckpt)
+            teacher = OnlineTeacher(checkpoint.model(), checkpoint.record.input_size)
         objective = build_objective("kd", temperature=4.0, alpha=0.9)
     else:
         objective = build_objective("ce")
@@ -89,16 +86,17 @@ def main() -> None:
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp))
-        index = prepare(params, ws.prepared)
+        run = resolve(params)
+        index = prepare(run, ws)
         teacher_ckpt = ws.teacher_checkpoint
         for role in ("teacher", "baseline", "distill"):
-            fit_result, _ = train_pipeline(params, index, ws, roles=(role,))[role]
-            preset = params["models"][params["teacher" if role == "teacher" else "student"]]
-            amp, cl = preset.get("amp", "none"), preset.get("channels_last", False)
-            steps = max(len(index.split("train")) * epochs // preset["batch_size"], 5)
-            memory = in_memory_rate(params, role, index.meta, teacher_ckpt, steps, amp, cl)
+            fit_result, _ = train_pipeline(run, ws, roles=(role,))[role]
+            recipe = run.model(role).recipe
+            amp, cl = recipe.amp, recipe.channels_last
+            steps = max(len(index.split("train")) * epochs // recipe.batch_size, 5)
+            memory = in_memory_rate(run, role, index.meta, teacher_ckpt, steps, amp, cl)
             fp32 = memory if (amp, cl) == ("none", False) else in_memory_rate(
-                params, role, index.meta, teacher_ckpt, steps, "none", False)
+                run, role, index.meta, teacher_ckpt, steps, "none", False)
             ratio = fit_result.images_per_second / memory
             rows.append([role, f"{amp}{'+cl' if cl else ''}", fit_result.images_per_second, memory,
                          f"{100 * ratio:.0f}%", fp32, f"{memory / fp32:.2f}x"])

@@ -4,9 +4,10 @@ Features are read through timm's own interface, never by forking model code: a m
 with ``num_classes=0`` (or after ``reset_classifier(0)``) returns its pooled pre-logits
 features, and ``forward_head(forward_features(x), pre_logits=True)`` gives the same vector
 next to the logits. The pooling is the model's own: ``kwargs: {global_pool: avg | max | avgmax}``
-in a model preset selects seed 004's GAP / GMP / GWP (``avgmax`` = (GAP + GMP) / 2).
+in a model preset selects the GAP / GMP / GWP of LSHFM (Wang et al., TPAMI 2021)
+(``avgmax`` = (GAP + GMP) / 2).
 
-Seed 004 (LSH feature mimicking) gives the student a linear ``feat_fc`` from its feature width
+LSHFM gives the student a linear ``feat_fc`` from its feature width
 to the teacher's when they differ (or when forced); its output is both the mimicked feature
 and the classifier's input. :class:`FeatureStudent` is that model: backbone → ``feat_fc`` →
 ``fc``. It is an ordinary ``nn.Module`` whose ``forward`` returns logits, so evaluation,
@@ -45,7 +46,7 @@ class FeatureStudent(nn.Module):
     and no projection is forced) → ``fc`` (Linear to the classes).
 
     ``freeze_backbone()`` (the ``align`` stage) leaves only ``feat_fc`` trainable and keeps the
-    backbone in eval mode, so its BatchNorm statistics stay as they were: seed 004 let them drift
+    backbone in eval mode, so its BatchNorm statistics stay as they were: LSHFM lets them drift
     during alignment, which changes the very features ``feat_fc`` is being fitted to.
     """
 

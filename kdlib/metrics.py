@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,3 +80,15 @@ def evaluate(
     top1, top5 = 100.0 * hits[1] / n, 100.0 * hits[5] / n
     return EvalResult(float(F.cross_entropy(logits, targets)), top1, top5, logits, targets, top1,
                       {"top1": top1, "top5": top5})
+
+
+def evaluate_dataset(model: nn.Module, dataset: Any, mean: Sequence[float], std: Sequence[float], batch_size: int,
+                     device: torch.device, ap_mode: str = "voc") -> EvalResult:
+    """:func:`evaluate` of ``model`` over every image of ``dataset`` (an
+    :class:`~kdlib.data.dataset.IndexedImageDataset`), normalized with ``mean``/``std``, in float32."""
+    from kdlib.data.transforms import BatchNormalizer
+    from kdlib.runtime import Runtime, make_loader
+
+    loader = make_loader(dataset, batch_size, False, 0, Runtime(device))
+    normalizer = BatchNormalizer(mean, std).to(device)
+    return evaluate(model.to(device), loader, normalizer, device, None, dataset.ignore, ap_mode)

@@ -97,3 +97,25 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], titl
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata=PNG_META)
     plt.close(fig)
+
+
+def results_markdown(title: str, manifest: Mapping, method: str, knobs: Mapping, seed: int,
+                     rows: Sequence[Mapping], score: str, kd_gain: float, quantization: str | None) -> str:
+    """``results.md``: the data, the distillation method, the models table and the KD gain, then
+    the quantized-evaluation table when there is one."""
+    columns = ["mAP", "CF1", "OF1"] if score == "mAP" else ["top1", "top5"]
+    splits = manifest["splits"]
+    text = (
+        f"# Results: {title}\n\n"
+        f"Data: {manifest['num_classes']} classes; train {splits['train']['count']}, "
+        f"val {splits['val']['count']}, test {splits['test']['count']} images. "
+        f"Distillation: {method} ({', '.join(f'{k} = {v}' for k, v in knobs.items())}); seed {seed}.\n\n"
+        + results_table(rows, columns)
+        + f"\nKD gain (distill − baseline, best checkpoints, test {LABELS[score]}): **{kd_gain:+.2f} pt**\n\n"
+        "Figures: `figures/training_curves.png`, `figures/test_accuracy.png`, `figures/confusion_*.png`.\n"
+    )
+    if quantization:
+        text += ("\n## Quantized evaluation (every model x precision; stages/quantize.py)\n\n" + quantization
+                 + "\nFigures: `quantize/figures/accuracy_vs_latency.png`, `quantize/figures/accuracy_vs_size.png` "
+                 "(Pareto front dashed), `quantize/figures/teacher_vs_student.png` (bubble area = parameters).\n")
+    return text

@@ -97,3 +97,17 @@ def make_loader(
         persistent_workers=num_workers > 0,
         pin_memory=runtime.device.type == "cuda",
     )
+
+
+def has_native_kernels(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``device`` computes ``dtype`` (bfloat16, float16) natively. On a CPU without
+    AVX512-BF16 / AVX512-FP16 / AMX, oneDNN has no kernels for them and torch emulates them
+    through fp32 conversions: a convolution is then 5–30× slower than in fp32."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return True
+    try:
+        check = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else \
+            torch.ops.mkldnn._is_mkldnn_fp16_supported
+        return bool(check())
+    except (AttributeError, RuntimeError):  # a torch without the probe: assume the kernels exist
+        return True

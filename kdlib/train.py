@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -20,43 +21,48 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kdlib.checkpoint import save_checkpoint
+from kdlib.checkpoint import ModelRecord, save_checkpoint
 from kdlib.data.dataset import IndexedImageDataset
 from kdlib.data.transforms import BatchNormalizer
 from kdlib.data.views import AugmentedViews, make_view_seeds
 from kdlib.features import prediction_logits, student_output
+from kdlib.losses.base import Method
 from kdlib.losses.registry import TeacherOutput
-from kdlib.metrics import evaluate
-from kdlib.runtime import Runtime, make_loader
+from kdlib.metrics import EvalResult, evaluate
+from kdlib.runtime import Runtime, has_native_kernels, make_loader
+from kdlib.schema import is_bool, is_float, is_int, one_of, setting
 
 # (normalized images, image positions, view indices) -> the teacher's output on those views
 TeacherFn = Callable[[Tensor, Tensor, Tensor], TeacherOutput]
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
-    """Optimization recipe of one training run (one model preset of ``params.yaml``)."""
+    """Optimization recipe of one training run: the training half of a model preset.
 
-    epochs: int
-    batch_size: int
-    lr: float
-    optimizer: str = "sgd"  # sgd | adamw
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | step | constant
-    warmup_epochs: int = 0
-    min_lr: float = 0.0
-    step_epochs: int = 30
-    step_gamma: float = 0.1
-    label_smoothing: float = 0.0
-    patience: int = 0  # epochs without a better val top-1 before stopping; 0 = never stop early
-    grad_clip: float = 0.0  # max grad norm; 0 = off
-    channels_last: bool = False
-    amp: str = "none"  # none | bf16 | fp16
-    eval_batch_size: int = 256
-    num_workers: int = 0
+    ``eval_batch_size`` and ``num_workers`` are the run's loader settings, not the preset's.
+    """
+
+    epochs: int = setting(is_int(1))
+    batch_size: int = setting(is_int(1))
+    lr: float = setting(is_float(0, lo_open=True))
+    optimizer: str = setting(one_of("sgd", "adamw"), "sgd", required=True)
+    momentum: float = setting(is_float(0, 1, hi_open=True), 0.9)
+    nesterov: bool = setting(is_bool, False)
+    weight_decay: float = setting(is_float(0), 5e-4)
+    schedule: str = setting(one_of("cosine", "step", "constant"), "cosine", required=True)
+    warmup_epochs: int = setting(is_int(0), 0)
+    min_lr: float = setting(is_float(0), 0.0)
+    step_epochs: int = setting(is_int(1), 30)
+    step_gamma: float = setting(is_float(0, 1, lo_open=True), 0.1)
+    label_smoothing: float = setting(is_float(0, 1, hi_open=True), 0.0)
+    patience: int = setting(is_int(0), 0)  # epochs without a better val score before stopping; 0 = never
+    grad_clip: float = setting(is_float(0), 0.0)  # max grad norm; 0 = off
+    channels_last: bool = setting(is_bool, False)
+    amp: str = setting(one_of("none", "bf16", "fp16"), "none")
+    eval_batch_size: int = setting(is_int(1), 256, context=True)
+    num_workers: int = setting(is_int(0), 0, context=True)
 
 
 class MetricsLogger(Protocol):
@@ -118,105 +124,114 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}; known: sgd, adamw")
 
 
-def fit(
-    model: nn.Module,
-    train_set: IndexedImageDataset,
-    val_set: IndexedImageDataset,
-    objective: nn.Module,
-    recipe: Recipe,
-    normalizer: BatchNormalizer,
-    checkpoint_dir: Path,
-    checkpoint_meta: dict[str, Any],
-    seed: int,
-    teacher: TeacherFn | None = None,
-    logger: MetricsLogger | None = None,
-    runtime: Runtime = Runtime(),
-    progress: bool = True,
-    ap_mode: str = "voc",
-    mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
-    view_seeds: Tensor | None = None,
-    select_best: bool = True,
-) -> FitResult:
-    """Train ``model`` with ``objective``; write ``best.pt`` (best val top-1 — mAP for multi-hot
-    targets, with ``ap_mode`` — ties broken by val loss) and ``last.pt``. ``mix`` (see
-    :func:`kdlib.data.transforms.build_mix`) mixes each normalized training batch.
+@dataclass
+class TrainData:
+    """What :func:`fit` trains and validates on.
 
-    Epoch ``e`` trains on view ``(e − 1) mod K`` of every image, from ``view_seeds`` ``(N, K)``
-    (a teacher cache's views); by default ``K`` = epochs, a fresh view per epoch, seeded by
-    ``seed``. With ``select_best=False`` (feature alignment, whose classifier is not being
-    trained) nothing is validated and only ``last.pt`` is written.
-
-    The test split never enters here: model selection and early stopping use ``val_set`` only.
+    ``view_seeds`` ``(N, K)``: epoch ``e`` trains on view ``(e − 1) mod K`` of every image (a
+    teacher cache's views); ``None``: a fresh view per epoch, seeded by the run's seed. ``mix``
+    (:func:`kdlib.data.transforms.build_mix`) mixes each normalized training batch; ``ap_mode``
+    is the multi-label AP convention of validation.
     """
-    device = runtime.device
-    amp_dtype = AMP_DTYPES[recipe.amp]
-    model.to(device)
-    normalizer.to(device)
-    objective.to(device)  # buffers such as LSH hyperplanes live where the features are
-    if recipe.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if view_seeds is None:
-        view_seeds = make_view_seeds(seed, len(train_set), recipe.epochs)
-    views = AugmentedViews(train_set, view_seeds)
-    train_loader = make_loader(views, recipe.batch_size, True, seed, runtime, recipe.num_workers)
-    val_loader = make_loader(val_set, recipe.eval_batch_size, False, seed, runtime, recipe.num_workers)
-    optimizer = build_optimizer(model, recipe)
-    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
-    scaler = torch.amp.GradScaler(device.type, enabled=recipe.amp == "fp16")
-    steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe)
-    )
-    if getattr(objective, "needs_teacher", False) and teacher is None:
-        raise ValueError(f"{type(objective).__name__} needs a teacher")
-    with_features = getattr(objective, "needs_features", False)
-    if getattr(objective, "uses_distillation_token", False):
-        if not hasattr(model, "set_distilled_training"):
-            raise ValueError(f"{type(objective).__name__} needs a student with a distillation token "
-                             f"(timm's *_distilled_* models); {type(model).__name__} has none")
-        model.set_distilled_training(True)  # training returns (class, distillation) logits
 
-    checkpoint_dir = Path(checkpoint_dir)
-    best_score, best_loss, best_epoch, epochs_without_gain = -1.0, math.inf, 0, 0
-    multilabel = train_set.multi_hot is not None
-    history: list[dict[str, float]] = []
-    epoch_times: list[float] = []
-    seen, train_seconds, last_val_score, epoch = 0, 0.0, 0.0, 0
-    stopped_early = False
+    train_set: IndexedImageDataset
+    val_set: IndexedImageDataset
+    normalizer: BatchNormalizer
+    view_seeds: Tensor | None = None
+    mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    ap_mode: str = "voc"
 
-    for epoch in range(1, recipe.epochs + 1):
-        train_loader.sampler.set_epoch(epoch - 1)  # type: ignore[union-attr]
+
+@dataclass
+class Selection:
+    """Checkpoint selection and early stopping, as state that can be saved and restored.
+
+    The best epoch has the highest validation score, ties broken by the lower validation loss
+    (ties in top-1 are common on small validation sets); training stops after ``patience``
+    epochs without a better one (0: never).
+    """
+
+    patience: int = 0
+    best_score: float = -1.0
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    epochs_without_gain: int = 0
+
+    def update(self, epoch: int, score: float, loss: float) -> bool:
+        """Record epoch ``epoch``'s validation result; True when it is the new best."""
+        improved = score > self.best_score or (score == self.best_score and loss < self.best_loss)
+        if improved:
+            self.best_score, self.best_loss, self.best_epoch, self.epochs_without_gain = score, loss, epoch, 0
+        else:
+            self.epochs_without_gain += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.epochs_without_gain >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class EpochLoop:
+    """One training epoch's moving parts, built once by :func:`fit`."""
+
+    model: nn.Module
+    objective: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    views: AugmentedViews
+    loader: torch.utils.data.DataLoader
+    data: TrainData
+    teacher: TeacherFn | None
+    recipe: Recipe
+    device: torch.device
+
+    def run(self, epoch: int, progress: bool) -> tuple[dict[str, float], int]:
+        """Train one epoch; returns the epoch's mean loss terms (and train top-1 for
+        single-label data) and the number of images seen."""
+        model, objective, recipe, device = self.model, self.objective, self.recipe, self.device
+        amp_dtype = AMP_DTYPES[recipe.amp]
+        batch_transform = self.data.train_set.batch_transform
+        multilabel = self.data.train_set.multi_hot is not None
+        self.loader.sampler.set_epoch(epoch - 1)  # type: ignore[union-attr]
         model.train()
         sums: dict[str, Tensor | float] = {}
         correct: Tensor | int = 0
         count = 0
-        start = time.perf_counter()
         # disable=None: a progress bar on a terminal, nothing in a log file
-        batches = tqdm(train_loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
-                       disable=None if progress and runtime.is_main else True)
+        batches = tqdm(self.loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
+                       disable=None if progress else True)
         for images, targets, positions, view_ids in batches:
             images = images.to(device, non_blocking=True)
-            if train_set.batch_transform is not None:
-                images = train_set.batch_transform(images, views.batch_seeds(positions, view_ids))
-            images = normalizer(images)
+            if batch_transform is not None:
+                images = batch_transform(images, self.views.batch_seeds(positions, view_ids))
+            images = self.data.normalizer(images)
             targets = targets.to(device, non_blocking=True)
-            if mix is not None:  # MixUp/CutMix: the teacher below sees the same mixed images
-                images, targets = mix(images, targets)
+            if self.data.mix is not None:  # MixUp/CutMix: the teacher below sees the same mixed images
+                images, targets = self.data.mix(images, targets)
             # the teacher runs in its own precision (float32), not the student's autocast: its
             # outputs are then the same online and from the cache
-            teacher_out = teacher(images, positions, view_ids) if teacher is not None else None
+            teacher_out = self.teacher(images, positions, view_ids) if self.teacher is not None else None
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                student = student_output(model, images, with_features)
+                student = student_output(model, images, objective.needs_features)
             student = _float32(student)  # losses in fp32 whatever the autocast dtype
             out = objective(student, targets, _float32(teacher_out) if teacher_out is not None else None)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out.total).backward()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(out.total).backward()
             if recipe.grad_clip:
-                scaler.unscale_(optimizer)
+                self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
             # accumulate on the device: a float() per step would wait for the GPU every step
             n = len(targets)
             count += n
@@ -225,24 +240,92 @@ def fit(
                 correct = correct + (prediction_logits(student).detach().argmax(dim=1) == labels).sum()
             for name, value in {"loss": out.total.detach(), **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value * n
+        row = {f"train/{k}": float(v) / count for k, v in sums.items()}
+        if not multilabel:
+            row["train/top1"] = 100.0 * float(correct) / count
+        return row, count
+
+
+def validate(model: nn.Module, data: TrainData, loader: torch.utils.data.DataLoader, device: torch.device,
+             recipe: Recipe) -> EvalResult:
+    """The validation split's loss and metrics, in the training precision."""
+    return evaluate(model, loader, data.normalizer, device, AMP_DTYPES[recipe.amp], data.val_set.ignore,
+                    data.ap_mode)
+
+
+def fit(
+    model: nn.Module,
+    objective: Method,
+    recipe: Recipe,
+    data: TrainData,
+    out_dir: Path,
+    record: ModelRecord,
+    seed: int,
+    teacher: TeacherFn | None = None,
+    logger: MetricsLogger | None = None,
+    runtime: Runtime = Runtime(),
+    progress: bool = True,
+    select_best: bool = True,
+) -> FitResult:
+    """Train ``model`` with ``objective``; write ``best.pt`` (the :class:`Selection`'s best
+    epoch: val top-1, or mAP for multi-hot targets) and ``last.pt`` into ``out_dir``, each with
+    ``record`` and the objective's fitted state.
+
+    With ``select_best=False`` (feature alignment, whose classifier is not being trained)
+    nothing is validated and only ``last.pt`` is written. The test split never enters here:
+    model selection and early stopping use ``data.val_set`` only.
+    """
+    device = runtime.device
+    model.to(device)
+    data.normalizer.to(device)
+    objective.to(device)  # buffers such as LSH hyperplanes live where the features are
+    if recipe.channels_last:
+        model.to(memory_format=torch.channels_last)
+    view_seeds = data.view_seeds if data.view_seeds is not None else make_view_seeds(
+        seed, len(data.train_set), recipe.epochs)
+    views = AugmentedViews(data.train_set, view_seeds)
+    train_loader = make_loader(views, recipe.batch_size, True, seed, runtime, recipe.num_workers)
+    val_loader = make_loader(data.val_set, recipe.eval_batch_size, False, seed, runtime, recipe.num_workers)
+    optimizer = build_optimizer(model, recipe)
+    steps_per_epoch = len(train_loader)
+    loop = EpochLoop(
+        model, objective, optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe)),
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        torch.amp.GradScaler(device.type, enabled=recipe.amp == "fp16"),
+        views, train_loader, data, teacher, recipe, device)
+    if objective.needs_teacher and teacher is None:
+        raise ValueError(f"{type(objective).__name__} needs a teacher")
+    amp_dtype = AMP_DTYPES[recipe.amp]
+    if amp_dtype is not None and not has_native_kernels(amp_dtype, device):
+        warnings.warn(f"amp: {recipe.amp} on a CPU without native {recipe.amp} kernels "
+                      f"({torch.backends.cpu.get_cpu_capability()}) is emulated and several times slower than "
+                      "fp32; set amp: none in the model preset", stacklevel=2)
+    if objective.uses_distillation_token:
+        if not hasattr(model, "set_distilled_training"):
+            raise ValueError(f"{type(objective).__name__} needs a student with a distillation token "
+                             f"(timm's *_distilled_* models); {type(model).__name__} has none")
+        model.set_distilled_training(True)  # training returns (class, distillation) logits
+
+    out_dir = Path(out_dir)
+    selection = Selection(recipe.patience if select_best else 0)
+    history: list[dict[str, float]] = []
+    epoch_times: list[float] = []
+    seen, train_seconds, last_val_score, epoch = 0, 0.0, 0.0, 0
+    for epoch in range(1, recipe.epochs + 1):
+        start = time.perf_counter()
+        row, count = loop.run(epoch, progress and runtime.is_main)
         epoch_seconds = time.perf_counter() - start
         train_seconds += epoch_seconds
         seen += count
-
-        row = {f"train/{k}": float(v) / count for k, v in sums.items()}
-        if not multilabel and select_best:
-            row["train/top1"] = 100.0 * float(correct) / count
         improved = False
         if select_best:
-            val = evaluate(model, val_loader, normalizer, device, amp_dtype, val_set.ignore, ap_mode)
+            val = validate(model, data, val_loader, device, recipe)
             last_val_score = val.score
             row.update({"val/loss": val.loss, **{f"val/{name}": value for name, value in val.metrics.items()}})
-            # ties in top-1 are common on small validation sets: the lower loss breaks them
-            improved = val.score > best_score or (val.score == best_score and val.loss < best_loss)
-            if improved:
-                best_score, best_loss, best_epoch, epochs_without_gain = val.score, val.loss, epoch, 0
-            else:
-                epochs_without_gain += 1
+            improved = selection.update(epoch, val.score, val.loss)
+        else:
+            row.pop("train/top1", None)  # the classifier is frozen: its accuracy says nothing
         row["lr"] = optimizer.param_groups[0]["lr"]
         epoch_times.append(epoch_seconds)
         history.append(row)
@@ -252,22 +335,23 @@ def fit(
                     logger.log_metric(name, value)
                 logger.next_step()
             if improved:
-                save_checkpoint(checkpoint_dir / "best.pt", model,
-                                {**checkpoint_meta, "epoch": epoch, "val_score": val.score})
-        if recipe.patience and epochs_without_gain >= recipe.patience:
-            stopped_early = True
+                save_checkpoint(out_dir / "best.pt", model,
+                                {**record.as_meta(), "epoch": epoch, "val_score": val.score},
+                                objective.fitted_state())
+        if selection.should_stop:
             break
 
     if runtime.is_main:
-        save_checkpoint(checkpoint_dir / "last.pt", model,
-                        {**checkpoint_meta, "epoch": epoch, "val_score": last_val_score})
+        save_checkpoint(out_dir / "last.pt", model,
+                        {**record.as_meta(), "epoch": epoch, "val_score": last_val_score}, objective.fitted_state())
+    multilabel = data.train_set.multi_hot is not None
     return FitResult(
-        best_epoch=best_epoch,
+        best_epoch=selection.best_epoch,
         score_name="mAP" if multilabel else "top1",
-        best_val_score=best_score,
+        best_val_score=selection.best_score,
         last_epoch=epoch,
         last_val_score=last_val_score,
-        stopped_early=stopped_early,
+        stopped_early=selection.should_stop,
         train_seconds=train_seconds,
         images_per_second=seen / max(train_seconds, 1e-9),
         history=history,
@@ -278,8 +362,3 @@ def fit(
 def _float32(output: Any) -> Any:
     """A Student/TeacherOutput with every tensor in float32."""
     return output._replace(**{k: v.float() for k, v in output._asdict().items() if v is not None})
-
-
-def recipe_from_dict(values: dict[str, Any]) -> Recipe:
-    known = set(Recipe.__dataclass_fields__)
-    return Recipe(**{k: v for k, v in values.items() if k in known})

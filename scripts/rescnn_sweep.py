@@ -1,20 +1,31 @@
-"""Seed 003's residual-CNN size sweep as one queued DVC experiment sweep, then its table.
+"""The residual-CNN precision study's size sweep as one queued DVC experiment sweep, then its table.
 
     python scripts/rescnn_sweep.py REPO [--blocks 4 6 8 10] [--set key=value ...]
 
 Queues ``dvc exp run --queue -S student=rescnn -S models.rescnn.kwargs.blocks=4,6,8,10`` in REPO,
 runs the queue (``dvc queue start`` then waits), collects ``dvc exp show --json`` and prints one row
-per experiment x precision from each experiment's reports/quantization.json metrics.
+per experiment x student (baseline, distill) x precision from each experiment's
+``reports/quantization.json`` metrics (gathered by the report stage from ``quantize@<role>``).
+``evaluate`` and ``quantize`` run once per model, so the sweep changes only the student's stages:
+the teacher is trained, evaluated and quantized once and DVC's run cache restores those stages
+in every other experiment.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def dvc(repo: Path, *args: str) -> str:
@@ -36,6 +47,61 @@ def run_queue(repo: Path, set_args: list[str]) -> str:
     if "Failed" in status:
         print(status, file=sys.stderr)
     return status
+
+
+def split_choices(value: str) -> list[str]:
+    """``a,b`` → ``[a, b]``, as ``dvc exp run -S key=a,b`` sweeps; a comma inside ``[...]`` or
+    ``{...}`` belongs to one value (a list or mapping)."""
+    parts, depth, current = [], 0, ""
+    for ch in value:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [*parts, current]
+
+
+def experiment_params(repo: Path, set_args: list[str]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(overrides, params.yaml values) of each experiment ``dvc exp run --queue SET_ARGS`` would
+    queue in ``repo``: one per combination of the comma-separated choices."""
+    pairs = [item.split("=", 1) for flag, item in zip(set_args[::2], set_args[1::2]) if flag == "-S"]
+    base = yaml.safe_load((repo / "params.yaml").read_text())
+    out = []
+    for values in itertools.product(*[split_choices(v) for _, v in pairs]):
+        overrides = {key: yaml.safe_load(v) for (key, _), v in zip(pairs, values)}
+        params = copy.deepcopy(base)
+        for key, value in overrides.items():
+            *parents, last = key.split(".")
+            node = params
+            for name in parents:
+                node = node.setdefault(name, {})
+            node[last] = value
+        out.append((overrides, params))
+    return out
+
+
+def dry_run(repo: Path, set_args: list[str]) -> int:
+    """Print the queue command and each experiment it would queue, each checked as the stages
+    will check it (:func:`stages.params.resolve`); nothing is queued. Returns the number of
+    invalid experiments."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from stages.params import ParamError, resolve
+
+    cells = experiment_params(repo, set_args)
+    print(f"dvc exp run --queue {' '.join(set_args)}  # in {repo}: {len(cells)} experiments")
+    invalid = 0
+    for overrides, params in cells:
+        shown = " ".join(f"{k}={v}" for k, v in overrides.items())
+        try:
+            resolve(params)
+            print(f"  ok       {shown}")
+        except ParamError as err:
+            invalid += 1
+            print(f"  INVALID  {shown}\n    " + str(err).replace("\n", "\n    "))
+    return invalid
 
 
 def experiments(data: list) -> list[tuple[str, dict, dict]]:
@@ -66,6 +132,12 @@ def rows_from_exp_show(data: list) -> list[dict]:
     return rows
 
 
+def queue_args(blocks: list[int], extra: list[str]) -> list[str]:
+    """The ``-S`` arguments of the sweep's ``dvc exp run --queue`` (one experiment per block count)."""
+    return ["-S", "student=rescnn", "-S", "models.rescnn.kwargs.blocks=" + ",".join(map(str, blocks)),
+            *[x for kv in extra for x in ("-S", kv)]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("repo", type=Path)
@@ -73,11 +145,15 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra -S key=value for every experiment")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "reports" / "bench",
                     help="where rescnn_sweep.json (every row, the settings, the queue's status) goes")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the queue command and each experiment, checked against REPO's params.yaml; "
+                         "queue nothing")
     args = ap.parse_args()
-    extra = [x for kv in args.set for x in ("-S", kv)]
+    set_args = queue_args(args.blocks, args.set)
+    if args.dry_run:
+        raise SystemExit(1 if dry_run(args.repo, set_args) else 0)
     start = time.perf_counter()
-    status = run_queue(args.repo, ["-S", "student=rescnn", "-S",
-                                   "models.rescnn.kwargs.blocks=" + ",".join(map(str, args.blocks)), *extra])
+    status = run_queue(args.repo, set_args)
     rows = rows_from_exp_show(json.loads(dvc(args.repo, "exp", "show", "--json")))
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"blocks": args.blocks, "set": args.set, "queue_status": status,

@@ -1,4 +1,4 @@
-"""align: feature alignment, seed 004's stage 1, for feature-mimicking methods.
+"""align: feature alignment, LSHFM's (Wang et al., TPAMI 2021) stage 1, for feature-mimicking methods.
 
 Trains only the student's ``feat_fc`` projection with ``align.beta × (the method's feature
 terms)`` against the teacher — no classification loss, backbone and its BatchNorm statistics
@@ -12,45 +12,44 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from kdlib.data.index import DatasetIndex
+from kdlib.checkpoint import Checkpoint
+from kdlib.data.transforms import BatchNormalizer
+from kdlib.distill import is_projected, setup_distillation
+from kdlib.io import write_json
 from kdlib.runtime import Runtime, seed_everything
-from kdlib.train import fit
-from stages import distillation as D
-from stages.common import Workspace, normalizer_for, prepared_index, write_json
-from stages.params import load_params
+from kdlib.train import TrainData, fit
+from stages.params import Run, load_params
+from stages.workspace import Workspace
 
 
-def align(params: dict[str, Any], index: DatasetIndex, ws: Workspace = Workspace()) -> dict[str, Any]:
+def align(run: Run, ws: Workspace = Workspace()) -> dict[str, Any]:
     """Align ``feat_fc`` into ``ws.align``; returns the summary written to ``align.json``."""
-    method, epochs = D.method_name(params), params["align"]["epochs"]
+    settings, method = run.params.align, run.method.name
     shutil.rmtree(ws.align, ignore_errors=True)
     reason = None
-    if not getattr(D.method_class(params), "needs_features", False):
+    if not run.method.cls.needs_features:
         reason = f"distill.method = {method!r} mimics no features: nothing to align"
-    elif epochs == 0:
+    elif settings.epochs == 0:
         reason = "align.epochs = 0"
     else:
-        seed_everything(params["seed"])  # the same student initialization as distill's
-        runtime = Runtime.from_env("auto")
-        recipe = D.align_recipe(params)
-        objective = D.build_method(params, index.meta.task, recipe, gamma=0.0, beta=params["align"]["beta"])
-        model = D.build_student(params, index, objective)
-        teacher, teacher_model = D.load_teacher(index, runtime, True, ws)
-        model = D.with_feat_fc(params, index, objective, model, teacher_model, ws)
-        if not model.projected:
+        index, student = ws.index(), run.student
+        train_set = run.dataset.load(index, "train", student.input_size, True)
+        val_set = run.dataset.load(index, "val", student.input_size, False)
+        seed_everything(run.seed)  # the same student initialization as distill's
+        runtime, recipe = Runtime.from_env("auto"), settings.recipe(student.recipe)
+        setup = setup_distillation(
+            run.objective("distill", **run.method.cls.alignment_knobs(settings.beta)), student.spec, student.preset, index.meta,
+            train_set, Checkpoint.read(ws.teacher_checkpoint), seed=run.seed, num_views=run.num_views,
+            runtime=runtime, teacher_batch_size=run.params.teacher_cache.batch_size, role="align")
+        if not is_projected(setup.student):
             reason = f"student and teacher features have the same width and {method}.force_feat_fc is false"
     if reason is not None:
         summary = {"aligned": False, "reason": reason}
         write_json(ws.align / "align.json", summary)
         return summary
-    model.freeze_backbone()
-    train_set, val_set = D.train_sets(params, index)
-    if getattr(objective, "needs_lsh", False):
-        seeds = D.training_view_seeds(params, len(train_set))
-        D.fit_lsh(objective, teacher_model, D.first_view_features(teacher, train_set, seeds, params, index, runtime),
-                  params["seed"])
-    result = fit(model, train_set, val_set, objective, recipe, normalizer_for(index, recipe.channels_last),
-                 ws.align, D.checkpoint_meta(params, index, "align", model), params["seed"], teacher=teacher,
+    setup.student.freeze_backbone()
+    data = TrainData(train_set, val_set, BatchNormalizer(index.meta.mean, index.meta.std, recipe.channels_last))
+    result = fit(setup.student, setup.objective, recipe, data, ws.align, setup.record, run.seed, setup.teacher,
                  runtime=runtime, progress=False, select_best=False)
     final = {k.removeprefix("train/"): round(v, 6) for k, v in result.history[-1].items() if k.startswith("train/")}
     summary = {"aligned": True, "epochs": result.last_epoch, "final": final, "history": result.history,
@@ -60,9 +59,8 @@ def align(params: dict[str, Any], index: DatasetIndex, ws: Workspace = Workspace
 
 
 def main() -> None:
-    params = load_params()
-    ws = Workspace()
-    summary = align(params, prepared_index(), ws)
+    run, ws = load_params(), Workspace()
+    summary = align(run, ws)
     # wall-clock time varies run to run: kept apart from the cached, reproducible outputs
     write_json(ws.reports / "align" / "metrics.json", {k: summary[k] for k in ("aligned", "final") if k in summary})
     write_json(ws.reports / "align" / "timing.json", {"train_seconds": round(summary.get("train_seconds", 0.0), 2)})

@@ -1,66 +1,62 @@
-"""evaluate: test-set top-1/top-5 of the best and last checkpoint of every trained model.
+"""evaluate ROLE: test-set metrics of the best and last checkpoint of one trained model.
 
-The test split is read here and nowhere earlier, so it never picks a checkpoint.
-Writes ``reports/evaluate/metrics.json`` and, per model, ``confusion/<role>.json`` pairs for
-DVC's confusion template.
+The test split is read here and nowhere earlier, so it never picks a checkpoint. Writes
+``reports/evaluate/<role>.json`` (metrics), ``confusion/<role>.json`` (pairs for DVC's confusion
+template) and ``matrix/<role>.json``; ``dvc.yaml`` runs it once per role (``foreach``), so an
+experiment that changes only the student re-evaluates only the student.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
 from typing import Any
 
-from kdlib.checkpoint import model_from_checkpoint
-from kdlib.data import BatchNormalizer
+from torch import nn
+
+from kdlib.checkpoint import Checkpoint
 from kdlib.data.index import DatasetIndex
-from kdlib.metrics import EvalResult, confusion_matrix, evaluate
+from kdlib.io import write_json
+from kdlib.metrics import EvalResult, confusion_matrix, evaluate_dataset
 from kdlib.models import count_parameters
-from kdlib.runtime import Runtime, make_loader, seed_everything
-from stages.common import MODELS_DIR, REPORTS_DIR, ROLES, load_split, prepared_index, write_json
-from stages.params import load_params
+from kdlib.runtime import Runtime, seed_everything
+from stages.params import ROLES, Run, load_params
+from stages.workspace import Workspace
 
 
-def evaluate_checkpoint(params: dict[str, Any], index: DatasetIndex, path: Path) -> tuple[EvalResult, dict, int]:
-    """Test-split result, checkpoint metadata and parameter count of one checkpoint."""
-    model, meta = model_from_checkpoint(path)
-    dataset_preset = params["datasets"][params["dataset"]]
-    test_set = load_split(index, "test", dataset_preset, meta["input_size"], False)
-    runtime = Runtime.from_env("auto")
-    loader = make_loader(test_set, params["eval"]["batch_size"], False, 0, runtime)
-    normalizer = BatchNormalizer(meta["mean"], meta["std"]).to(runtime.device)
-    result = evaluate(model.to(runtime.device), loader, normalizer, runtime.device, None, test_set.ignore,
-                      dataset_preset.get("ap_mode", "voc"))
-    return result, meta, count_parameters(model)
+def evaluate_checkpoint(run: Run, index: DatasetIndex, checkpoint: Checkpoint, model: nn.Module | None = None
+                        ) -> EvalResult:
+    """Test-split result of one checkpoint (``model``: the one it holds, when already built), at
+    its own input size and statistics."""
+    test_set = run.dataset.load(index, "test", checkpoint.record.input_size, False)
+    return evaluate_dataset(model or checkpoint.model(), test_set, checkpoint.record.mean, checkpoint.record.std,
+                            run.params.eval.batch_size, Runtime.from_env("auto").device, run.dataset.ap_mode)
 
 
 def main() -> None:
-    params = load_params()
-    seed_everything(params["seed"])
-    index = prepared_index()
-    out_dir = REPORTS_DIR / "evaluate"
-    metrics: dict[str, Any] = {}
-    confusions: dict[str, Any] = {"classes": index.meta.classes}
-    multilabel = index.meta.task == "multilabel"
-    score = "mAP" if multilabel else "top1"
-    for role in ROLES:
-        row: dict[str, Any] = {}
-        for which in ("best", "last"):
-            path = MODELS_DIR / role / f"{which}.pt"
-            result, meta, n_params = evaluate_checkpoint(params, index, path)
-            row[which] = {**{k: round(v, 4) for k, v in result.metrics.items()},
-                          "loss": round(result.loss, 6), "epoch": meta["epoch"]}
-            if which == "best":
-                row.update(params=n_params, checkpoint_bytes=path.stat().st_size)
-                names, pairs = meta["classes"], []
-                if not multilabel:  # a confusion matrix needs one label per image
-                    pairs = [{"actual": names[a], "predicted": names[p]}
-                             for a, p in zip(result.targets.tolist(), result.predictions.tolist())]
-                    confusions[role] = confusion_matrix(result.targets, result.predictions, len(names)).tolist()
-                write_json(out_dir / "confusion" / f"{role}.json", pairs)
-        metrics[role] = row
-        print(f"{role:9s} best {score} {row['best'][score]:.2f}  last {score} {row['last'][score]:.2f}")
-    metrics[f"kd_gain_{score}"] = round(metrics["distill"]["best"][score] - metrics["baseline"]["best"][score], 4)
-    write_json(out_dir / "confusion_matrices.json", confusions)
-    write_json(out_dir / "metrics.json", metrics)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("role", choices=ROLES)
+    role, run, ws = parser.parse_args().role, load_params(), Workspace()
+    seed_everything(run.seed)
+    index, row, out = ws.index(), {}, ws.reports / "evaluate"
+    for which in ("best", "last"):
+        checkpoint = Checkpoint.read(ws.checkpoint(role, which))
+        model = checkpoint.model()
+        result = evaluate_checkpoint(run, index, checkpoint, model)
+        row[which] = {**{k: round(v, 4) for k, v in result.metrics.items()}, "loss": round(result.loss, 6),
+                      "epoch": checkpoint.epoch}
+        if which == "best":
+            row.update(preset=checkpoint.record.preset, arch=checkpoint.record.arch, params=count_parameters(model),
+                       checkpoint_bytes=checkpoint.path.stat().st_size)
+            pairs: list[dict[str, Any]] = []
+            matrix: list[list[int]] | None = None
+            if run.task != "multilabel":  # a confusion matrix needs one label per image
+                names = checkpoint.record.classes
+                pairs = [{"actual": names[a], "predicted": names[p]}
+                         for a, p in zip(result.targets.tolist(), result.predictions.tolist())]
+                matrix = confusion_matrix(result.targets, result.predictions, len(names)).tolist()
+            write_json(out / "confusion" / f"{role}.json", pairs)
+            write_json(out / "matrix" / f"{role}.json", {"classes": index.meta.classes, "matrix": matrix})
+    write_json(out / f"{role}.json", row)
+    print(f"{role:9s} best {run.score} {row['best'][run.score]:.2f}  last {run.score} {row['last'][run.score]:.2f}")
 
 
 if __name__ == "__main__":

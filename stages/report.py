@@ -1,62 +1,54 @@
-"""report: reports/results.md and PNG figures (training curves, accuracy bars, confusion)."""
+"""report: gathers every stage's results into ``reports/results.md``, ``reports/summary.json``
+(the headline metrics and the KD gain), ``reports/quantization.{json,csv}`` and the PNG figures
+(training curves, accuracy bars, confusion matrices; accuracy vs latency and size in
+``reports/quantize/figures``, apart, since measured figures vary run to run)."""
 from __future__ import annotations
-
-import json
 
 import pandas as pd
 
-from kdlib.report import LABELS, plot_accuracy_bars, plot_confusion, plot_training_curves, results_table
-from stages.common import REPORTS_DIR, ROLES
-from stages.params import load_params
+from kdlib.io import read_json, write_json, write_text
+from kdlib.quantize.figures import write_quantization_report
+from kdlib.report import plot_accuracy_bars, plot_confusion, plot_training_curves, results_markdown
+from stages.params import ROLES, load_params
+from stages.workspace import Workspace
 
-FIGURES = REPORTS_DIR / "figures"
 
-
-def history(role: str, score: str) -> dict[str, list[float]]:
+def history(ws: Workspace, role: str, score: str) -> dict[str, list[float]]:
     curves = {}
     for key in ("train/loss", f"val/{score}"):
-        tsv = REPORTS_DIR / role / "plots" / "metrics" / f"{key}.tsv"
+        tsv = ws.reports / role / "plots" / "metrics" / f"{key}.tsv"
         curves[key] = pd.read_csv(tsv, sep="\t")[key.split("/")[-1]].tolist()
     return curves
 
 
 def main() -> None:
-    params = load_params()
-    evaluation = json.loads((REPORTS_DIR / "evaluate" / "metrics.json").read_text())
-    manifest = json.loads((REPORTS_DIR / "prepare" / "manifest.json").read_text())
-    confusions = json.loads((REPORTS_DIR / "evaluate" / "confusion_matrices.json").read_text())
-    presets = {"teacher": params["teacher"], "baseline": params["student"], "distill": params["student"]}
-    score = "mAP" if "kd_gain_mAP" in evaluation else "top1"
-    columns = ["mAP", "CF1", "OF1"] if score == "mAP" else ["top1", "top5"]
-    rows = [{"role": role, "preset": presets[role], "arch": params["models"][presets[role]]["arch"],
-             **evaluation[role]} for role in ROLES]
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    plot_training_curves({role: history(role, score) for role in ROLES}, FIGURES / "training_curves.png", score)
+    run, ws = load_params(), Workspace()
+    score, figures = run.score, ws.reports / "figures"
+    evaluation = {role: read_json(ws.reports / "evaluate" / f"{role}.json") for role in ROLES}
+    rows = [{"role": role, "preset": run.model(role).preset, "arch": run.model(role).spec.arch, **evaluation[role]}
+            for role in ROLES]
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_training_curves({role: history(ws, role, score) for role in ROLES}, figures / "training_curves.png", score)
     plot_accuracy_bars({role: {w: evaluation[role][w][score] for w in ("best", "last")} for role in ROLES},
-                       FIGURES / "test_accuracy.png", score)
+                       figures / "test_accuracy.png", score)
     for role in ROLES:
-        if role in confusions:
-            plot_confusion(confusions[role], confusions["classes"], f"{role} (best checkpoint, test)",
-                           FIGURES / f"confusion_{role}.png")
-    method = params["distill"]["method"]
-    knobs = ", ".join(f"{k} = {v}" for k, v in params["distill"][method].items())
-    splits = manifest["splits"]
-    text = (
-        f"# Results: {params['dataset']}, teacher {params['teacher']} → student {params['student']}\n\n"
-        f"Data: {manifest['num_classes']} classes; train {splits['train']['count']}, "
-        f"val {splits['val']['count']}, test {splits['test']['count']} images. "
-        f"Distillation: {method} ({knobs}); seed {params['seed']}.\n\n"
-        + results_table(rows, columns)
-        + f"\nKD gain (distill − baseline, best checkpoints, test {LABELS[score]}): "
-        f"**{evaluation[f'kd_gain_{score}']:+.2f} pt**\n\n"
-        "Figures: `figures/training_curves.png`, `figures/test_accuracy.png`, `figures/confusion_*.png`.\n"
-    )
-    quant_table = REPORTS_DIR / "quantize" / "table.md"
-    if quant_table.is_file():  # written by the quantize stage
-        text += ("\n## Quantized evaluation (every model x precision; stages/quantize.py)\n\n" + quant_table.read_text()
-                 + "\nFigures: `quantize/accuracy_vs_latency.png`, `quantize/accuracy_vs_size.png` (Pareto front "
-                 "dashed), `quantize/teacher_vs_student.png` (bubble area = parameters).\n")
-    (REPORTS_DIR / "results.md").write_text(text)
+        confusion = read_json(ws.reports / "evaluate" / "matrix" / f"{role}.json")
+        if confusion["matrix"] is not None:
+            plot_confusion(confusion["matrix"], confusion["classes"], f"{role} (best checkpoint, test)",
+                           figures / f"confusion_{role}.png")
+    quant_rows = [row for role in ROLES for row in read_json(ws.reports / "quantize" / f"{role}.json")]
+    training = {role: read_json(ws.reports / role / "timing.json")["train_seconds"] for role in ROLES}
+    # measured figures (latency, memory) vary run to run: apart from the reproducible ones
+    table = write_quantization_report(quant_rows, run.params.eval, score, ws.reports / "quantization.json",
+                                      ws.reports / "quantization.csv", ws.reports / "quantize" / "figures", training)
+    kd_gain = round(evaluation["distill"]["best"][score] - evaluation["baseline"]["best"][score], 4)
+    write_json(ws.reports / "summary.json", {
+        **{role: {"best": evaluation[role]["best"][score], "last": evaluation[role]["last"][score]} for role in ROLES},
+        f"kd_gain_{score}": kd_gain})
+    title = f"{run.params.dataset}, teacher {run.teacher.preset} → student {run.student.preset}"
+    text = results_markdown(title, read_json(ws.reports / "prepare" / "manifest.json"), run.method.name,
+                            run.method.knobs, run.seed, rows, score, kd_gain, table)
+    write_text(ws.reports / "results.md", text)
     print(text)
 
 

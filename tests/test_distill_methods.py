@@ -1,39 +1,46 @@
 """Every distillation method through the pipeline's own stage functions on a tiny MNIST
 (prepare → teacher → teacher_cache → align → distill → evaluate), the cache's equivalence with the
-online teacher, its refusals, and the stages' refusals of combinations that cannot work."""
+online teacher, its refusals, the refusals of combinations that cannot work, and a new method
+added as one file (no edit to ``stages/``)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib.util
 import json
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from kdlib.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from kdlib.checkpoint import Checkpoint, model_from_checkpoint, save_checkpoint
+from kdlib.data.transforms import BatchNormalizer
+from kdlib.data.views import make_view_seeds
+from kdlib.distill import first_view_features, load_teacher, setup_distillation, teacher_cache_key
 from kdlib.features import FeatureStudent
-from kdlib.models import build_model
+from kdlib.losses import METHODS, distillation_methods
 from kdlib.runtime import Runtime, seed_everything
 from kdlib.teacher_cache import CacheMismatch, TeacherCache
-from stages import distillation as D
 from stages.align import align
-from stages.common import Workspace
 from stages.evaluate import evaluate_checkpoint
-from stages.params import load_params, model_spec
-from stages.prepare import prepare
+from stages.params import ParamError, Run, read_params, resolve
+from stages.pipeline import prepare, train_pipeline
 from stages.teacher_cache import build_cache
-from stages.train import train_pipeline, train_role
+from stages.train import train_role
+from stages.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURE_METHODS = ("l2", "lsh", "lshl2", "lshl2_s")
 LSH_METHODS = ("lsh", "lshl2", "lshl2_s")
-METHODS = ("kd", "deit_soft", "deit_hard", *FEATURE_METHODS)
+METHODS_UNDER_TEST = ("kd", "deit_soft", "deit_hard", *FEATURE_METHODS)
 
 
 def shrink(params: dict) -> dict:
     params["datasets"]["mnist"]["root"] = str(REPO / "data" / "mnist")
-    params["data"].update(train_per_class=8, val_per_class=2, test_per_class=3, num_workers=0)
+    params["datasets"]["mnist"]["options"].update(train_per_class=8, val_per_class=2, test_per_class=3)
+    params["data"]["num_workers"] = 0
     for preset in params["models"].values():
         preset["epochs"] = 2
         preset["warmup_epochs"] = 0
@@ -43,27 +50,30 @@ def shrink(params: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def base_params() -> dict:
-    return shrink(copy.deepcopy(load_params(REPO / "params.yaml")))
+    params = shrink(read_params(REPO / "params.yaml"))
+    resolve(params)  # the shrunk run is a valid one
+    return params
 
 
 @pytest.fixture(scope="module")
-def trained(base_params, tmp_path_factory: pytest.TempPathFactory):
-    """A prepared tiny MNIST and a teacher trained on it once: (index, workspace)."""
+def trained(base_params, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """A prepared tiny MNIST and a teacher trained on it once."""
     ws = Workspace(tmp_path_factory.mktemp("distill") / "base")
-    index = prepare(base_params, ws.prepared)
+    run = resolve(base_params)
+    index = prepare(run, ws)
     assert len(index.split("train")) == 80
-    train_role(base_params, "teacher", index, ws, progress=False)
+    assert [r.path for r in ws.index().records] == [r.path for r in index.records]
+    train_role(run, "teacher", ws, progress=False)
     assert ws.teacher_checkpoint.is_file()
-    return index, ws
+    return ws
 
 
 @pytest.fixture
 def setup(trained, base_params, tmp_path):
-    """A private copy of the trained workspace and of the params."""
-    index, base = trained
+    """A private copy of the trained workspace (and its prepared index), and of the params."""
     ws = Workspace(tmp_path / "ws")
-    shutil.copytree(base.root, ws.root)
-    return index, ws, copy.deepcopy(base_params)
+    shutil.copytree(trained.root, ws.root)
+    return ws.index(), ws, copy.deepcopy(base_params)
 
 
 def with_method(params: dict, method: str) -> dict:
@@ -73,14 +83,20 @@ def with_method(params: dict, method: str) -> dict:
     return params
 
 
+def view0_features(cache: TeacherCache) -> torch.Tensor:
+    """The cached teacher features of view 0 of every training image, ``(N, D)``."""
+    positions = torch.arange(cache.num_images)
+    return cache.features(positions, torch.zeros_like(positions))
+
+
 # --------------------------------------------------------------------- every method
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS_UNDER_TEST)
 def test_every_multiclass_method_distills_with_the_cache(method, setup):
     index, ws, params = setup
-    with_method(params, method)
-    assert params["teacher_cache"]["enabled"]
-    results = train_pipeline(params, index, ws, roles=("distill",))
+    run = resolve(with_method(params, method))
+    assert run.params.teacher_cache.enabled
+    results = train_pipeline(run, ws, roles=("distill",))
     result, n_params = results["distill"]
     assert result.last_epoch == 2 and n_params > 0
     assert all(row["train/loss"] == row["train/loss"] for row in result.history)  # no NaN
@@ -88,10 +104,11 @@ def test_every_multiclass_method_distills_with_the_cache(method, setup):
     assert cache.num_views == 2 and cache.num_images == 80
     assert cache.has_features == (method in FEATURE_METHODS)
 
-    best = ws.models / "distill" / "best.pt"
-    model, meta = model_from_checkpoint(best)
-    assert meta["role"] == "distill" and meta["arch"] == model_spec(params, params["student"]).arch
-    evaluated, _, _ = evaluate_checkpoint(params, index, best)
+    best = Checkpoint.read(ws.checkpoint("distill"))
+    model, meta = best.model(), best.meta
+    assert meta["role"] == "distill" and meta["arch"] == run.student.spec.arch
+    assert best.record.role == "distill" and best.record.arch == run.student.spec.arch
+    evaluated = evaluate_checkpoint(run, index, best)
     assert len(evaluated.targets) == 30 and 0.0 <= evaluated.metrics["top1"] <= 100.0
 
     summary = json.loads((ws.align / "align.json").read_text())
@@ -99,26 +116,31 @@ def test_every_multiclass_method_distills_with_the_cache(method, setup):
         assert isinstance(model, FeatureStudent) and model.projected
         assert meta["feature_student"] == {"student_width": 64, "teacher_width": 512, "project": True}
         assert summary["aligned"] is True and summary["epochs"] == 1
-        aligned, align_meta = model_from_checkpoint(ws.align / "last.pt")
-        assert isinstance(aligned, FeatureStudent) and align_meta["role"] == "align"
+        aligned = Checkpoint.read(ws.align_checkpoint)
+        assert isinstance(aligned.model(), FeatureStudent) and aligned.meta["role"] == "align"
         assert not (ws.align / "best.pt").exists()
     else:
         assert not isinstance(model, FeatureStudent) and meta["feature_student"] is None
         assert summary["aligned"] is False and "mimics no features" in summary["reason"]
-        assert not (ws.align / "last.pt").exists()
-    lsh_file = ws.models / "distill" / "lsh.pt"
-    assert lsh_file.is_file() == (method in LSH_METHODS)
-    if method in LSH_METHODS:
-        lsh = torch.load(lsh_file, weights_only=True)
-        assert lsh["bias"].shape == (32 * 512,) and lsh["seed"] == params["seed"]
+        assert not ws.align_checkpoint.exists()
+    # the LSH methods' fitted state lives in every checkpoint (no separate lsh.pt any more)
+    assert not (ws.models / "distill" / "lsh.pt").exists()
+    for which in ("best", "last"):
+        state = Checkpoint.read(ws.checkpoint("distill", which)).method_state
+        if method in LSH_METHODS:
+            assert set(state) == {"bias", "seed", "weight_std"}
+            assert state["bias"].shape == (32 * 512,) and state["seed"] == run.seed
+            assert state["weight_std"] > 0
+        else:
+            assert state == {}
 
 
 # ------------------------------------------------------------------ cached vs online
 
-def _distill(params: dict, index, ws: Workspace):
-    build_cache(params, index, ws, progress=False)  # with enabled: false, only the marker
-    align(params, index, ws)
-    return train_role(params, "distill", index, ws, progress=False)[0]
+def _distill(run: Run, ws: Workspace):
+    build_cache(run, ws, progress=False)  # with enabled: false, only the marker
+    align(run, ws)
+    return train_role(run, "distill", ws, progress=False)[0]
 
 
 @pytest.mark.parametrize("method,tol", [("kd", 1e-6), ("l2", 1e-3)])
@@ -128,13 +150,13 @@ def test_cached_and_online_distillation_give_the_same_history(method, tol, setup
     index, ws, params = setup
     with_method(params, method)
     assert params["teacher_cache"]["views"] is None
-    cached = _distill(params, index, ws)
-    cached_state = load_checkpoint(ws.models / "distill" / "last.pt")["state_dict"]
+    cached = _distill(resolve(params), ws)
+    cached_state = Checkpoint.read(ws.checkpoint("distill", "last")).state_dict
     online_params = copy.deepcopy(params)
     online_params["teacher_cache"]["enabled"] = False
-    online = _distill(online_params, index, ws)
+    online = _distill(resolve(online_params), ws)
     assert json.loads((ws.teacher_cache / "cache.json").read_text()) == {"enabled": False}
-    online_state = load_checkpoint(ws.models / "distill" / "last.pt")["state_dict"]
+    online_state = Checkpoint.read(ws.checkpoint("distill", "last")).state_dict
     assert len(cached.history) == len(online.history) == 2
     for a, b in zip(cached.history, online.history):
         assert a.keys() == b.keys()
@@ -147,24 +169,30 @@ def test_cached_and_online_distillation_give_the_same_history(method, tol, setup
 
 def test_baseline_and_distill_start_from_the_same_student(setup):
     index, ws, params = setup
-    with_method(params, "kd")
-    # the stage builders, right after seeding: the same initial weights
-    seed_everything(params["seed"])
-    objective = D.build_method(params, index.meta.task, D.student_recipe(params))
-    distill_init = D.build_student(params, index, objective).state_dict()
-    spec = model_spec(params, params["student"])
-    seed_everything(params["seed"])
-    baseline_init = build_model(spec.arch, index.meta.num_classes, index.meta.channels, spec.pretrained,
-                                **spec.kwargs).state_dict()
+    run = resolve(with_method(params, "kd"))
+    student = run.student
+    # the builders the roles use, right after seeding: the same initial weights
+    seed_everything(run.seed)
+    train_set = run.dataset.load(index, "train", student.input_size, True)
+    distill_init = setup_distillation(
+        run.objective("distill"), student.spec, student.preset, index.meta, train_set,
+        Checkpoint.read(ws.teacher_checkpoint), seed=run.seed, num_views=run.num_views, runtime=Runtime(),
+    ).student.state_dict()
+    seed_everything(run.seed)
+    baseline_init = student.spec.build(index.meta.num_classes, index.meta.channels).state_dict()
+    assert distill_init.keys() == baseline_init.keys()
     assert all(torch.equal(distill_init[k], baseline_init[k]) for k in baseline_init)
     # the roles themselves: with lr 0 nothing is learned, so the checkpoints hold the initial weights
-    # (and BN statistics of the same views in the same order)
-    params["models"]["cnn_small"]["lr"] = 0.0
-    train_role(params, "baseline", index, ws, progress=False)
-    build_cache(params, index, ws, progress=False)
-    train_role(params, "distill", index, ws, progress=False)
-    base = load_checkpoint(ws.models / "baseline" / "last.pt")["state_dict"]
-    dist = load_checkpoint(ws.models / "distill" / "last.pt")["state_dict"]
+    # (and BN statistics of the same views in the same order). params.yaml refuses lr 0, so the
+    # resolved run's recipe is edited directly.
+    frozen = dataclasses.replace(run, student=dataclasses.replace(
+        student, recipe=dataclasses.replace(student.recipe, lr=0.0)))
+    assert frozen.student.recipe.lr == 0.0 and frozen.model("baseline").recipe.lr == 0.0
+    train_role(frozen, "baseline", ws, progress=False)
+    build_cache(frozen, ws, progress=False)
+    train_role(frozen, "distill", ws, progress=False)
+    base = Checkpoint.read(ws.checkpoint("baseline", "last")).state_dict
+    dist = Checkpoint.read(ws.checkpoint("distill", "last")).state_dict
     assert base.keys() == dist.keys()
     for name in base:
         assert torch.equal(base[name], dist[name]), name
@@ -175,27 +203,26 @@ def test_baseline_and_distill_start_from_the_same_student(setup):
 
 def test_cache_refused_after_the_teacher_changes(setup):
     index, ws, params = setup
-    with_method(params, "kd")
-    build_cache(params, index, ws, progress=False)
+    run = resolve(with_method(params, "kd"))
+    build_cache(run, ws, progress=False)
     teacher, meta = model_from_checkpoint(ws.teacher_checkpoint)
     with torch.no_grad():
         next(teacher.parameters()).add_(0.01)
     save_checkpoint(ws.teacher_checkpoint, teacher, meta)
     with pytest.raises(CacheMismatch, match="teacher sha256") as err:
-        train_role(params, "distill", index, ws, progress=False)
+        train_role(run, "distill", ws, progress=False)
     assert "transform" not in str(err.value) and "rebuild" in str(err.value)
     # rebuilt for the new teacher, it serves again
-    build_cache(params, index, ws, progress=False)
-    assert train_role(params, "distill", index, ws, progress=False)[0].last_epoch == 2
+    build_cache(run, ws, progress=False)
+    assert train_role(run, "distill", ws, progress=False)[0].last_epoch == 2
 
 
 def test_cache_refused_after_the_transform_changes(setup):
     index, ws, params = setup
-    with_method(params, "kd")
-    build_cache(params, index, ws, progress=False)
+    build_cache(resolve(with_method(params, "kd")), ws, progress=False)
     params["datasets"]["mnist"]["augment_options"]["shift_px"] = 3
     with pytest.raises(CacheMismatch, match="transform") as err:
-        train_role(params, "distill", index, ws, progress=False)
+        train_role(resolve(params), "distill", ws, progress=False)
     assert "shift_px" in str(err.value) and "teacher sha256" not in str(err.value)
 
 
@@ -203,9 +230,11 @@ def test_fewer_views_than_epochs(setup):
     index, ws, params = setup
     with_method(params, "kd")
     params["teacher_cache"]["views"] = 1
-    summary = build_cache(params, index, ws, progress=False)
+    run = resolve(params)
+    assert run.num_views == 1
+    summary = build_cache(run, ws, progress=False)
     assert summary["views"] == 1
-    result = train_role(params, "distill", index, ws, progress=False)[0]
+    result = train_role(run, "distill", ws, progress=False)[0]
     assert result.last_epoch == 2
     cache = TeacherCache.load(ws.teacher_cache)
     assert cache.num_views == 1 and cache.key["views"] == "1"
@@ -213,40 +242,49 @@ def test_fewer_views_than_epochs(setup):
     # a cache of 1 view does not serve a run that expects 2
     params["teacher_cache"]["views"] = None
     with pytest.raises(CacheMismatch, match="number of views"):
-        train_role(params, "distill", index, ws, progress=False)
+        train_role(resolve(params), "distill", ws, progress=False)
 
 
-# ------------------------------------------------------------------ stage refusals
+# ------------------------------------------------------------------ refusals of the run
 
 def test_deit_hard_needs_a_distillation_token(setup):
     index, ws, params = setup
     params["distill"]["method"] = "deit_hard"
     assert params["student"] == "cnn_small"
-    with pytest.raises(SystemExit, match="distillation token"):
-        train_role(params, "distill", index, ws, progress=False)
+    run = resolve(params)  # a property of the student model, known once it is built
+    with pytest.raises(ValueError, match="distillation token"):
+        train_role(run, "distill", ws, progress=False)
+    assert not ws.checkpoint("distill").exists()
 
 
 @pytest.mark.parametrize("method", ["lshl2_s", "kd", "deit_soft"])
 def test_multilabel_refuses_multiclass_only_methods(method, base_params):
     params = with_method(copy.deepcopy(base_params), method)
-    with pytest.raises(SystemExit) as err:
-        D.build_method(params, "multilabel", D.student_recipe(params))
-    message = str(err.value)
+    params["dataset"] = "voc2007"
+    with pytest.raises(ParamError) as err:
+        resolve(params)
+    refusals = [p for p in err.value.problems if "use one of:" in p]
+    assert len(refusals) == 1, err.value.problems
+    message = refusals[0]
     assert repr(method) in message and "multilabel" in message
-    fits = message.split("use one of:")[1]
-    names = {name.strip() for name in fits.split(",")}
+    assert f"distill.method = {method!r} does not fit a multilabel data set" in message
+    names = {name.strip() for name in message.split("use one of:")[1].split(",")}
     assert names == {"sigmoid_kd", "l2", "lsh", "lshl2"}
     # the same methods are accepted on multiclass data
-    D.build_method(params, "multiclass", D.student_recipe(params))
+    params["dataset"] = "mnist"
+    run = resolve(params)
+    assert run.task == "multiclass" and run.objective("distill").fits("multiclass")
 
 
-def test_mixup_with_the_cache_is_refused(setup):
-    index, ws, params = setup
+def test_mixup_with_the_cache_is_refused(base_params):
+    params = copy.deepcopy(base_params)
     params["datasets"]["mnist"]["mixup"] = 0.8
-    with pytest.raises(SystemExit, match="teacher_cache.enabled"):
-        build_cache(params, index, ws, progress=False)
-    with pytest.raises(SystemExit, match="teacher_cache.enabled"):
-        train_role(params, "distill", index, ws, progress=False)
+    assert params["teacher_cache"]["enabled"]
+    with pytest.raises(ParamError, match="teacher_cache.enabled"):
+        resolve(params)
+    # with the teacher running online the mixed batches are fine
+    params["teacher_cache"]["enabled"] = False
+    assert resolve(params).dataset.mixes
 
 
 # ------------------------------------------------------------------------- align
@@ -255,54 +293,203 @@ def test_align_with_zero_epochs_is_skipped(setup):
     index, ws, params = setup
     with_method(params, "lshl2")
     params["align"]["epochs"] = 0
-    summary = align(params, index, ws)
+    summary = align(resolve(params), ws)
     assert summary == {"aligned": False, "reason": "align.epochs = 0"}
     assert json.loads((ws.align / "align.json").read_text()) == summary
     assert not (ws.align / "last.pt").exists()
-    assert D.read_align_checkpoint(ws) is None
+    assert not ws.align_checkpoint.is_file()  # distill then starts from the plain student
 
 
 def test_align_and_distill_fit_the_same_lsh_hyperplanes(setup):
     index, ws, params = setup
-    with_method(params, "lshl2")
-    build_cache(params, index, ws, progress=False)
-    seed_everything(params["seed"])
+    run = resolve(with_method(params, "lshl2"))
+    student = run.student
+    build_cache(run, ws, progress=False)
     runtime = Runtime()
-    teacher, teacher_model = D.load_teacher(index, runtime, True, ws)
-    train_set, _ = D.train_sets(params, index)
-    seeds = D.training_view_seeds(params, len(train_set))
-    cache = TeacherCache.load(ws.teacher_cache, expected_key=D.expected_cache_key(params, index, ws))
+    train_set = run.dataset.load(index, "train", student.input_size, True)
+    seeds = make_view_seeds(run.seed, len(train_set), run.num_views)
+    key = teacher_cache_key(ws.teacher_checkpoint, ws.index_files, run.dataset, student.input_size,
+                            run.num_views, run.seed)
+    cache = TeacherCache.load(ws.teacher_cache, expected_key=key)
     assert torch.equal(cache.seeds, seeds)  # the cache's views are the training views
-    online = D.first_view_features(teacher, train_set, seeds, params, index, runtime)  # what align uses
-    cached = D.cached_first_view_features(cache)  # what distill uses
+    teacher = load_teacher(Checkpoint.read(ws.teacher_checkpoint), index.meta, runtime, True)
+    online = first_view_features(teacher, train_set, seeds, BatchNormalizer(index.meta.mean, index.meta.std),
+                                 runtime, run.params.teacher_cache.batch_size)  # what align uses
+    cached = view0_features(cache)  # what distill uses
     assert online.shape == cached.shape == (80, 512)
     torch.testing.assert_close(cached, online, rtol=2e-3, atol=2e-3)  # float16 storage
-    planes = []
-    for features in (online, cached):
-        objective = D.build_method(params, index.meta.task, D.student_recipe(params))
-        D.fit_lsh(objective, teacher_model, features, params["seed"])
-        planes.append(objective.lsh)
+
+    # the setups themselves: align's (online teacher, gamma 0) and distill's (the cache)
+    common = dict(seed=run.seed, num_views=run.num_views, runtime=runtime,
+                  teacher_batch_size=run.params.teacher_cache.batch_size)
+    teacher_ckpt = Checkpoint.read(ws.teacher_checkpoint)
+    seed_everything(run.seed)
+    align_setup = setup_distillation(run.objective("distill", gamma=0.0, beta=run.params.align.beta), student.spec,
+                                     student.preset, index.meta, train_set, teacher_ckpt, role="align", **common)
+    seed_everything(run.seed)
+    distill_setup = setup_distillation(run.objective("distill"), student.spec, student.preset, index.meta,
+                                       train_set, teacher_ckpt, cache=ws.teacher_cache, cache_key=key, **common)
+    assert torch.equal(align_setup.view_seeds, distill_setup.view_seeds)
+    planes = [align_setup.objective.lsh, distill_setup.objective.lsh]
     assert torch.equal(planes[0].weight, planes[1].weight)
     torch.testing.assert_close(planes[0].bias, planes[1].bias, rtol=1e-2, atol=1e-2)
     # bits of the teacher's features agree almost everywhere
     agree = (planes[0].bits(online) == planes[1].bits(online)).float().mean()
     assert agree > 0.99
-    # and distill writes those hyperplanes' bias
-    train_role(params, "distill", index, ws, progress=False)
-    saved = torch.load(ws.models / "distill" / "lsh.pt", weights_only=True)
-    torch.testing.assert_close(saved["bias"], planes[1].bias, rtol=0, atol=0)
-    assert saved["weight_std"] == pytest.approx(float(planes[0].weight.std()))
+    # and align and distill store those hyperplanes' state in their checkpoints
+    assert align(run, ws)["aligned"] is True
+    aligned = Checkpoint.read(ws.align_checkpoint).method_state
+    torch.testing.assert_close(aligned["bias"], planes[0].bias, rtol=0, atol=0)
+    train_role(run, "distill", ws, progress=False)
+    for which in ("best", "last"):
+        saved = Checkpoint.read(ws.checkpoint("distill", which)).method_state
+        torch.testing.assert_close(saved["bias"], planes[1].bias, rtol=0, atol=0)
+        assert saved["weight_std"] == pytest.approx(float(planes[0].weight.std()))
+        assert saved["seed"] == run.seed
 
 
 def test_teacher_ls_smooths_the_teachers_labels_only(setup):
-    """`teacher_ls` (seed 001's LS teacher) changes the teacher's objective, not the student's."""
+    """`teacher_ls` (the LS–KD study's LS teacher) changes the teacher's objective, not the student's."""
     index, ws, params = setup
     params["models"]["resnet18"]["epochs"] = 1
-    plain = train_role(params, "teacher", index, ws, progress=False)[0].history[0]["train/ce"]
+    plain = train_role(resolve(params), "teacher", ws, progress=False)[0].history[0]["train/ce"]
     params["teacher_ls"] = 0.5
-    smoothed = train_role(params, "teacher", index, ws, progress=False)[0].history[0]["train/ce"]
+    smoothed_run = resolve(params)
+    smoothed = train_role(smoothed_run, "teacher", ws, progress=False)[0].history[0]["train/ce"]
     # same seed, weights, data and batches (the run is deterministic): only the objective differs
     assert smoothed != pytest.approx(plain, abs=1e-6)
-    baseline = train_role(params, "baseline", index, ws, progress=False)[0].history[0]["train/ce"]
+    baseline = train_role(smoothed_run, "baseline", ws, progress=False)[0].history[0]["train/ce"]
     params["teacher_ls"] = None
-    assert baseline == train_role(params, "baseline", index, ws, progress=False)[0].history[0]["train/ce"]
+    assert baseline == train_role(resolve(params), "baseline", ws, progress=False)[0].history[0]["train/ce"]
+
+
+# ------------------------------------------------------------- a new method is one file
+
+TOY_CENTER = textwrap.dedent('''
+    """toy_center: CE + weight * mean (f_s - c)^2, c the teacher's mean pooled feature over view 0
+    of every training image, fitted once in setup (a stand-in for any method with fitted state)."""
+    from __future__ import annotations
+
+    from typing import Any
+
+    from torch import Tensor
+
+    from kdlib.losses._common import check_nonnegative, check_smoothing, require_features
+    from kdlib.losses.base import Method, SetupContext
+    from kdlib.losses.ce import ce_loss
+    from kdlib.losses.registry import MULTICLASS, LossOutput, StudentOutput, TeacherOutput, register_method
+
+
+    @register_method("toy_center")
+    class ToyCenter(Method):
+        needs_teacher = True
+        needs_features = True
+        uses_distillation_token = False
+        tasks = (MULTICLASS,)
+
+        def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0):
+            super().__init__()
+            self.weight = check_nonnegative("weight", weight)
+            self.label_smoothing = check_smoothing(label_smoothing)
+            self.register_buffer("center", None)
+
+        def setup(self, context: SetupContext) -> None:
+            self.center = context.first_view_features().float().mean(dim=0)
+
+        def fitted_state(self) -> dict[str, Any]:
+            return {} if self.center is None else {"center": self.center.detach().cpu()}
+
+        def forward(self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None
+                    ) -> LossOutput:
+            f_s, _ = require_features("toy_center", student, teacher)
+            if self.center is None:
+                raise RuntimeError("toy_center: setup() fits the center before the first forward")
+            ce = ce_loss(student.logits, targets, self.label_smoothing)
+            pull = (f_s - self.center.to(f_s.device)).pow(2).mean()
+            return LossOutput(ce + self.weight * pull, {"ce": ce.detach(), "center": pull.detach()})
+''')
+
+
+@pytest.fixture
+def toy_center(tmp_path):
+    """``toy_center.py``, a method file outside kdlib, imported so that it registers; unregistered after."""
+    path = tmp_path / "toy_center.py"
+    path.write_text(TOY_CENTER)
+    assert "toy_center" not in METHODS
+    spec = importlib.util.spec_from_file_location("toy_center", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        assert METHODS.get("toy_center") is module.ToyCenter
+        yield module
+    finally:
+        METHODS._items.pop("toy_center", None)
+
+
+def test_a_new_method_is_one_file(toy_center, setup):
+    index, ws, params = setup
+    assert "toy_center" in distillation_methods("multiclass")
+    assert "toy_center" not in distillation_methods("multilabel")
+    assert toy_center.ToyCenter.knobs() == {"weight": 1.0}
+    params["distill"]["method"] = "toy_center"
+    params["distill"]["toy_center"] = {"weight": 0.5}
+    params["align"]["epochs"] = 0  # toy_center has no gamma/beta knobs for the align stage (next test)
+    # stages/ knows nothing of toy_center: its section is checked by the method's own constructor
+    run = resolve(params)
+    assert run.method.name == "toy_center" and dict(run.method.knobs) == {"weight": 0.5}
+    assert run.method.cls is toy_center.ToyCenter and run.objective("distill").weight == 0.5
+    for bad, message in (({"wieght": 0.5}, "distill.toy_center.wieght: unknown knob; toy_center takes: weight"),
+                         ({"weight": -1.0}, "weight must be a finite number >= 0")):
+        wrong = copy.deepcopy(params)
+        wrong["distill"]["toy_center"] = bad
+        with pytest.raises(ParamError, match=message):
+            resolve(wrong)
+
+    run = resolve(params)
+    result, n_params = train_pipeline(run, ws, roles=("distill",))["distill"]
+    assert result.last_epoch == 2 and n_params > 0
+    for row in result.history:
+        assert {"train/ce", "train/center", "train/loss"} <= set(row)
+        assert row["train/center"] == row["train/center"] and row["train/center"] >= 0  # no NaN
+
+    # the fitted center is the mean of the teacher's view-0 features, stored in every checkpoint
+    cache = TeacherCache.load(ws.teacher_cache)
+    assert cache.has_features
+    expected = view0_features(cache).float().mean(dim=0)
+    for which in ("best", "last"):
+        checkpoint = Checkpoint.read(ws.checkpoint("distill", which))
+        assert set(checkpoint.method_state) == {"center"}
+        center = checkpoint.method_state["center"]
+        assert center.shape == (512,)
+        torch.testing.assert_close(center, expected, rtol=0, atol=0)
+        model = checkpoint.model()
+        assert isinstance(model, FeatureStudent) and model.projected
+    # ... and, float16 cache storage aside, that of the teacher run online on the same views
+    runtime = Runtime()
+    teacher = load_teacher(Checkpoint.read(ws.teacher_checkpoint), index.meta, runtime, True)
+    train_set = run.dataset.load(index, "train", run.student.input_size, True)
+    online = first_view_features(teacher, train_set, cache.seeds, BatchNormalizer(index.meta.mean, index.meta.std),
+                                 runtime, run.params.teacher_cache.batch_size)
+    torch.testing.assert_close(center, online.mean(dim=0), rtol=2e-3, atol=2e-3)
+    evaluated = evaluate_checkpoint(run, index, checkpoint)
+    assert len(evaluated.targets) == 30 and 0.0 <= evaluated.metrics["top1"] <= 100.0
+
+
+def test_a_new_feature_method_is_aligned_or_refused_up_front(toy_center, setup, monkeypatch):
+    """A feature method without gamma/beta knobs cannot be turned into feature terms only: resolve()
+    refuses it while align.epochs > 0, naming the way out; one that declares its alignment_knobs()
+    in its own file is aligned by the unchanged align stage."""
+    index, ws, params = setup
+    params["distill"]["method"] = "toy_center"
+    params["distill"]["toy_center"] = {"weight": 0.5}
+    assert params["align"]["epochs"] == 1
+    with pytest.raises(ParamError, match=r"'toy_center' mimics features but cannot be aligned.*align.epochs=0"):
+        resolve(params)
+    monkeypatch.setattr(toy_center.ToyCenter, "alignment_knobs", classmethod(lambda cls, beta: {"weight": beta}))
+    summary = align(resolve(params), ws)
+    assert summary["aligned"] is True and summary["epochs"] == 1
+    assert Checkpoint.read(ws.align_checkpoint).method_state.keys() == {"center"}
+
+
+def test_the_new_method_is_gone_after_its_test():
+    assert "toy_center" not in METHODS and "toy_center" not in distillation_methods()

@@ -3,6 +3,7 @@ projection choice, frozen-backbone alignment through the real training loop, che
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from kdlib.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from kdlib.checkpoint import ModelRecord, load_checkpoint, model_from_checkpoint, save_checkpoint
 from kdlib.data import BatchNormalizer, IndexedImageDataset, Record, build_transforms
 from kdlib.features import FeatureStudent, feature_width, logits_and_features, make_feature_student
 from kdlib.losses import build_objective
 from kdlib.models import build_model, count_parameters
 from kdlib.runtime import seed_everything
 from kdlib.teacher import OnlineTeacher
-from kdlib.train import Recipe, fit
+from kdlib.train import Recipe, TrainData, fit
 
 CASES = [  # arch, classes, channels, kwargs, pooled feature width
     ("resnet18", 5, 1, {}, 512),
@@ -125,8 +126,8 @@ def test_feature_student_projection_choice():
 
 # ------------------------------------------------------------------- frozen alignment
 
-META = {"arch": "cnn_small", "num_classes": 3, "in_chans": 1, "model_kwargs": {}, "input_size": 16,
-        "mean": [0.5], "std": [0.25], "classes": ["a", "b", "c"]}
+RECORD = ModelRecord(arch="cnn_small", num_classes=3, in_chans=1, model_kwargs={}, input_size=16,
+                     mean=[0.5], std=[0.25], classes=["a", "b", "c"])
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +167,10 @@ def _aligned_student(tiny_sets, out: Path) -> tuple[FeatureStudent, dict[str, to
     teacher = OnlineTeacher(teacher_model, features=True)
     objective = build_objective("l2", beta=1.0, gamma=0.0)
     recipe = Recipe(epochs=2, batch_size=8, lr=0.05, warmup_epochs=0, weight_decay=0.0)
-    meta = {**META, "feature_student": student.config()}
-    result = fit(student, train, val, objective, recipe, BatchNormalizer([0.5], [0.25]), out, meta, seed=0,
-                 teacher=teacher, progress=False, select_best=False)
-    return student, before, {"result": result, "meta": meta}
+    record = dataclasses.replace(RECORD, feature_student=student.config())
+    result = fit(student, objective, recipe, TrainData(train, val, BatchNormalizer([0.5], [0.25])), out, record,
+                 seed=0, teacher=teacher, progress=False, select_best=False)
+    return student, before, {"result": result, "meta": record.as_meta()}
 
 
 def test_frozen_backbone_alignment_trains_only_feat_fc(tiny_sets, tmp_path):
@@ -209,7 +210,7 @@ def test_feature_student_checkpoint_round_trip(tiny_sets, tmp_path):
     # an Identity feat_fc round-trips as well
     torch.manual_seed(1)
     same = make_feature_student(build_model("cnn_small", 3, 1), 64, 1, 16).eval()
-    save_checkpoint(tmp_path / "same.pt", same, {**META, "feature_student": same.config()})
+    save_checkpoint(tmp_path / "same.pt", same, dataclasses.replace(RECORD, feature_student=same.config()).as_meta())
     back, _ = model_from_checkpoint(tmp_path / "same.pt")
     assert isinstance(back, FeatureStudent) and not back.projected
     with torch.no_grad():

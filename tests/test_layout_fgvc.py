@@ -29,7 +29,8 @@ def write_lines(path: Path, lines: list[str]) -> None:
 
 
 # Class ids are deliberately NOT in folder-name order: sorted folders are 010.Wren (id 2),
-# 020.Sparrow (id 1), 030.Albatross (id 3), so a folder-index label (seed S0) would be wrong.
+# 020.Sparrow (id 1), 030.Albatross (id 3), so a folder-index label (as in the
+# DeiT+ConvNeXt FGVC project) would be wrong.
 CUB_CLASSES = {1: "020.Sparrow", 2: "010.Wren", 3: "030.Albatross"}
 # (image id, class id, is_train); images.txt order is id order, as in the real file.
 CUB_IMAGES = [

@@ -20,9 +20,9 @@ from kdlib.losses import (
     TeacherOutput,
     build_objective,
     kd_loss,
-    method_fits_task,
     soft_kl,
 )
+from kdlib.losses.base import Method
 
 S = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
 T_ = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
@@ -187,31 +187,37 @@ def test_kd_module_rejects_invalid_hyperparameters(kwargs: dict) -> None:
 # Interface of every registered method.
 # ---------------------------------------------------------------------------------------------
 
-ATTRIBUTES = ("needs_teacher", "needs_features", "needs_lsh", "uses_distillation_token", "tasks")
+ATTRIBUTES = ("needs_teacher", "needs_features", "uses_distillation_token", "tasks")
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_declares_the_five_attributes_and_a_docstring(name: str) -> None:
+def test_every_method_declares_the_four_attributes_and_a_docstring(name: str) -> None:
     cls = METHODS.get(name)
+    assert isinstance(cls, type) and issubclass(cls, Method), f"{name} must subclass kdlib.losses.base.Method"
     for attribute in ATTRIBUTES:
         assert attribute in vars(cls), f"{name} must set {attribute} explicitly"
-    assert all(isinstance(getattr(cls, a), bool) for a in ATTRIBUTES[:4])
+    assert all(isinstance(getattr(cls, a), bool) for a in ATTRIBUTES[:3])
     assert cls.tasks and set(cls.tasks) <= {"multiclass", "multilabel"}
+    assert not hasattr(cls, "needs_lsh")  # removed: LSH methods fit their hyperplanes in setup()
     assert cls.__doc__ and cls.__doc__.strip()
     assert ".. math::" in sys.modules[cls.__module__].__doc__  # the formula, in the module docstring
-    # the feature/teacher flags are consistent
-    assert not cls.needs_lsh or cls.needs_features
+    # the feature/teacher flags are consistent; a method that fits state from the teacher needs one
+    assert cls.setup is Method.setup or (cls.needs_features and cls.needs_teacher)
     assert not (cls.needs_features or cls.uses_distillation_token) or cls.needs_teacher
-    # every method builds with its defaults
-    assert isinstance(build_objective(name), cls)
+    # knobs are the constructor's arguments less the context ones the run supplies
+    assert set(cls.knobs()) == set(cls.arguments()) - set(cls.context_args)
+    # every method builds with its defaults, and fits nothing before setup()
+    built = build_objective(name)
+    assert isinstance(built, cls)
+    assert built.fitted_state() == {}
 
 
 def test_method_fits_task() -> None:
-    assert method_fits_task(METHODS.get("kd"), "multiclass")
-    assert not method_fits_task(METHODS.get("kd"), "multilabel")
-    assert method_fits_task(METHODS.get("sigmoid_kd"), "multilabel")
-    assert method_fits_task(METHODS.get("lshl2"), "multilabel") and method_fits_task(METHODS.get("lshl2"), "multiclass")
-    assert not method_fits_task(METHODS.get("lshl2_s"), "multilabel")
+    assert METHODS.get("kd").fits("multiclass")
+    assert not METHODS.get("kd").fits("multilabel")
+    assert METHODS.get("sigmoid_kd").fits("multilabel")
+    assert METHODS.get("lshl2").fits("multilabel") and METHODS.get("lshl2").fits("multiclass")
+    assert not METHODS.get("lshl2_s").fits("multilabel")
 
 
 def test_build_objective_refuses_unknown_knobs_naming_them() -> None:

@@ -28,6 +28,7 @@ from kdlib.losses import (
 )
 from kdlib.losses.deit_hard import DeiTHardLoss
 from kdlib.losses.deit_soft import DeiTSoftLoss
+from kdlib.losses.lsh import LSHMethodBase
 
 S = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
 D = torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 0.5]])
@@ -134,7 +135,8 @@ def test_missing_dist_logits_or_teacher_is_a_clear_error(name: str) -> None:
 def test_class_attributes() -> None:
     for cls in (DeiTSoftLoss, DeiTHardLoss):
         assert cls.uses_distillation_token is True and cls.needs_teacher is True
-        assert cls.needs_features is False and cls.needs_lsh is False
+        assert cls.needs_features is False and not issubclass(cls, LSHMethodBase)
+        assert not hasattr(cls, "needs_lsh")  # gone: only LSH methods have hyperplanes, fitted in setup()
         assert cls.tasks == ("multiclass",)
 
 

@@ -1,4 +1,4 @@
-"""Feature mimicking of seed S4 (Wang, Ge, Wu, TPAMI 2021): ``LSHHyperplanes``,
+"""Feature mimicking of LSHFM (Wang, Ge, Wu, TPAMI 2021): ``LSHHyperplanes``,
 ``fit_lsh_hyperplanes``, ``lsh_loss``, ``l2_loss`` and the methods ``l2``, ``lsh``, ``lshl2``,
 ``lshl2_s``.
 
@@ -35,8 +35,9 @@ from kdlib.losses import (
     lshl2_loss,
     lshl2_s_loss,
 )
+from kdlib.losses.base import SetupContext
 from kdlib.losses.l2 import L2Loss
-from kdlib.losses.lsh import LSHLoss
+from kdlib.losses.lsh import LSHLoss, LSHMethodBase
 from kdlib.losses.lshl2 import LSHL2Loss
 from kdlib.losses.lshl2_s import LSHL2SLoss
 
@@ -68,7 +69,7 @@ def gaussian(m: int, d: int, seed: int) -> torch.Tensor:
 
 def objective(name: str, **kwargs) -> torch.nn.Module:
     obj = build_objective(name, **kwargs)
-    if getattr(obj, "needs_lsh", False):
+    if isinstance(obj, LSHMethodBase):
         obj.lsh = planes()
     return obj
 
@@ -228,6 +229,68 @@ def test_module_fit_hyperplanes_uses_its_knobs() -> None:
     assert "lsh" in dict(obj.named_modules())  # registered: objective.to(device) moves it
 
 
+@pytest.mark.parametrize("name", LSH_METHODS)
+def test_setup_fits_the_same_hyperplanes_as_fit_hyperplanes(name: str) -> None:
+    """``setup(SetupContext)`` is ``fit_hyperplanes(first-view features, teacher classifier weight,
+    seed)``, and ``fitted_state()`` is what it fitted: the bias, the seed and the weight's std."""
+    from kdlib.models import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model("cnn_small", 3, 1).eval()  # pooled width 64, classifier Linear(64, 3)
+    features = gaussian(30, 64, 0)
+    calls = []
+
+    def first_view_features() -> torch.Tensor:
+        calls.append(1)
+        return features
+
+    knobs = {"num_hyperplanes": 48, "bias": "median"}  # sigma None: the classifier weight's std
+    obj = build_objective(name, **knobs)
+    assert obj.lsh is None and obj.fitted_state() == {}
+    obj.setup(SetupContext(seed=5, teacher=teacher, first_view_features=first_view_features))
+    assert len(calls) == 1
+    reference = build_objective(name, **knobs)
+    expected = reference.fit_hyperplanes(features, teacher.get_classifier().weight, 5)
+    assert isinstance(obj.lsh, LSHHyperplanes) and obj.lsh.weight.shape == (48, 64)
+    assert torch.equal(obj.lsh.weight, expected.weight) and torch.equal(obj.lsh.bias, expected.bias)
+    assert "lsh" in dict(obj.named_modules())  # installed where objective.to(device) moves it
+    state = obj.fitted_state()
+    assert set(state) == {"bias", "seed", "weight_std"}
+    assert torch.equal(state["bias"], expected.bias) and state["seed"] == 5
+    assert state["weight_std"] == float(expected.weight.std())
+    assert state["weight_std"] == pytest.approx(float(teacher.get_classifier().weight.detach().std()), rel=0.1)
+    ref_state = reference.fitted_state()  # fit_hyperplanes records the same state
+    assert torch.equal(ref_state["bias"], state["bias"])
+    assert (ref_state["seed"], ref_state["weight_std"]) == (state["seed"], state["weight_std"])
+    # a different seed draws different hyperplanes
+    other = build_objective(name, **knobs)
+    other.setup(SetupContext(seed=6, teacher=teacher, first_view_features=first_view_features))
+    assert not torch.equal(other.lsh.weight, obj.lsh.weight) and other.fitted_state()["seed"] == 6
+
+
+def test_setup_of_a_distilled_teacher_uses_its_class_head() -> None:
+    from kdlib.models import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model("deit_tiny_distilled_patch16_224", 3, 1, img_size=16, patch_size=8, depth=1).eval()
+    head, _dist_head = teacher.get_classifier()  # (class head, distillation head)
+    features = gaussian(20, head.in_features, 1)
+    obj = build_objective("lshl2", num_hyperplanes=16)
+    obj.setup(SetupContext(seed=3, teacher=teacher, first_view_features=lambda: features))
+    expected = fit_lsh_hyperplanes(features, head.weight, num_hyperplanes=16, seed=3)
+    assert torch.equal(obj.lsh.weight, expected.weight) and torch.equal(obj.lsh.bias, expected.bias)
+
+
+@pytest.mark.parametrize("name", ["l2", "kd", "ce"])
+def test_methods_without_fitted_state_do_not_compute_teacher_features(name: str) -> None:
+    def never() -> torch.Tensor:
+        raise AssertionError("first_view_features must not be computed")
+
+    obj = build_objective(name)
+    obj.setup(SetupContext(seed=0, teacher=torch.nn.Linear(2, 2), first_view_features=never))
+    assert obj.fitted_state() == {}
+
+
 # ------------------------------------------------------------------ methods
 
 
@@ -306,7 +369,10 @@ def test_class_attributes_and_stored_knobs() -> None:
     for cls in (L2Loss, LSHLoss, LSHL2Loss, LSHL2SLoss):
         assert cls.needs_teacher is True and cls.needs_features is True
         assert cls.uses_distillation_token is False
-        assert cls.needs_lsh is (cls is not L2Loss)
+        # the LSH methods (and only they) share the hyperplane handling and take `lsh` as context
+        assert issubclass(cls, LSHMethodBase) is (cls is not L2Loss)
+        assert ("lsh" in cls.context_args) is (cls is not L2Loss) and "lsh" not in cls.knobs()
+        assert not hasattr(cls, "needs_lsh")
     assert L2Loss.tasks == LSHLoss.tasks == LSHL2Loss.tasks == ("multiclass", "multilabel")
     assert LSHL2SLoss.tasks == ("multiclass",)
     obj = build_objective("lsh", beta=0.5, gamma=0.0, num_hyperplanes=2048, sigma=0.06, bias="mean", force_feat_fc=True)

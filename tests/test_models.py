@@ -9,7 +9,14 @@ import timm
 import torch
 
 import kdlib.models  # noqa: F401  (registers cnn_small / rescnn in timm)
-from kdlib.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from kdlib.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    ModelRecord,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from kdlib.models import build_model, count_parameters
 from kdlib.models.pretrained import PretrainedUnavailable, pretrained_kwargs
 
@@ -126,7 +133,9 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     model = build_model("rescnn", 4, 1, blocks=2)
     with torch.no_grad():  # make the BN running statistics non-default too
         model.train()(torch.randn(4, 1, 12, 12))
-    meta = {"arch": "rescnn", "num_classes": 4, "in_chans": 1, "model_kwargs": {"blocks": 2}, "epoch": 3}
+    record = ModelRecord(arch="rescnn", num_classes=4, in_chans=1, model_kwargs={"blocks": 2},
+                         classes=["a", "b", "c", "d"], input_size=12, mean=[0.5], std=[0.25])
+    meta = {**record.as_meta(), "epoch": 3, "val_score": 50.0}
     path = tmp_path / "sub" / "best.pt"
     save_checkpoint(path, model, meta)
     assert path.is_file()
@@ -135,6 +144,10 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert raw["meta"] == meta
     assert set(raw) == {"state_dict", "meta"}
+
+    ckpt = Checkpoint.read(path)
+    assert ckpt.record == record and ckpt.meta == meta and ckpt.method_state == {}
+    assert (ckpt.epoch, ckpt.val_score) == (3, 50.0)
 
     rebuilt, meta_back = model_from_checkpoint(path)
     assert meta_back == meta
@@ -149,8 +162,23 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
         assert torch.equal(rebuilt(x), model.eval()(x))
 
 
+def test_checkpoint_keeps_the_method_state(tmp_path: Path) -> None:
+    record = ModelRecord(arch="cnn_small", num_classes=3, in_chans=1, model_kwargs={}, classes=["a", "b", "c"],
+                         input_size=16, mean=[0.5], std=[0.25])
+    state = {"bias": torch.tensor([0.5, -1.0]), "seed": 4, "weight_std": 0.06}
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, build_model("cnn_small", 3, 1), {**record.as_meta(), "epoch": 1, "val_score": 0.0}, state)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(raw) == {"state_dict", "meta", "method_state"}
+    back = Checkpoint.read(path).method_state
+    assert back.keys() == state.keys() and torch.equal(back["bias"], state["bias"])
+    assert (back["seed"], back["weight_std"]) == (4, 0.06)
+    assert torch.equal(load_checkpoint(path)["method_state"]["bias"], state["bias"])
+
+
 def test_checkpoint_overwrite_is_atomic_and_clean(tmp_path: Path) -> None:
-    meta = {"arch": "cnn_small", "num_classes": 10, "in_chans": 1}
+    meta = ModelRecord(arch="cnn_small", num_classes=10, in_chans=1, model_kwargs={}, classes=list("0123456789"),
+                       input_size=28, mean=[0.5], std=[0.25]).as_meta()
     path = tmp_path / "last.pt"
     torch.manual_seed(0)
     save_checkpoint(path, build_model("cnn_small", 10, 1), meta)
@@ -163,5 +191,16 @@ def test_checkpoint_overwrite_is_atomic_and_clean(tmp_path: Path) -> None:
 
 
 def test_load_checkpoint_missing(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(CheckpointError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
+    assert issubclass(CheckpointError, ValueError)
+
+
+def test_unreadable_checkpoint_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="broken.pt"):
+        Checkpoint.read(path)
+    torch.save({"state_dict": {}, "meta": {"arch": "cnn_small"}}, tmp_path / "old.pt")  # no classes, mean, ...
+    with pytest.raises(CheckpointError, match="old.pt"):
+        model_from_checkpoint(tmp_path / "old.pt")

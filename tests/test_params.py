@@ -1,7 +1,9 @@
-"""params.yaml validation (stages/params.py) and the lr schedule / optimizer groups of kdlib.train."""
+"""params.yaml validation and resolution into a frozen Run (stages/params.py), and the lr
+schedule / optimizer groups of kdlib.train."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -10,8 +12,11 @@ import pytest
 import torch
 import yaml
 
+from kdlib.losses import METHODS, distillation_methods
+from kdlib.quantize import EvalSettings
+from kdlib.schema import keys
 from kdlib.train import Recipe, build_optimizer, lr_factor
-from stages.params import ParamError, load_params, validate
+from stages.params import ParamError, Run, load_params, read_params, resolve, validate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +44,21 @@ def error_of(params: dict[str, Any]) -> str:
 
 def test_repository_params_validate(repo_params) -> None:
     validate(repo_params)
-    assert load_params(REPO_ROOT / "params.yaml") == repo_params
+    assert read_params(REPO_ROOT / "params.yaml") == repo_params  # the raw mapping
+    run = load_params(REPO_ROOT / "params.yaml")
+    assert isinstance(run, Run) and run == resolve(repo_params)
+    assert run.params.seed == repo_params["seed"] and run.seed == repo_params["seed"]
+    assert run.params.dataset == repo_params["dataset"]
+    assert (run.params.teacher, run.params.student) == (repo_params["teacher"], repo_params["student"])
+    assert run.teacher.preset == repo_params["teacher"] and run.student.preset == repo_params["student"]
+    assert run.params.data.split_seed == repo_params["data"]["split_seed"]
+    assert run.params.distill == repo_params["distill"]
+    assert run.method.name == repo_params["distill"]["method"]
+    assert dict(run.method.knobs) == repo_params["distill"][run.method.name]
+    assert run.params.eval.precisions == repo_params["eval"]["precisions"]
+    assert set(run.params.models) == set(repo_params["models"])
+    assert set(run.params.datasets) == set(repo_params["datasets"])
+    assert run.dataset == run.params.datasets[repo_params["dataset"]]
 
 
 def test_every_model_preset_can_be_the_student(repo_params) -> None:
@@ -114,9 +133,18 @@ def test_distillation_sections_are_checked(repo_params, key, value) -> None:
 
 
 def test_every_method_with_its_defaults_validates(repo_params) -> None:
+    """Each method's section validates on a data set of a task it fits (a method that fits
+    neither the default mnist nor voc2007 would be a params.yaml mistake)."""
+    multiclass, multilabel = distillation_methods("multiclass"), distillation_methods("multilabel")
     for method in repo_params["distill"]:
-        if method != "method":
-            validate(mutated(repo_params, "distill.method", method))
+        if method == "method":
+            continue
+        assert method in multiclass or method in multilabel, method
+        params = mutated(repo_params, "distill.method", method)
+        if method in multiclass:
+            validate(params)
+        if method in multilabel:
+            validate(mutated(params, "dataset", "voc2007"))
 
 
 def test_string_where_number_expected(repo_params) -> None:
@@ -303,10 +331,38 @@ def test_build_optimizer_adamw_and_frozen_params() -> None:
 
 
 def test_test_per_class_null_or_positive_int(repo_params) -> None:
-    validate(mutated(repo_params, "data.test_per_class", None))
-    validate(mutated(repo_params, "data.test_per_class", 5))
-    message = error_of(mutated(repo_params, "data.test_per_class", 0))
-    assert "data.test_per_class = 0" in message and "an integer in [1, inf]" in message
+    validate(mutated(repo_params, "datasets.mnist.options.test_per_class", None))
+    validate(mutated(repo_params, "datasets.mnist.options.test_per_class", 5))
+    message = error_of(mutated(repo_params, "datasets.mnist.options.test_per_class", 0))
+    assert "datasets.mnist.options.test_per_class = 0" in message and "an integer in [1, inf]" in message
+
+
+@pytest.mark.parametrize(("dotted", "value", "expected"), [
+    ("datasets.mnist.options.train_per_class", "many", "datasets.mnist.options.train_per_class = 'many'"),
+    ("datasets.mnist.options.trian_per_class", 5, "trian_per_class = 5: unknown option of the mnist layout"),
+    ("datasets.mnist.options.seed", 3, "seed = 3: unknown option"),  # the split seed is data.split_seed
+    ("datasets.cub_dogs.options.dog_root", "/x", "dog_root = '/x': unknown option of the cub_dogs layout; it takes: dogs_root"),
+])
+def test_layout_options_are_checked_against_the_layout(repo_params, dotted, value, expected) -> None:
+    assert expected in error_of(mutated(repo_params, dotted, value))
+
+
+def test_settings_do_not_share_the_callers_mappings(repo_params) -> None:
+    from stages.params import resolve
+
+    params = copy.deepcopy(repo_params)
+    run = resolve(params)
+    params["distill"]["kd"]["alpha"] = 7.0
+    params["datasets"]["mnist"]["mean"][0] = 9.0
+    assert run.params.distill["kd"]["alpha"] == repo_params["distill"]["kd"]["alpha"]
+    assert run.dataset.mean == repo_params["datasets"]["mnist"]["mean"]
+
+
+@pytest.mark.parametrize("key", ["train_per_class", "val_per_class", "test_per_class"])
+def test_mnist_subset_keys_moved_out_of_data(repo_params, key) -> None:
+    assert key in repo_params["datasets"]["mnist"]["options"]
+    message = error_of(mutated(repo_params, f"data.{key}", 100))
+    assert f"data.{key}: unknown key" in message and "split_seed" in message and "num_workers" in message
 
 
 def test_every_model_preset_builds_and_runs_at_its_input_size(repo_root):
@@ -314,27 +370,137 @@ def test_every_model_preset_builds_and_runs_at_its_input_size(repo_root):
     import torch
     import yaml
 
-    from kdlib.models import build_model
-    from stages.params import model_spec
+    from kdlib.models import ModelSpec
 
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     dataset = params["datasets"][params["dataset"]]
+    models = resolve(params).params.models
+    assert set(models) == set(params["models"])
     for name in params["models"]:
-        spec = model_spec(params, name)
-        model = build_model(spec.arch, 10, dataset["channels"], spec.pretrained, **spec.kwargs).eval()
+        spec = models[name][0]
+        assert isinstance(spec, ModelSpec) and spec.arch == params["models"][name]["arch"]
+        model = spec.build(10, dataset["channels"]).eval()
         size = spec.input_size or dataset["image_size"]
         with torch.no_grad():
             logits = model(torch.randn(2, dataset["channels"], size, size))
         assert logits.shape == (2, 10), name
 
 
-@pytest.mark.parametrize(("value", "expected"), [(["student"], "roles among teacher, baseline, distill"),
-                                                 ([], "non-empty"), (["teacher", "teacher"], "distinct")])
-def test_quantize_roles_are_checked(repo_params, value, expected) -> None:
-    message = error_of(mutated(repo_params, "eval.roles", value))
-    assert f"eval.roles = {value!r}" in message and expected in message
+def test_eval_roles_is_an_unknown_key(repo_params) -> None:
+    """`eval.roles` is gone (evaluate and quantize run once per role, as DVC foreach stages)."""
+    message = error_of(mutated(repo_params, "eval.roles", ["teacher", "distill"]))
+    assert "eval.roles: unknown key" in message
+    allowed = message.split("eval.roles: unknown key; allowed here: ", 1)[1].splitlines()[0].split(", ")
+    assert allowed == keys(EvalSettings) and "roles" not in allowed
+    assert set(allowed) == set(repo_params["eval"])  # params.yaml sets every eval key, and only those
 
 
 def test_unknown_precision_lists_the_known_ones(repo_params) -> None:
     message = error_of(mutated(repo_params, "eval.precisions", ["fp32", "int4"]))
     assert "'int4'" in message and "onnx_int8" in message and "int8_static" in message
+
+
+# ---- resolve(): every preset checked, derived facts, cross-section refusals, a frozen Run ------
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("models.mobilenetv2.lr", -1, "models.mobilenetv2.lr = -1: expected a number in (0, inf]"),
+    ("models.convnext.epochs", 0, "models.convnext.epochs = 0: expected an integer in [1, inf]"),
+    ("models.rescnn.arch", "not_a_model", "models.rescnn.arch = 'not_a_model'"),
+    ("datasets.cifar10.image_size", 4, "datasets.cifar10.image_size = 4: expected an integer in [8, inf]"),
+    ("datasets.voc2007.ap_mode", "sklearn", "datasets.voc2007.ap_mode = 'sklearn'"),
+])
+def test_bad_value_in_a_preset_not_in_use_is_reported(repo_params, key, value, expected) -> None:
+    preset = key.split(".")[1]
+    assert preset not in (repo_params["teacher"], repo_params["student"], repo_params["dataset"])
+    assert expected in error_of(mutated(repo_params, key, value))
+
+
+def test_bad_distill_section_not_in_use_is_reported(repo_params) -> None:
+    assert repo_params["distill"]["method"] != "lshl2"
+    message = error_of(mutated(repo_params, "distill.lshl2.beta", -1.0))
+    assert "distill.lshl2" in message and "beta" in message
+
+
+def voc_run(params: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """``-S dataset=voc2007 -S distill.method=sigmoid_kd`` plus ``changes`` (dotted keys, ``__`` for ``.``)."""
+    out = mutated(mutated(params, "dataset", "voc2007"), "distill.method", "sigmoid_kd")
+    for key, value in changes.items():
+        out = mutated(out, key.replace("__", "."), value)
+    return out
+
+
+def test_resolve_gives_the_derived_facts(repo_params) -> None:
+    mnist = resolve(repo_params)
+    assert (mnist.task, mnist.score) == ("multiclass", "top1")
+    voc = resolve(voc_run(repo_params))
+    assert (voc.task, voc.score) == ("multilabel", "mAP")
+    assert voc.dataset == voc.params.datasets["voc2007"] and voc.dataset.layout == "voc2007"
+    assert voc.method.name == "sigmoid_kd" and dict(voc.method.knobs) == repo_params["distill"]["sigmoid_kd"]
+    assert voc.method.cls.fits("multilabel")
+    # input sizes: the preset's, else the data set's image size
+    assert voc.student.input_size == repo_params["datasets"]["voc2007"]["image_size"]
+    deit = resolve(mutated(repo_params, "student", "deit"))
+    assert deit.student.input_size == repo_params["models"]["deit"]["input_size"]
+    assert deit.model("baseline") is deit.student and deit.model("distill") is deit.student
+    assert deit.model("teacher") is deit.teacher
+    # the run's loader settings go into both recipes
+    run = resolve(mutated(mutated(repo_params, "eval.batch_size", 64), "data.num_workers", 3))
+    for model in (run.teacher, run.student):
+        assert (model.recipe.eval_batch_size, model.recipe.num_workers) == (64, 3)
+    # the objectives follow the task: BCE on multi-label data, CE_ε (teacher_ls for the teacher) else
+    assert isinstance(voc.objective("distill"), METHODS.get("sigmoid_kd"))
+    assert isinstance(voc.objective("baseline"), METHODS.get("bce"))
+    assert isinstance(voc.objective("teacher"), METHODS.get("bce"))
+    assert isinstance(mnist.objective("distill"), METHODS.get("kd"))
+    smoothed = resolve(mutated(mutated(repo_params, "teacher_ls", 0.1), "models.cnn_small.label_smoothing", 0.2))
+    assert isinstance(smoothed.objective("teacher"), METHODS.get("ce"))
+    assert smoothed.objective("teacher").label_smoothing == 0.1
+    assert smoothed.objective("baseline").label_smoothing == 0.2
+
+
+def test_num_views_is_the_cache_views_or_the_student_epochs(repo_params) -> None:
+    params = mutated(mutated(repo_params, "student", "deit"), "models.deit.epochs", 7)
+    assert repo_params["models"][repo_params["teacher"]]["epochs"] != 7  # the student's, not the teacher's
+    assert resolve(mutated(params, "teacher_cache.views", None)).num_views == 7
+    assert resolve(mutated(params, "teacher_cache.views", 3)).num_views == 3
+    assert resolve(mutated(params, "teacher_cache.views", 12)).num_views == 12
+    # without the cache every epoch draws a fresh view
+    no_cache = mutated(mutated(params, "teacher_cache.views", 3), "teacher_cache.enabled", False)
+    assert resolve(no_cache).num_views == 7
+    assert resolve(voc_run(repo_params, teacher_cache__views=2)).num_views == 2
+
+
+def test_method_that_does_not_fit_the_task_is_a_param_error(repo_params) -> None:
+    message = error_of(mutated(repo_params, "dataset", "voc2007"))  # distill.method stays kd
+    assert "distill.method = 'kd'" in message and "multilabel" in message
+    listed = message.split("use one of: ", 1)[1].splitlines()[0].split(", ")
+    assert "sigmoid_kd" in listed and listed == distillation_methods("multilabel")
+    assert "kd" not in listed and "lshl2_s" not in listed and "deit_soft" not in listed
+    # and the other way round
+    message = error_of(mutated(repo_params, "distill.method", "sigmoid_kd"))
+    assert "distill.method = 'sigmoid_kd'" in message and "multiclass" in message
+    assert "kd" in message.split("use one of: ", 1)[1].splitlines()[0].split(", ")
+
+
+@pytest.mark.parametrize("key", ["mixup", "cutmix"])
+def test_mixing_with_the_teacher_cache_is_a_param_error(repo_params, key) -> None:
+    params = mutated(repo_params, f"datasets.mnist.{key}", 0.8)
+    assert repo_params["teacher_cache"]["enabled"] is True
+    message = error_of(params)
+    assert "teacher_cache.enabled" in message and "datasets.mnist" in message
+    resolve(mutated(params, "teacher_cache.enabled", False))  # without the cache it is fine
+    # a mixing preset that is not in use does not matter
+    resolve(mutated(repo_params, f"datasets.stanford_dogs.{key}", 0.8))
+
+
+def test_run_is_frozen(repo_params) -> None:
+    run = resolve(repo_params)
+    for target, name, value in [(run, "params", None), (run, "dataset", None), (run, "method", None),
+                                (run, "teacher", None), (run, "student", None), (run, "seed", 1),
+                                (run.params, "seed", 1), (run.params, "student", "deit"),
+                                (run.params.teacher_cache, "enabled", False), (run.student, "input_size", 32),
+                                (run.student, "recipe", None), (run.student.recipe, "lr", 1.0),
+                                (run.student.spec, "arch", "resnet18"), (run.dataset, "image_size", 32),
+                                (run.method, "name", "lshl2")]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(target, name, value)
+    assert run == resolve(repo_params)  # nothing changed

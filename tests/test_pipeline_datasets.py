@@ -1,19 +1,19 @@
 """A real data-set preset through the pipeline's own stage functions: prepare → teacher →
-baseline → distill → evaluate, on a CUB-200 layout built on disk (tiny, one epoch)."""
+baseline → distill → evaluate, on a CUB-200 layout built on disk (tiny, one epoch); and a
+multi-label VOC preset through the same functions and through the stage scripts."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from kdlib.checkpoint import Checkpoint
 from stages.evaluate import evaluate_checkpoint
-from stages.params import load_params, validate
-from stages.prepare import prepare
-from stages.common import Workspace
-from stages.train import train_pipeline, train_role
+from stages.params import ParamError, read_params, resolve, validate
+from stages.pipeline import prepare, train_pipeline
+from stages.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def build_cub(root: Path, classes: int = 3, per_class: int = 8) -> Path:
 
 @pytest.fixture
 def cub_params(tmp_path: Path) -> dict:
-    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params = read_params(REPO / "params.yaml")
     params["dataset"] = "cub200"
     params["datasets"]["cub200"].update(root=str(build_cub(tmp_path / "CUB_200_2011")), image_size=32,
                                         val_fraction=0.25)
@@ -56,22 +56,28 @@ def cub_params(tmp_path: Path) -> dict:
 
 def test_cub_preset_runs_prepare_train_distill_evaluate(cub_params, tmp_path):
     ws = Workspace(tmp_path)
-    index = prepare(cub_params, ws.prepared)
+    run = resolve(cub_params)
+    index = prepare(run, ws)
+    assert (ws.prepared / "index.csv").is_file()
     assert index.meta.classes == ["001.Bird_1", "002.Bird_2", "003.Bird_3"]
     counts = {s: len(index.split(s)) for s in ("train", "val", "test")}
     assert counts["test"] == 6 and counts["train"] + counts["val"] == 18 and counts["val"] >= 3
-    train_pipeline(cub_params, index, ws)
+    train_pipeline(run, ws)
     for role in ("teacher", "baseline", "distill"):
-        result, meta, _ = evaluate_checkpoint(cub_params, index, ws.models / role / "best.pt")
+        checkpoint = Checkpoint.read(ws.checkpoint(role))
+        result = evaluate_checkpoint(run, index, checkpoint)
+        meta = checkpoint.meta
         assert meta["in_chans"] == 3 and meta["input_size"] == 32
+        assert checkpoint.record.in_chans == 3 and checkpoint.record.input_size == 32
         assert len(result.targets) == 6 and 0.0 <= result.top1 <= 100.0
 
 
 def test_missing_root_is_named(cub_params, tmp_path):
     cub_params["datasets"]["cub200"]["root"] = str(tmp_path / "nowhere")
+    ws = Workspace(tmp_path / "ws")
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        prepare(cub_params, tmp_path / "prepared")
-    assert not (tmp_path / "prepared").exists() and not (tmp_path / "prepared.partial").exists()
+        prepare(resolve(cub_params), ws)
+    assert not ws.prepared.exists() and not ws.prepared.with_name("prepared.partial").exists()
 
 
 @pytest.fixture
@@ -115,23 +121,23 @@ def test_preset_with_url_downloads_verifies_extracts_once(cub_params, served_dir
     preset.update(url=f"{base_url}/CUB_200_2011.tgz", sha256=hashlib.sha256(archive.read_bytes()).hexdigest(),
                   download_dir=str(tmp_path / "downloads"), archive_subdir="CUB_200_2011")
     validate(cub_params)
-    first = prepare(cub_params, tmp_path / "prepared")
+    ws = Workspace(tmp_path / "ws")
+    first = prepare(resolve(cub_params), ws)
     assert len(first.records) == 24 and len(requests) == 1
-    second = prepare(cub_params, tmp_path / "prepared")
+    second = prepare(resolve(cub_params), ws)
     assert [r.md5 for r in second.records] == [r.md5 for r in first.records]
     assert len(requests) == 1  # idempotent: verified archive and extraction are reused
 
     from kdlib.data.fetch import FetchError
 
     preset.update(sha256="0" * 64, download_dir=str(tmp_path / "other"))
+    ws2 = Workspace(tmp_path / "ws2")
     with pytest.raises(FetchError, match="sha256"):
-        prepare(cub_params, tmp_path / "prepared2")
-    assert not (tmp_path / "prepared2").exists()
+        prepare(resolve(cub_params), ws2)
+    assert not ws2.prepared.exists()
 
 
 def test_url_without_checksum_is_refused_by_validation(cub_params):
-    from stages.params import ParamError
-
     cub_params["datasets"]["cub200"]["url"] = "http://127.0.0.1:9/x.tgz"
     with pytest.raises(ParamError, match="sha256"):
         validate(cub_params)
@@ -162,39 +168,48 @@ def build_voc(root: Path, images: int = 70) -> Path:
 
 
 def test_voc_multilabel_preset_trains_with_bce_and_sigmoid_kd_and_reports_map(tmp_path):
-    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params = read_params(REPO / "params.yaml")
     params["dataset"], params["teacher"], params["student"] = "voc2007", "cnn_small", "cnn_small"
     params["datasets"]["voc2007"].update(root=str(build_voc(tmp_path / "voc")), image_size=32, val_fraction=0.2)
     params["distill"]["method"] = "sigmoid_kd"
     for preset in params["models"].values():
         preset.update(epochs=2, warmup_epochs=0, batch_size=8)
-    validate(params)
+    run = resolve(params)
+    assert run.task == "multilabel" and run.score == "mAP"
     ws = Workspace(tmp_path)
-    index = prepare(params, ws.prepared)
+    index = prepare(run, ws)
     assert index.meta.task == "multilabel" and index.meta.num_classes == 20
     assert any(r.difficult for r in index.records) and all(r.label == -1 for r in index.records)
-    for role, (result, _) in train_pipeline(params, index, ws).items():
+    for role, (result, _) in train_pipeline(run, ws).items():
         assert result.score_name == "mAP" and 0.0 <= result.best_val_score <= 100.0
-        evaluated, _, _ = evaluate_checkpoint(params, index, ws.models / role / "best.pt")
+        evaluated = evaluate_checkpoint(run, index, Checkpoint.read(ws.checkpoint(role)))
         assert evaluated.targets.shape == (10, 20)
         assert {"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1"} <= set(evaluated.metrics)
 
-    # seed 004's multi-label stage 2: BCE + beta (L2 + LSH) after aligning feat_fc
+    # the multi-label stage 2 of LSHFM (Wang et al., TPAMI 2021): BCE + beta (L2 + LSH) after aligning feat_fc
     params["distill"]["method"] = "lshl2"
     params["distill"]["lshl2"].update(beta=0.5, num_hyperplanes=64, force_feat_fc=True)  # same widths here
     params["align"]["epochs"] = 1
-    result = train_pipeline(params, index, ws, roles=("distill",))["distill"][0]
+    result = train_pipeline(resolve(params), ws, roles=("distill",))["distill"][0]
     assert result.score_name == "mAP" and {"train/bce", "train/l2", "train/lsh"} <= set(result.history[0])
-    assert (ws.align / "last.pt").is_file() and (ws.models / "distill" / "lsh.pt").is_file()
+    assert ws.align_checkpoint.is_file()
+    # the fitted LSH state (no separate lsh.pt any more) is in every checkpoint
+    assert not (ws.models / "distill" / "lsh.pt").exists()
+    for which in ("best", "last"):
+        state = Checkpoint.read(ws.checkpoint("distill", which)).method_state
+        assert set(state) == {"bias", "seed", "weight_std"}
+        assert state["bias"].shape == (64,) and state["seed"] == params["seed"]
 
     params["distill"]["method"] = "kd"  # single-label KD on multi-label data is refused, by name
-    with pytest.raises(SystemExit, match="sigmoid_kd"):
-        train_role(params, "distill", index, ws, progress=False)
+    with pytest.raises(ParamError, match="sigmoid_kd") as err:
+        resolve(params)
+    assert "distill.method = 'kd' does not fit a multilabel data set" in str(err.value)
 
 
 @pytest.mark.slow
 def test_stage_scripts_run_on_multilabel_voc(tmp_path):
-    """The stage scripts, run as processes in order (as dvc.yaml runs them), on a VOC fixture."""
+    """The stage scripts, run as processes in order (as dvc.yaml runs them: evaluate and quantize
+    once per role), on a VOC fixture."""
     import json
     import os
     import subprocess
@@ -204,22 +219,44 @@ def test_stage_scripts_run_on_multilabel_voc(tmp_path):
 
     work = tmp_path / "work"
     work.mkdir()
-    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params = read_params(REPO / "params.yaml")
     params["dataset"], params["teacher"], params["student"] = "voc2007", "cnn_small", "cnn_small"
     params["datasets"]["voc2007"].update(root=str(build_voc(tmp_path / "voc")), image_size=32, val_fraction=0.2)
     params["distill"]["method"] = "sigmoid_kd"
     for preset in params["models"].values():
         preset.update(epochs=1, warmup_epochs=0, batch_size=8)
+    # report gathers the quantize stage's rows: one precision, few timed calls, keeps it quick
+    params["eval"].update(precisions=["fp32"], warmup_runs=1, timed_runs=3, throughput_batch=4, throughput_runs=1,
+                          calibration_images=8)
+    validate(params)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for args in (["prepare"], ["train", "teacher"], ["train", "baseline"], ["teacher_cache"], ["align"],
-                 ["train", "distill"], ["evaluate"], ["report"]):
+    roles = ("teacher", "baseline", "distill")
+    steps = [["prepare"], ["train", "teacher"], ["train", "baseline"], ["teacher_cache"], ["align"],
+             ["train", "distill"], *(["evaluate", role] for role in roles), *(["quantize", role] for role in roles),
+             ["report"]]
+    for args in steps:
         proc = subprocess.run([sys.executable, "-m", f"stages.{args[0]}", *args[1:]], cwd=work, env=env,
                               capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    metrics = json.loads((work / "reports/evaluate/metrics.json").read_text())
-    assert "kd_gain_mAP" in metrics and "mAP" in metrics["distill"]["best"]
-    assert json.loads((work / "reports/distill/metrics.json").read_text())["best_val_mAP"] >= 0
-    results = (work / "reports/results.md").read_text()
+        assert proc.returncode == 0, (args, proc.stdout[-2000:] + proc.stderr[-2000:])
+    reports = work / "reports"
+    summary = json.loads((reports / "summary.json").read_text())
+    assert "kd_gain_mAP" in summary and set(roles) <= set(summary)
+    for role in roles:
+        metrics = json.loads((reports / "evaluate" / f"{role}.json").read_text())
+        assert "mAP" in metrics["best"] and "mAP" in metrics["last"]
+        assert metrics["params"] > 0 and metrics["checkpoint_bytes"] > 0
+        assert summary[role] == {"best": metrics["best"]["mAP"], "last": metrics["last"]["mAP"]}
+        matrix = json.loads((reports / "evaluate" / "matrix" / f"{role}.json").read_text())
+        assert matrix == {"classes": VOC_CLASSES, "matrix": None}  # multi-label: no confusion matrix
+        assert json.loads((reports / "evaluate" / "confusion" / f"{role}.json").read_text()) == []
+        rows = json.loads((reports / "quantize" / f"{role}.json").read_text())
+        assert [row["precision"] for row in rows] == ["fp32"]
+    assert summary["kd_gain_mAP"] == pytest.approx(summary["distill"]["best"] - summary["baseline"]["best"], abs=1e-3)
+    assert not (reports / "evaluate" / "metrics.json").exists()
+    assert not (reports / "evaluate" / "confusion_matrices.json").exists()
+    assert json.loads((reports / "distill/metrics.json").read_text())["best_val_mAP"] >= 0
+    assert (reports / "quantization.json").is_file() and (reports / "quantization.csv").is_file()
+    results = (reports / "results.md").read_text()
     assert "test mAP best" in results and "CF1" in results
-    assert (work / "reports/figures/training_curves.png").is_file()
+    assert (reports / "figures/training_curves.png").is_file()

@@ -28,7 +28,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> s
 
 
 def shrink(params: dict) -> dict:
-    params["data"].update(train_per_class=4, val_per_class=2, test_per_class=3)
+    params["datasets"]["mnist"]["options"].update(train_per_class=4, val_per_class=2, test_per_class=3)
     # two precisions without compilation keep the quantize stage short; kdlib/quantize has its own tests
     params["eval"].update(precisions=["fp32", "fp8"], warmup_runs=1, timed_runs=3, throughput_runs=1,
                           calibration_images=8)
@@ -64,17 +64,26 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     return work, env
 
 
+ROLES = ("teacher", "baseline", "distill")
+
+
 def declared_outputs(work: Path) -> list[Path]:
     pipeline = yaml.safe_load((work / "dvc.yaml").read_text())
     paths = []
     for stage in pipeline["stages"].values():
-        for entry in stage.get("outs", []) + stage.get("metrics", []):
-            paths.append(work / (entry if isinstance(entry, str) else next(iter(entry))))
+        variants = [(item, stage["do"]) for item in stage["foreach"]] if "foreach" in stage else [(None, stage)]
+        for item, body in variants:
+            for entry in body.get("outs", []) + body.get("metrics", []) + body.get("plots", []):
+                path = entry if isinstance(entry, str) else next(iter(entry))
+                paths.append(work / (path.replace("${item}", item) if item else path))
     return paths
 
 
-MEASURED = ("timing.json", "reports/quantize", "reports/quantization.json", "reports/quantization.csv",
-            "reports/results.md")
+MEASURED = ("timing.json", "reports/quantization.json", "reports/quantization.csv", "reports/results.md")
+
+
+def measured(path: str) -> bool:
+    return path.endswith(MEASURED) or path.startswith("reports/quantize/")
 
 
 def lock_hashes(work: Path) -> dict[str, str]:
@@ -82,7 +91,7 @@ def lock_hashes(work: Path) -> dict[str, str]:
     which differ by design; results.md is compared without its quantization section."""
     lock = yaml.safe_load((work / "dvc.lock").read_text())
     return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])
-            if not out["path"].endswith(MEASURED)}
+            if not measured(out["path"])}
 
 
 def results_without_measurements(work: Path) -> str:
@@ -94,16 +103,18 @@ def test_repro_produces_every_output_and_is_a_noop_the_second_time(workdir):
     first = run(["dvc", "repro"], work, env)
     for path in declared_outputs(work):
         assert path.exists(), f"declared output {path.relative_to(work)} missing\n{first.stdout[-3000:]}"
-    evaluation = json.loads((work / "reports/evaluate/metrics.json").read_text())
-    for role in ("teacher", "baseline", "distill"):
+    for role in ROLES:
+        evaluation = json.loads((work / f"reports/evaluate/{role}.json").read_text())
         for which in ("best", "last"):
-            assert 0.0 <= evaluation[role][which]["top1"] <= 100.0
-        assert evaluation[role]["params"] > 0 and evaluation[role]["checkpoint_bytes"] > 0
+            assert 0.0 <= evaluation[which]["top1"] <= 100.0
+        assert evaluation["params"] > 0 and evaluation["checkpoint_bytes"] > 0
         live = json.loads((work / f"reports/{role}/metrics.json").read_text())
         assert {"train", "val", "best_val_top1", "last_val_top1"} <= set(live)
     manifest = json.loads((work / "reports/prepare/manifest.json").read_text())
     assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [40, 20, 30]
     assert "KD gain" in (work / "reports/results.md").read_text()
+    summary = json.loads((work / "reports/summary.json").read_text())
+    assert summary["kd_gain_top1"] == pytest.approx(summary["distill"]["best"] - summary["baseline"]["best"])
     quantization = json.loads((work / "reports/quantization.json").read_text())["results"]
     assert {row["status"] for role in ("teacher", "baseline", "distill") for row in quantization[role].values()} \
         == {"ok"}, quantization
@@ -127,7 +138,7 @@ def test_experiment_with_deit_student_then_metrics_and_plots_diff(workdir):
     work, env = workdir
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "baseline results"], work, env)
-    # the DeiT student with DeiT's hard distillation-token KD (seed 002)
+    # the DeiT student with DeiT's hard distillation-token KD (as in the teacher-architecture study)
     run(["dvc", "exp", "run", "-S", "student=deit", "-S", "distill.method=deit_hard"], work, env)
     live = json.loads((work / "reports/distill/metrics.json").read_text())
     assert "dist" in live["train"] and live["params"] > 0
@@ -142,21 +153,27 @@ def test_experiment_with_deit_student_then_metrics_and_plots_diff(workdir):
 
 
 def test_feature_distillation_experiments(workdir):
-    """`dvc exp run -S distill.method=...`: a feature method runs the align stage and writes its LSH
-    bias; a sweep of its knobs reuses the teacher cache and measures only the student it changes."""
+    """`dvc exp run -S distill.method=...`: a feature method runs the align stage and stores its LSH
+    bias with the student; a sweep of its knobs reuses the teacher cache, and evaluates and measures
+    only the student it changes (evaluate and quantize run once per model)."""
     import torch
 
     work, env = workdir
-    only_student = ["-S", "eval.roles=[distill]"]  # the teacher and baseline are unchanged: not re-measured
-    run(["dvc", "exp", "run", "-S", "student=cnn_small", "-S", "distill.method=lshl2", *only_student], work, env)
+    first = run(["dvc", "exp", "run", "-S", "student=cnn_small", "-S", "distill.method=lshl2"], work, env).stdout
     assert json.loads((work / "models/align/align.json").read_text())["aligned"] is True
-    assert (work / "models/align/last.pt").is_file() and (work / "models/distill/lsh.pt").is_file()
-    meta = torch.load(work / "models/distill/best.pt", weights_only=True)["meta"]
-    assert meta["feature_student"]["project"] is True  # cnn_small's 64-d feature → resnet18's 512
+    assert (work / "models/align/last.pt").is_file()
+    checkpoint = torch.load(work / "models/distill/best.pt", weights_only=True)
+    assert checkpoint["meta"]["feature_student"]["project"] is True  # cnn_small's 64-d feature → resnet18's 512
+    assert set(checkpoint["method_state"]) == {"bias", "seed", "weight_std"}
+    assert checkpoint["method_state"]["bias"].shape == (32 * 512,)
     assert json.loads((work / "models/teacher_cache/cache.json").read_text())["feature_dim"] == 512
-    assert set(json.loads((work / "reports/quantization.json").read_text())["results"]) == {"distill"}
+    assert set(json.loads((work / "reports/quantization.json").read_text())["results"]) == set(ROLES)
 
-    sweep = run(["dvc", "exp", "run", "-S", "distill.lshl2.beta=3", *only_student], work, env).stdout
+    sweep = run(["dvc", "exp", "run", "-S", "distill.lshl2.beta=3"], work, env).stdout
     assert "Running stage 'distill'" in sweep
     assert "Running stage 'teacher_cache'" not in sweep, sweep  # the cache does not depend on beta
+    for output in (first, sweep):
+        assert "Running stage 'quantize@distill'" in output and "Running stage 'evaluate@distill'" in output
+        for unchanged in ("quantize@teacher", "evaluate@teacher"):
+            assert f"Running stage '{unchanged}'" not in output, output
 

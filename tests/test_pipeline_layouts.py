@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from kdlib.checkpoint import Checkpoint
 from layout_fixtures import FACTS, LAYOUTS_ALL, MULTILABEL, build_dataset, tiny_params
 from stages.evaluate import evaluate_checkpoint
-from stages.params import load_params
-from stages.prepare import prepare
-from stages.common import Workspace
-from stages.train import train_pipeline
+from stages.params import read_params, resolve
+from stages.pipeline import prepare, train_pipeline
+from stages.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def base_params() -> dict:
-    return load_params(REPO / "params.yaml")
+    return read_params(REPO / "params.yaml")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS_ALL)
@@ -32,8 +32,10 @@ def test_layout_runs_prepare_train_distill_evaluate(layout: str, base_params: di
     assert params["datasets"][layout]["root"] == overrides["root"]
     assert params["datasets"][layout]["layout"] == layout
 
+    run = resolve(params)
+    assert run.task == facts.task
     ws = Workspace(tmp_path)
-    index = prepare(params, ws.prepared)
+    index = prepare(run, ws)
     assert ws.prepared.is_dir() and not (tmp_path / "data/prepared.partial").exists()
     meta = index.meta
     assert meta.name == layout and meta.extra["layout"] == layout and meta.extra["skipped"] == []
@@ -59,12 +61,14 @@ def test_layout_runs_prepare_train_distill_evaluate(layout: str, base_params: di
         assert Counter(r.label for r in index.split("test")) == {c: facts.test_per_class
                                                                  for c in range(meta.num_classes)}
 
-    for role, (result, n_params) in train_pipeline(params, index, ws).items():
-        assert (ws.models / role / "best.pt").is_file() and n_params > 0
+    for role, (result, n_params) in train_pipeline(run, ws).items():
+        assert ws.checkpoint(role).is_file() and n_params > 0
         assert result.score_name == ("mAP" if facts.task == "multilabel" else "top1")
         assert 0.0 <= result.best_val_score <= 100.0
 
-    evaluated, checkpoint_meta, _ = evaluate_checkpoint(params, index, ws.models / "distill" / "best.pt")
+    checkpoint = Checkpoint.read(ws.checkpoint("distill"))
+    evaluated = evaluate_checkpoint(run, index, checkpoint)
+    checkpoint_meta = checkpoint.meta
     assert checkpoint_meta["role"] == "distill" and checkpoint_meta["classes"] == facts.classes
     assert checkpoint_meta["num_classes"] == len(facts.classes) and checkpoint_meta["input_size"] == 32
     assert len(evaluated.targets) == facts.test

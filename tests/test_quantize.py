@@ -62,8 +62,26 @@ def test_registry_lists_every_precision() -> None:
         PRECISIONS.get("int4")
 
 
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_half_precisions_are_skipped_where_the_cpu_only_emulates_them(name, cnn, batches, tmp_path, monkeypatch):
+    from kdlib.quantize import Skipped
+
+    monkeypatch.setattr("kdlib.quantize.half.has_native_kernels", lambda dtype, device: False)
+    with pytest.raises(Skipped, match="no native kernels on this CPU"):
+        PRECISIONS.get(name)(cnn, _ctx(batches, tmp_path))
+
+
+def test_native_kernel_probe_answers_for_every_dtype() -> None:
+    from kdlib.runtime import has_native_kernels
+
+    cpu = torch.device("cpu")
+    assert has_native_kernels(torch.float32, cpu) and has_native_kernels(torch.bfloat16, torch.device("cuda"))
+    assert isinstance(has_native_kernels(torch.bfloat16, cpu), bool)
+
+
 @pytest.mark.parametrize("name,dtype", [("bf16", "bfloat16"), ("fp16", "float16")])
-def test_half_precisions_store_and_compute_in_that_dtype(name, dtype, cnn, batches, tmp_path) -> None:
+def test_half_precisions_store_and_compute_in_that_dtype(name, dtype, cnn, batches, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("kdlib.quantize.half.has_native_kernels", lambda dtype, device: True)  # any CPU
     prepared = _prepare(name, cnn, batches, tmp_path)
     floats = {k for k in prepared.stored_dtypes() if k.startswith(("float", "bfloat"))}
     assert floats == {dtype}

@@ -8,16 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from kdlib.checkpoint import load_checkpoint, model_from_checkpoint
+from kdlib.checkpoint import ModelRecord, load_checkpoint, model_from_checkpoint
 from kdlib.data import BatchNormalizer, IndexedImageDataset, Record, build_transforms
 from kdlib.losses import build_objective
 from kdlib.models import build_model
 from kdlib.runtime import seed_everything
 from kdlib.teacher import OnlineTeacher
-from kdlib.train import Recipe, fit
+from kdlib.train import Recipe, Selection, TrainData, fit
 
-META = {"arch": "cnn_small", "num_classes": 3, "in_chans": 1, "model_kwargs": {}, "input_size": 16,
-        "mean": [0.5], "std": [0.25], "classes": ["a", "b", "c"]}
+RECORD = ModelRecord(arch="cnn_small", num_classes=3, in_chans=1, model_kwargs={}, input_size=16,
+                     mean=[0.5], std=[0.25], classes=["a", "b", "c"])
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,9 @@ def run_fit(image_dir, out: Path, epochs: int = 2, patience: int = 0, objective=
     seed_everything(0)
     model = build_model("cnn_small", 3, 1)
     recipe = Recipe(epochs=epochs, batch_size=8, lr=0.05, patience=patience, warmup_epochs=1, amp=amp)
-    result = fit(model, train, val, objective or build_objective("ce"), recipe, BatchNormalizer([0.5], [0.25]),
-                 out, META, seed=0, teacher=teacher, logger=logger, progress=False, mix=mix)
+    data = TrainData(train, val, BatchNormalizer([0.5], [0.25]), mix=mix)
+    result = fit(model, objective or build_objective("ce"), recipe, data, out, RECORD, seed=0, teacher=teacher,
+                 logger=logger, progress=False)
     return model, result
 
 
@@ -77,6 +78,8 @@ def test_best_and_last_checkpoints_rebuild_the_model(image_dir, tmp_path):
     assert best["meta"]["epoch"] == result.best_epoch and last["meta"]["epoch"] == 3
     assert best["meta"]["val_score"] == pytest.approx(result.best_val_score) and result.score_name == "top1"
     rebuilt, meta = model_from_checkpoint(tmp_path / "last.pt")
+    # the record fit was given is what each checkpoint stores
+    assert ModelRecord.from_meta(best["meta"]) == RECORD and ModelRecord.from_meta(meta) == RECORD
     x = torch.randn(2, 1, 16, 16)
     model.eval()
     assert torch.allclose(rebuilt(x), model(x))
@@ -171,3 +174,49 @@ def test_mixup_cutmix_training_with_a_teacher(image_dir, tmp_path):
                         mix=build_mix(3, mixup_alpha=0.8, cutmix_alpha=1.0))
     assert all(0.0 <= row["train/top1"] <= 100.0 for row in logger.rows if row)
     assert result.best_epoch >= 1
+
+
+def test_selection_picks_higher_score_breaks_ties_by_loss_and_counts_epochs_without_gain():
+    selection = Selection(patience=2)
+    assert not selection.should_stop
+    assert selection.update(1, 50.0, 1.0)  # the first epoch is always the best so far
+    assert (selection.best_epoch, selection.best_score, selection.best_loss) == (1, 50.0, 1.0)
+    assert selection.update(2, 60.0, 2.0)  # higher score wins even with a higher loss
+    assert (selection.best_epoch, selection.best_score, selection.best_loss) == (2, 60.0, 2.0)
+    assert selection.epochs_without_gain == 0
+    assert not selection.update(3, 60.0, 2.5)  # tie in score, higher loss: not better
+    assert selection.epochs_without_gain == 1 and not selection.should_stop
+    assert selection.update(4, 60.0, 1.5)  # tie in score, lower loss: the new best
+    assert (selection.best_epoch, selection.best_loss, selection.epochs_without_gain) == (4, 1.5, 0)
+    assert not selection.update(5, 59.0, 0.1)  # lower score: not better whatever the loss
+    assert not selection.update(6, 60.0, 1.5)  # an exact tie is not a gain either
+    assert selection.epochs_without_gain == 2 and selection.should_stop
+    assert selection.best_epoch == 4
+
+
+def test_selection_without_patience_never_stops():
+    selection = Selection()  # patience 0
+    selection.update(1, 10.0, 1.0)
+    for epoch in range(2, 50):
+        assert not selection.update(epoch, 5.0, 1.0)
+    assert selection.epochs_without_gain == 48 and not selection.should_stop
+
+
+def test_selection_state_dict_round_trip_continues_identically():
+    first = Selection(patience=3)
+    for epoch, (score, loss) in enumerate([(40.0, 1.0), (55.0, 0.9), (55.0, 1.2)], start=1):
+        first.update(epoch, score, loss)
+    state = first.state_dict()
+    assert state == {"patience": 3, "best_score": 55.0, "best_loss": 0.9, "best_epoch": 2,
+                     "epochs_without_gain": 1}
+    restored = Selection()
+    restored.load_state_dict(state)
+    assert restored == first
+    state["best_score"] = 0.0  # the state is a copy, not a view of the object
+    assert first.best_score == 55.0
+    for epoch, (score, loss) in enumerate([(54.0, 0.1), (55.0, 0.8), (53.0, 0.5), (52.0, 0.5), (51.0, 0.5)],
+                                          start=4):
+        assert first.update(epoch, score, loss) == restored.update(epoch, score, loss)
+        assert first.should_stop == restored.should_stop
+        assert restored == first
+    assert restored.best_epoch == 5 and restored.should_stop

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -20,6 +22,9 @@ from PIL import Image
 from kdlib.data.index import DatasetIndex, DatasetMeta, Record, validate_index
 from kdlib.data.layouts import LayoutScan, ScannedImage
 from kdlib.data.splits import stratified_split
+
+if TYPE_CHECKING:
+    from kdlib.data.spec import DatasetSpec
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 
@@ -91,4 +96,44 @@ def index_from_scan(
     meta.extra = {**meta.extra, "skipped": skipped}
     index = DatasetIndex(meta, records)
     validate_index(index)
+    return index
+
+
+def prepare_dataset(spec: "DatasetSpec", name: str, out_dir: Path, split_seed: int,
+                    downloads_dir: Path = Path("data/downloads")) -> DatasetIndex:
+    """Read data set ``name`` as ``spec`` describes it (downloading and verifying it first when
+    it has a ``url``) and write the prepared index into ``out_dir``.
+
+    Everything is built in ``out_dir.partial`` and renamed into place when complete, so a
+    failure leaves no ``out_dir`` behind. Layouts whose images are packed (MNIST idx, CIFAR
+    pickles) write them as image files there, so every data set goes through the same loading code.
+    """
+    from kdlib.data.fetch import fetch
+    from kdlib.data.index import write_index
+    from kdlib.data.layouts import LAYOUTS
+
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        root = Path(spec.root or "")
+        if spec.url:  # download (checksum-verified, idempotent) and extract first
+            fetched = fetch(spec.url, Path(spec.download_dir) if spec.download_dir else Path(downloads_dir),
+                            sha256=spec.sha256, md5=spec.md5)
+            root = fetched / spec.archive_subdir
+        reader = LAYOUTS.get(spec.layout)
+        options = {**spec.options, **({"seed": split_seed} if reader.seeded else {})}  # type: ignore[attr-defined]
+        staging.mkdir(parents=True, exist_ok=True)
+        scan = reader(root, staging=staging, **options)
+        # packed layouts write their images under staging, which becomes out_dir below
+        final_root = (out_dir / scan.root.relative_to(staging)) if scan.root.is_relative_to(staging) else scan.root
+        meta = DatasetMeta(name, str(final_root), scan.classes, spec.channels, spec.image_size, spec.mean, spec.std,
+                           task=scan.task, extra={"layout": spec.layout}, stored_size=scan.stored_size)
+        index = index_from_scan(scan, meta, spec.val_fraction, spec.test_fraction, split_seed, spec.on_bad_image)
+        write_index(index, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
     return index

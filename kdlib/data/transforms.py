@@ -85,11 +85,11 @@ def imagenet(image_size: int, scale: tuple[float, float] = (0.08, 1.0)) -> Augme
 
 @TRAIN_PRESETS.register("deit")
 def deit(image_size: int, magnitude: int = 9, erase_prob: float = 0.25) -> Augmentation:
-    """Seed 000 (DeiT's main.py): bicubic RandomResizedCrop, flip, RandAugment (2 ops, magnitude
-    9; DeiT's timm ``rand-m9-mstd0.5-inc1`` varies the magnitude, v2's does not) and random
-    erasing with probability 0.25 (zero fill on uint8; DeiT fills with noise after
-    normalization). As in timm, RandAugment replaces colour jitter. Mixup/CutMix are batch-level
-    and not part of this preset."""
+    """The DeiT+ConvNeXt FGVC project (DeiT's main.py): bicubic RandomResizedCrop, flip,
+    RandAugment (2 ops, magnitude 9; DeiT's timm ``rand-m9-mstd0.5-inc1`` varies the magnitude,
+    v2's does not) and random erasing with probability 0.25 (zero fill on uint8; DeiT fills with
+    noise after normalization). As in timm, RandAugment replaces colour jitter. Mixup/CutMix are
+    batch-level and not part of this preset."""
     return Augmentation(v2.Compose([
         v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
@@ -100,8 +100,9 @@ def deit(image_size: int, magnitude: int = 9, erase_prob: float = 0.25) -> Augme
 
 @TRAIN_PRESETS.register("cub_ls")
 def cub_ls(image_size: int) -> Augmentation:
-    """Seed 001 (LS-KD compatibility) on CUB: RandomResizedCrop (scale 0.2–1, ratio 0.8–1.25),
-    flip, rotation up to 45°, grayscale with probability 0.2, brightness/contrast jitter 0.2."""
+    """The LS–KD compatibility study (Chandrasegaran et al., ICML 2022) on CUB: RandomResizedCrop
+    (scale 0.2–1, ratio 0.8–1.25), flip, rotation up to 45°, grayscale with probability 0.2,
+    brightness/contrast jitter 0.2."""
     return Augmentation(v2.Compose([
         v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), ratio=(0.8, 1.25), antialias=True),
         v2.RandomHorizontalFlip(),
@@ -113,8 +114,8 @@ def cub_ls(image_size: int) -> Augmentation:
 
 @TRAIN_PRESETS.register("lshfm")
 def lshfm(image_size: int) -> Augmentation:
-    """Seed 004 (LSH feature mimicking, VOC/COCO): resize straight to image_size² (448 there),
-    flip, colour jitter 0.3 (brightness, contrast, saturation)."""
+    """LSHFM (Wang et al., TPAMI 2021; LSH feature mimicking, VOC/COCO): resize straight to
+    image_size² (448 there), flip, colour jitter 0.3 (brightness, contrast, saturation)."""
     return Augmentation(v2.Compose([
         v2.Resize((image_size, image_size), antialias=True),
         v2.RandomHorizontalFlip(),

@@ -1,20 +1,19 @@
 """Training objectives: one file per method, each pure functions plus a thin module.
 
 ``build_objective(name, **kwargs)`` returns the module registered under ``name``; every module
-of this package is imported here, so adding a method is adding one file (see
-:mod:`kdlib.losses.registry` for the interface: ``method(StudentOutput, targets, TeacherOutput)``
-→ ``LossOutput``, and the class attributes ``needs_teacher``, ``needs_features``, ``needs_lsh``,
-``uses_distillation_token``, ``tasks``).
+of this package is imported here, so adding a method is adding one file: a
+:class:`~kdlib.losses.base.Method` subclass (``method(StudentOutput, targets, TeacherOutput)``
+→ ``LossOutput``; declared capabilities ``needs_teacher``, ``needs_features``,
+``uses_distillation_token``, ``tasks``; an optional ``setup`` hook that fits state from the
+teacher) decorated with ``@register_method("name")``.
 """
 from __future__ import annotations
 
 import importlib
-import inspect
 import pkgutil
 from typing import Any
 
-from torch import nn
-
+from kdlib.losses.base import Method, MethodSpec, SetupContext, distillation_methods
 from kdlib.losses.registry import (
     METHODS,
     MULTICLASS,
@@ -22,7 +21,6 @@ from kdlib.losses.registry import (
     LossOutput,
     StudentOutput,
     TeacherOutput,
-    method_fits_task,
     register_method,
 )
 
@@ -45,27 +43,13 @@ from kdlib.losses.lshl2 import lshl2_loss  # noqa: E402
 from kdlib.losses.lshl2_s import lshl2_s_loss, teacher_correct_mask  # noqa: E402
 from kdlib.losses.sigmoid_kd import sigmoid_kd_loss, sigmoid_kl  # noqa: E402
 
-#: Constructor arguments the stage supplies from context (not from the method's params block).
-CONTEXT_ARGS = ("label_smoothing", "multilabel", "lsh")
-
-
-def method_knobs(name_or_class: str | type) -> dict[str, Any]:
-    """The keyword arguments of a method's constructor and their defaults (context ones included)."""
-    cls = METHODS.get(name_or_class) if isinstance(name_or_class, str) else name_or_class
-    return {
-        p.name: p.default
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-
-
-def build_objective(name: str, **kwargs: Any) -> nn.Module:
+def build_objective(name: str, **kwargs: Any) -> Method:
     """Build the method registered as ``name`` with ``kwargs`` (its knobs and context arguments).
 
     Unknown names raise ``KeyError`` listing the registered ones; unknown or invalid knobs raise
     ``ValueError`` naming them."""
     cls = METHODS.get(name)
-    knobs = method_knobs(cls)
+    knobs = cls.arguments()
     unknown = sorted(set(kwargs) - set(knobs))
     if unknown:
         raise ValueError(
@@ -76,12 +60,14 @@ def build_objective(name: str, **kwargs: Any) -> nn.Module:
 
 
 __all__ = [
-    "CONTEXT_ARGS",
     "METHODS",
     "MULTICLASS",
     "MULTILABEL",
     "LSHHyperplanes",
     "LossOutput",
+    "Method",
+    "MethodSpec",
+    "SetupContext",
     "StudentOutput",
     "TeacherOutput",
     "bce_loss",
@@ -89,6 +75,7 @@ __all__ = [
     "ce_loss",
     "deit_hard_loss",
     "deit_soft_loss",
+    "distillation_methods",
     "fit_lsh_hyperplanes",
     "hard_loss",
     "hard_teacher_ce",
@@ -99,8 +86,6 @@ __all__ = [
     "lsh_loss_per_sample",
     "lshl2_loss",
     "lshl2_s_loss",
-    "method_fits_task",
-    "method_knobs",
     "register_method",
     "sigmoid_kd_loss",
     "sigmoid_kl",

@@ -1,6 +1,7 @@
 """Binary cross-entropy on multi-hot targets (``bce``): the multi-label teacher's and baseline
-student's objective (seed S4's "BCE" baseline, ``BCEWithLogits`` from ImageNet weights), and the
-hard term of the feature methods (``l2``, ``lsh``, ``lshl2``) with ``multilabel=True``.
+student's objective (the "BCE" baseline of LSHFM, Wang et al., TPAMI 2021: ``BCEWithLogits`` from
+ImageNet weights), and the hard term of the feature methods (``l2``, ``lsh``, ``lshl2``) with
+``multilabel=True``.
 
 .. math::
 
@@ -9,7 +10,7 @@ hard term of the feature methods (``l2``, ``lsh``, ``lshl2``) with ``multilabel=
 
 one independent sigmoid per class, averaged over the batch **and** the classes (PyTorch's
 ``BCEWithLogitsLoss`` default ``reduction="mean"``). Targets are multi-hot ``(B, C)``; VOC
-"difficult" labels are positives in training (S4), and ignored only in the AP metric.
+"difficult" labels are positives in training (as in LSHFM), and ignored only in the AP metric.
 No knobs.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlib.losses.base import Method
 from kdlib.losses.registry import MULTILABEL, LossOutput, StudentOutput, TeacherOutput, register_method
 
 
@@ -26,13 +28,12 @@ def bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 @register_method("bce")
-class BinaryCrossEntropy(nn.Module):
+class BinaryCrossEntropy(Method):
     """Module form of :func:`bce_loss` (multi-label only; the teacher argument is ignored).
     Term logged: ``bce``."""
 
     needs_teacher = False
     needs_features = False
-    needs_lsh = False
     uses_distillation_token = False
     tasks = (MULTILABEL,)
 

@@ -8,8 +8,9 @@ term :math:`\\mathrm{CE}_\\epsilon` of every multiclass distillation method.
     \\qquad p = \\mathrm{softmax}(z)
 
 averaged over the batch. Label smoothing: Szegedy et al., "Rethinking the Inception
-Architecture for Computer Vision", CVPR 2016. Seed 001 (LS-KD compatibility) calls the strength
-α and trains its *teachers* with it: their α is this ``label_smoothing`` (ε); α = 0 is plain CE.
+Architecture for Computer Vision", CVPR 2016. The LS–KD compatibility study (Chandrasegaran et al.,
+ICML 2022) calls the strength α and trains its *teachers* with it: their α is this
+``label_smoothing`` (ε); α = 0 is plain CE.
 DeiT's base criterion is this with ε = 0.1 (``--smoothing``).
 
 Targets are integer labels ``(B,)`` or soft targets ``(B, K)`` (MixUp/CutMix mixtures; the
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from kdlib.losses._common import check_smoothing
 from kdlib.losses.bce import bce_loss
+from kdlib.losses.base import Method
 from kdlib.losses.registry import MULTICLASS, LossOutput, StudentOutput, TeacherOutput, register_method
 
 
@@ -43,12 +45,11 @@ def hard_loss(
 
 
 @register_method("ce")
-class CrossEntropy(nn.Module):
+class CrossEntropy(Method):
     """Module form of :func:`ce_loss` (the teacher argument is ignored). Term logged: ``ce``."""
 
     needs_teacher = False
     needs_features = False
-    needs_lsh = False
     uses_distillation_token = False
     tasks = (MULTICLASS,)
 

@@ -1,8 +1,8 @@
 """DeiT token distillation, hard variant (``deit_hard``).
 
 Touvron, Cord, Douze, Massa, Sablayrolles, Jégou, "Training data-efficient image transformers &
-distillation through attention", ICML 2021, arXiv:2012.12877 (seed S0 is a fork of its code;
-its CUB+Dogs result 92.52 % uses this variant).
+distillation through attention", ICML 2021, arXiv:2012.12877 (the DeiT+ConvNeXt FGVC project is a
+fork of its code; that project's CUB+Dogs result 92.52 % uses this variant).
 
 .. math::
 
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from kdlib.losses._common import check_smoothing, check_unit_interval, require_teacher
 from kdlib.losses.ce import ce_loss
 from kdlib.losses.deit_soft import require_dist_logits
+from kdlib.losses.base import Method
 from kdlib.losses.registry import MULTICLASS, LossOutput, StudentOutput, TeacherOutput, register_method
 
 
@@ -50,12 +51,11 @@ def deit_hard_loss(
 
 
 @register_method("deit_hard")
-class DeiTHardLoss(nn.Module):
+class DeiTHardLoss(Method):
     """Module form of :func:`deit_hard_loss`; returns the total and its two terms for logging."""
 
     needs_teacher = True
     needs_features = False
-    needs_lsh = False
     uses_distillation_token = True
     tasks = (MULTICLASS,)
 

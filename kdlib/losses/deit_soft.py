@@ -1,7 +1,8 @@
 """DeiT token distillation, soft variant (``deit_soft``).
 
 Touvron, Cord, Douze, Massa, Sablayrolles, Jégou, "Training data-efficient image transformers &
-distillation through attention", ICML 2021, arXiv:2012.12877 (seed S0 is a fork of its code).
+distillation through attention", ICML 2021, arXiv:2012.12877 (the DeiT+ConvNeXt FGVC project is a
+fork of its code).
 
 The student is a *distilled* transformer with two heads: the class token's head gives
 :math:`z_{cls}` (``StudentOutput.logits``) and the distillation token's head :math:`z_{dist}`
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from kdlib.losses._common import check_positive, check_smoothing, check_unit_interval, require_teacher
 from kdlib.losses.ce import ce_loss
 from kdlib.losses.kd import soft_kl
+from kdlib.losses.base import Method
 from kdlib.losses.registry import MULTICLASS, LossOutput, StudentOutput, TeacherOutput, register_method
 
 
@@ -75,12 +77,11 @@ def deit_soft_loss(
 
 
 @register_method("deit_soft")
-class DeiTSoftLoss(nn.Module):
+class DeiTSoftLoss(Method):
     """Module form of :func:`deit_soft_loss`; returns the total and its two terms for logging."""
 
     needs_teacher = True
     needs_features = False
-    needs_lsh = False
     uses_distillation_token = True
     tasks = (MULTICLASS,)
 

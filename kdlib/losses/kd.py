@@ -16,12 +16,15 @@ on the scale of the hard term when ``T`` changes (Hinton et al., §2).
 Knobs: ``temperature`` T (default 4, finite > 0), ``alpha`` α (default 0.9, in [0, 1]);
 context: ``label_smoothing`` ε. Terms logged: ``ce`` (unweighted CE_ε) and ``kd`` (T²·KL).
 
-How the seeds' conventions map onto this one (α here always weights the *teacher* term):
+How the source projects' conventions map onto this one (α here always weights the *teacher* term):
 
-* seed 001 (LS-KD compatibility) trains students with pure KD: ``alpha=1``.
-* seed 002 (Lightning) writes ``a·CE + (1-a)·T²·KL`` with a=0.5: ``alpha = 1 - a`` = 0.5.
-* seed 003 (Intel scenes) writes ``0.5·CE + 0.5·T²·KL``, T=4: ``alpha=0.5, temperature=4``.
-* seed 004's ``kd`` term is ``T²·KL_sum/B`` = batchmean, T=4.
+* the LS–KD compatibility study (Chandrasegaran et al., ICML 2022) trains students with pure KD:
+  ``alpha=1``.
+* the teacher-architecture study (Lightning) writes ``a·CE + (1-a)·T²·KL`` with a=0.5:
+  ``alpha = 1 - a`` = 0.5.
+* the residual-CNN precision study (Intel scenes) writes ``0.5·CE + 0.5·T²·KL``, T=4:
+  ``alpha=0.5, temperature=4``.
+* the ``kd`` term of LSHFM (Wang et al., TPAMI 2021) is ``T²·KL_sum/B`` = batchmean, T=4.
 * DeiT's *soft* loss divides a summed KL by ``B·C`` (numel) instead of ``B``; it equals this
   convention's KL term divided by the number of classes C. DeiT-style token distillation is
   the separate methods ``deit_soft`` / ``deit_hard``.
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 
 from kdlib.losses._common import check_positive, check_smoothing, check_unit_interval, require_teacher
 from kdlib.losses.ce import ce_loss
+from kdlib.losses.base import Method
 from kdlib.losses.registry import MULTICLASS, LossOutput, StudentOutput, TeacherOutput, register_method
 
 
@@ -76,12 +80,11 @@ def kd_loss(
 
 
 @register_method("kd")
-class KDLoss(nn.Module):
+class KDLoss(Method):
     """Module form of :func:`kd_loss`; returns the total and its two terms for logging."""
 
     needs_teacher = True
     needs_features = False
-    needs_lsh = False
     uses_distillation_token = False
     tasks = (MULTICLASS,)
 

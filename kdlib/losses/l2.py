@@ -1,7 +1,7 @@
 """Feature regression (``l2``): the student's pooled feature regresses the teacher's.
 
 Wang, Ge, Wu, "Distilling Knowledge by Mimicking Features", TPAMI 2021, arXiv:2011.01424
-(seed S4's ``l2`` option and the L2 half of its default ``lshl2``).
+(LSHFM: its ``l2`` option and the L2 half of its default ``lshl2``).
 
 .. math::
 
@@ -10,11 +10,11 @@ Wang, Ge, Wu, "Distilling Knowledge by Mimicking Features", TPAMI 2021, arXiv:20
 
 :math:`f_s, f_t \\in \\mathbb R^{B\\times D}` are the pooled penultimate features (the student's
 after its ``feat_fc`` projection to the teacher's width D), i.e. PyTorch's ``MSELoss`` with
-``reduction="mean"`` as in S4. :math:`\\mathcal L_{hard}` is CE_ε, or BCE with ``multilabel=True``.
+``reduction="mean"`` as in LSHFM. :math:`\\mathcal L_{hard}` is CE_ε, or BCE with ``multilabel=True``.
 No gradient flows into the teacher's features.
 
 Knobs: ``beta`` β (default 1, ≥ 0), ``gamma`` γ (default 1, ≥ 0), ``force_feat_fc`` (default
-False: give the student a ``feat_fc`` Linear even when the widths match, S4's ``force_2FC``);
+False: give the student a ``feat_fc`` Linear even when the widths match, LSHFM's ``force_2FC``);
 context: ``label_smoothing``, ``multilabel``. Terms logged: ``ce``/``bce`` and ``l2`` (unweighted).
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from kdlib.losses._common import check_bool, check_nonnegative, check_smoothing, require_features
 from kdlib.losses.ce import hard_loss
+from kdlib.losses.base import Method
 from kdlib.losses.registry import MULTICLASS, MULTILABEL, LossOutput, StudentOutput, TeacherOutput, register_method
 
 
@@ -37,12 +38,11 @@ def l2_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
 
 
 @register_method("l2")
-class L2Loss(nn.Module):
+class L2Loss(Method):
     """``γ·hard + β·L2`` (see the module docstring)."""
 
     needs_teacher = True
     needs_features = True
-    needs_lsh = False
     uses_distillation_token = False
     tasks = (MULTICLASS, MULTILABEL)
 

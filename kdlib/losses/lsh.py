@@ -1,7 +1,7 @@
 """Locality-sensitive-hashing feature mimicking (``lsh``) and its fixed hyperplanes.
 
 Wang, Ge, Wu, "Distilling Knowledge by Mimicking Features", TPAMI 2021, arXiv:2011.01424
-(seed S4, ``DoctorKey/LSHFM.*``). The student mimics the teacher's pooled penultimate feature
+(LSHFM, ``DoctorKey/LSHFM.*``). The student mimics the teacher's pooled penultimate feature
 :math:`f_t \\in \\mathbb R^D` (its own, after a ``feat_fc`` projection to width D, is
 :math:`f_s`). The LSH loss matches the feature's *direction* through N random hyperplanes and
 leaves its magnitude free:
@@ -19,27 +19,28 @@ and the method ``lsh`` is :math:`L = \\gamma\\,\\mathcal L_{hard} + \\beta\\,\\m
 
 ``W`` and ``b`` are fixed (buffers, never trained), fitted once on the teacher's features of the
 training set by :func:`fit_lsh_hyperplanes`: σ defaults to the standard deviation of the
-teacher's classifier weight (S4; its ImageNet script uses 0.06 for an R34 teacher), N to 32·D
-(S4's scripts use 2048 for VOC R34→R18 and COCO, 8192 for R101 students), and the bias to
+teacher's classifier weight (as in LSHFM; its ImageNet script uses 0.06 for an R34 teacher), N to 32·D
+(LSHFM's scripts use 2048 for VOC R34→R18 and COCO, 8192 for R101 students), and the bias to
 ``median``: :math:`b_j = -\\mathrm{median}_i\\, w_j^\\top f_t(x_i)`, which makes every hash bit
-balanced on the fitting set. ``mean`` (:math:`-\\mathrm{mean}_i`) and ``zero`` are S4's
+balanced on the fitting set. ``mean`` (:math:`-\\mathrm{mean}_i`) and ``zero`` are LSHFM's
 alternatives (its ImageNet run effectively uses 0). For an even number of samples we take the
-midpoint of the two middle values (numpy's median): S4 uses ``torch.median``'s lower middle value,
+midpoint of the two middle values (numpy's median): LSHFM uses ``torch.median``'s lower middle value,
 which leaves that sample's projection at exactly 0, a tie that float rounding breaks either way;
 the midpoint splits distinct projections exactly M/2 : M/2.
 
 Knobs (stored as attributes of the same names; the setup ones are read by the stage):
-``beta`` β (default 1, ≥ 0), ``gamma`` γ (default 1, ≥ 0; 0 for S4's stage 1, which trains only
+``beta`` β (default 1, ≥ 0), ``gamma`` γ (default 1, ≥ 0; 0 for LSHFM's stage 1, which trains only
 ``feat_fc``), ``num_hyperplanes`` (None = 32·D, else an int ≥ 1), ``sigma`` (None = the teacher
 classifier's weight std, else > 0), ``bias`` (``"median"`` | ``"mean"`` | ``"zero"``),
 ``force_feat_fc`` (default False: project the student feature through a Linear even when the
-widths match, S4's ``force_2FC``). Context: ``label_smoothing``, ``multilabel``, and ``lsh`` (the
+widths match, LSHFM's ``force_2FC``). Context: ``label_smoothing``, ``multilabel``, and ``lsh`` (the
 :class:`LSHHyperplanes`, may be None at construction and set afterwards). Terms logged:
 ``ce``/``bce`` and ``lsh`` (unweighted).
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +56,11 @@ from kdlib.losses._common import (
     require_features,
 )
 from kdlib.losses.ce import hard_loss
+from kdlib.losses.base import Method, SetupContext
 from kdlib.losses.registry import MULTICLASS, MULTILABEL, LossOutput, StudentOutput, TeacherOutput, register_method
 
 BIAS_MODES = ("median", "mean", "zero")
-HYPERPLANES_PER_DIM = 32  # S4's default N = 32·D
+HYPERPLANES_PER_DIM = 32  # LSHFM's default N = 32·D
 
 
 class LSHHyperplanes(nn.Module):
@@ -194,9 +196,16 @@ def lsh_loss(student_features: Tensor, teacher_features: Tensor, hyperplanes: LS
     return lsh_loss_per_sample(student_features, teacher_features, hyperplanes).mean()
 
 
-class LSHMethodBase(nn.Module):
-    """Knobs and hyperplane handling shared by ``lsh``, ``lshl2`` and ``lshl2_s`` (not registered)."""
+class LSHMethodBase(Method):
+    """Knobs and hyperplane handling shared by ``lsh``, ``lshl2`` and ``lshl2_s`` (not registered).
 
+    :meth:`setup` fits the hyperplanes on the teacher's features of one view of every training
+    image (the first, as LSHFM's one pass over its training loader), with σ from the teacher's
+    classifier weight; :meth:`fitted_state` records the fit: the bias, the seed that drew ``W`` and
+    ``W``'s standard deviation.
+    """
+
+    context_args = ("label_smoothing", "multilabel", "lsh")
     lsh: LSHHyperplanes | None
 
     def __init__(
@@ -223,6 +232,17 @@ class LSHMethodBase(nn.Module):
         if lsh is not None and not isinstance(lsh, LSHHyperplanes):
             raise ValueError(f"lsh must be LSHHyperplanes or None, got {type(lsh).__name__}")
         self.lsh = lsh
+        self._fit_seed: int | None = None
+
+    def setup(self, context: SetupContext) -> None:
+        classifier = context.teacher.get_classifier()
+        weight = (classifier[0] if isinstance(classifier, tuple) else classifier).weight.detach().cpu()
+        self.fit_hyperplanes(context.first_view_features().float(), weight, context.seed)
+
+    def fitted_state(self) -> dict[str, Any]:
+        if self.lsh is None:
+            return {}
+        return {"bias": self.lsh.bias.cpu(), "seed": self._fit_seed, "weight_std": float(self.lsh.weight.std())}
 
     def fit_hyperplanes(
         self, teacher_features: Tensor, classifier_weight: Tensor | None, seed: int = 0
@@ -231,13 +251,14 @@ class LSHMethodBase(nn.Module):
         self.lsh = fit_lsh_hyperplanes(
             teacher_features, classifier_weight, self.num_hyperplanes, self.sigma, self.bias, seed
         )
+        self._fit_seed = int(seed)
         return self.lsh
 
     def hyperplanes(self, method: str) -> LSHHyperplanes:
         if not isinstance(self.lsh, LSHHyperplanes):
             raise RuntimeError(
-                f"the {method!r} method has no LSH hyperplanes: set its `lsh` attribute (fit_lsh_hyperplanes "
-                "on the teacher's training-set features) before the first forward"
+                f"the {method!r} method has no LSH hyperplanes: call setup() (or set `lsh` to "
+                "fit_lsh_hyperplanes on the teacher's training-set features) before the first forward"
             )
         return self.lsh
 
@@ -248,7 +269,6 @@ class LSHLoss(LSHMethodBase):
 
     needs_teacher = True
     needs_features = True
-    needs_lsh = True
     uses_distillation_token = False
     tasks = (MULTICLASS, MULTILABEL)
 

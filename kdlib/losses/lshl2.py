@@ -1,4 +1,4 @@
-"""Feature mimicking by L2 + LSH (``lshl2``), seed S4's default method.
+"""Feature mimicking by L2 + LSH (``lshl2``), LSHFM's default method.
 
 Wang, Ge, Wu, "Distilling Knowledge by Mimicking Features", TPAMI 2021, arXiv:2011.01424.
 The L2 term matches the feature's magnitude and direction, the LSH term its direction
@@ -10,7 +10,7 @@ The L2 term matches the feature's magnitude and direction, the LSH term its dire
     \\mathcal L_2 = \\frac{1}{BD}\\lVert f_s - f_t\\rVert^2, \\quad
     \\mathcal L_{LSH} = \\frac{1}{BN}\\sum_{i,j}\\mathrm{BCEWithLogits}(w_j^\\top f_s + b_j,\\ y_{ij})
 
-:math:`\\mathcal L_{hard}` is CE_ε, or BCE with ``multilabel=True``. Seed S4's multi-label recipe
+:math:`\\mathcal L_{hard}` is CE_ε, or BCE with ``multilabel=True``. LSHFM's multi-label recipe
 runs it twice: stage 1 trains only ``feat_fc`` with γ = 0, β = 1; stage 2 trains everything with
 γ = 1 and β = 0.5 (VOC) or 3 (COCO). Its single-label CIFAR-100 recipe uses the masked variant
 ``lshl2_s`` with β = 6.
@@ -41,7 +41,6 @@ class LSHL2Loss(LSHMethodBase):
 
     needs_teacher = True
     needs_features = True
-    needs_lsh = True
     uses_distillation_token = False
     tasks = (MULTICLASS, MULTILABEL)
 

@@ -1,7 +1,7 @@
 """Single-label L2 + LSH feature mimicking on the teacher's correct samples (``lshl2_s``).
 
 Wang, Ge, Wu, "Distilling Knowledge by Mimicking Features", TPAMI 2021, arXiv:2011.01424
-(seed S4's single-label code, ``LSH_S``). Only the samples the teacher classifies correctly
+(LSHFM's single-label code, ``LSH_S``). Only the samples the teacher classifies correctly
 are mimicked:
 
 .. math::
@@ -13,8 +13,8 @@ are mimicked:
     L = \\gamma\\,\\mathrm{CE}_\\epsilon(z_s, y) + \\beta\\,\\frac{\\sum_i m_i\\,\\ell_i}{\\max(1, \\sum_i m_i)}
 
 With soft (MixUp/CutMix) targets :math:`y_i` is the target's argmax. When the teacher gets no
-sample of the batch right the feature term is 0 (a tensor still connected to the graph; S4
-divides by zero there and gets NaN). S4's CIFAR-100 recipe: CE + 6·this (β = 6, γ = 1).
+sample of the batch right the feature term is 0 (a tensor still connected to the graph; LSHFM
+divides by zero there and gets NaN). LSHFM's CIFAR-100 recipe: CE + 6·this (β = 6, γ = 1).
 
 Knobs and context: as ``lsh`` (``beta`` 1, ``gamma`` 1, ``num_hyperplanes`` None = 32·D,
 ``sigma`` None = teacher classifier std, ``bias`` "median", ``force_feat_fc`` False;
@@ -77,7 +77,6 @@ class LSHL2SLoss(LSHMethodBase):
 
     needs_teacher = True
     needs_features = True
-    needs_lsh = True
     uses_distillation_token = False
     tasks = (MULTICLASS,)
 

@@ -1,19 +1,9 @@
 """Registry of training objectives (distillation methods, plain CE/BCE) and what they exchange.
 
-A method is an ``nn.Module`` class registered with ``@register_method("name")``. The training
-loop calls ``method(student, targets, teacher)`` with a :class:`StudentOutput`, the batch's
-targets and a :class:`TeacherOutput` (``None`` for methods without a teacher), and gets a
-:class:`LossOutput`. Class attributes tell the loop and the stages what a method needs:
-
-* ``needs_teacher``: teacher logits (and features, below) are computed or read from the cache;
-* ``needs_features``: the pooled penultimate features of student and teacher (feature
-  mimicking); the student then gets a ``feat_fc`` projection (:mod:`kdlib.features`);
-* ``needs_lsh``: the constructor takes ``lsh=``, the fixed hyperplanes fitted on the teacher's
-  training-set features (:class:`kdlib.losses.lsh.LSHHyperplanes`);
-* ``uses_distillation_token``: the student must have a distillation head (timm's
-  ``*_distilled_*`` models); ``StudentOutput.dist_logits`` is then filled;
-* ``tasks``: the data-set tasks it fits: ``"multiclass"`` (integer or soft targets) and/or
-  ``"multilabel"`` (multi-hot targets).
+The method base class is :class:`kdlib.losses.base.Method` (capabilities, knobs, setup hook);
+this module holds the registry and the tuples a method exchanges with the training loop: it
+gets a :class:`StudentOutput`, the batch's targets and a :class:`TeacherOutput` (``None`` for
+methods without a teacher), and returns a :class:`LossOutput`.
 """
 from __future__ import annotations
 
@@ -55,9 +45,5 @@ class TeacherOutput(NamedTuple):
     features: Tensor | None = None
 
 
-METHODS: Registry[type] = Registry("distillation method")
+METHODS: Registry[type] = Registry("distillation method")  # of kdlib.losses.base.Method subclasses
 register_method = METHODS.register
-
-
-def method_fits_task(method: type, task: str) -> bool:
-    return task in getattr(method, "tasks", (MULTICLASS,))

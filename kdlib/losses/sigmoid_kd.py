@@ -29,7 +29,8 @@ Both terms average over the batch **and** the classes (as PyTorch's BCE ``mean``
 term is on the scale of the hard one. The :math:`T^2` factor plays the same role as in softmax
 KD: :math:`\\partial\\,T^2\\mathrm{KL}_{bin}/\\partial z^s = T\\,(p - q)`, which for large ``T``
 tends to :math:`(z^s - z^t)/4`, independent of ``T``. Unlike ``kd`` (softmax over classes,
-also S4's ``kd`` option), this does not assume the classes are mutually exclusive.
+also the ``kd`` option of LSHFM, Wang et al., TPAMI 2021), this does not assume the classes
+are mutually exclusive.
 
 Knobs: ``temperature`` T (default 4, finite > 0), ``alpha`` α (default 0.9, in [0, 1]).
 Multi-label only (multi-hot ``(B, C)`` targets). Terms logged: ``bce`` and ``kd`` (T²·mean KL_bin).
@@ -43,6 +44,7 @@ from torch import Tensor, nn
 from kdlib.losses._common import check_positive, check_unit_interval, require_teacher
 from kdlib.losses.bce import bce_loss
 from kdlib.losses.kd import check_kd_hyperparameters
+from kdlib.losses.base import Method
 from kdlib.losses.registry import MULTILABEL, LossOutput, StudentOutput, TeacherOutput, register_method
 
 
@@ -83,12 +85,11 @@ def sigmoid_kd_loss(
 
 
 @register_method("sigmoid_kd")
-class SigmoidKDLoss(nn.Module):
+class SigmoidKDLoss(Method):
     """Module form of :func:`sigmoid_kd_loss`; returns the total and its two terms for logging."""
 
     needs_teacher = True
     needs_features = False
-    needs_lsh = False
     uses_distillation_token = False
     tasks = (MULTILABEL,)  # multi-hot targets
 

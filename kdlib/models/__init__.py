@@ -1,12 +1,17 @@
 """Every model is built by one call, :func:`build_model`, through timm's registry.
 
-The project's own architectures (``cnn_small``, ``rescnn``) register themselves with
-``timm.models.register_model`` when this package is imported, so timm names (``resnet18``,
+The project's own architectures (``cnn_small``, ``rescnn``; one file each in this package)
+register themselves with ``timm.models.register_model``; every module here is imported with the
+package, so adding an architecture is adding one file, and timm names (``resnet18``,
 ``mobilenetv2_100``, ``convnext_atto``, ``deit_tiny_distilled_patch16_224``…) and ours are
-built the same way.
+built the same way. :class:`ModelSpec` is the architecture half of a model preset (the other
+half is its training recipe, :class:`kdlib.train.Recipe`).
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +19,50 @@ import timm
 import torch
 from torch import nn
 
-from kdlib.models import cnn_small, rescnn  # noqa: F401  (timm registration)
 from kdlib.models.pretrained import PretrainedUnavailable, pretrained_kwargs
+from kdlib.schema import is_float, is_int, is_mapping, is_str, optional, setting
+
+for _module in pkgutil.iter_modules(__path__):  # timm registration of our architectures
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def is_pretrained(v: Any) -> str | None:
+    return None if isinstance(v, (bool, str)) and v != "" else "false, true, or a path to a weights file"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """An architecture and how to build it: ``arch`` (a timm name), ``pretrained`` (false, true
+    for timm's default weights, or a weights file), ``input_size`` (None: the data set's image
+    size), ``kwargs`` for timm's entry point, and ``drop_path`` (stochastic depth rate)."""
+
+    arch: str = setting(is_str)
+    pretrained: bool | str = setting(is_pretrained, False)
+    input_size: int | None = setting(optional(is_int(8)), None, required=True)
+    kwargs: dict[str, Any] = setting(is_mapping, {})
+    drop_path: float = setting(is_float(0, 1, hi_open=True), 0.0)
+
+    def problems(self) -> list[tuple[str | None, str]]:
+        if self.arch not in known_architectures():
+            return [("arch", "not a timm architecture (see timm.list_models())")]
+        return []
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of timm's entry point (``drop_path`` as ``drop_path_rate``)."""
+        return {**self.kwargs, **({"drop_path_rate": self.drop_path} if self.drop_path else {})}
+
+    def build(self, num_classes: int, in_chans: int) -> nn.Module:
+        return build_model(self.arch, num_classes, in_chans, self.pretrained, **self.model_kwargs)
+
+
+_ARCHITECTURES: set[str] = set()
 
 
 def known_architectures() -> set[str]:
-    return set(timm.list_models())
+    if not _ARCHITECTURES:  # timm.list_models() takes ~50 ms; presets ask once each
+        _ARCHITECTURES.update(timm.list_models())
+    return _ARCHITECTURES
 
 
 def build_model(
@@ -73,4 +116,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["PretrainedUnavailable", "build_model", "count_parameters", "known_architectures"]
+__all__ = ["ModelSpec", "PretrainedUnavailable", "build_model", "count_parameters", "known_architectures"]

@@ -1,4 +1,4 @@
-"""The residual CNN of seed 003 (Intel scenes), registered in timm as ``rescnn``.
+"""The residual CNN of the residual-CNN precision study (Intel scenes), registered in timm as ``rescnn``.
 
 Stem: conv3×3 → 16 channels, BN, ReLU. Then ``blocks`` basic residual blocks
 (conv3×3-BN-ReLU-conv3×3-BN + identity, or a 1×1-conv+BN shortcut when the shape changes, then
@@ -6,7 +6,7 @@ ReLU) alternating ``c → c`` and ``c → 2c`` at stride 2, global average pooli
 ``Linear(C → h) - BN - ReLU - Dropout(0.5)`` per hidden width ``h`` then ``Linear(→ classes)``.
 The default head has one hidden layer of ``C/2``. Convolutions have no bias (BN follows each).
 
-Parameter counts for 3 input channels and 6 classes (seed 003's table):
+Parameter counts for 3 input channels and 6 classes (that study's table):
 4 / 6 / 8 / 10 blocks → 98,294 / 408,854 / 1,648,470 / 6,601,686; its 12-block teacher with
 ``head_hidden=(512, 256)`` → 26,534,358.
 """
@@ -99,5 +99,5 @@ class ResCNN(TimmClassifier):
 
 @register_model
 def rescnn(pretrained: bool = False, **kwargs: Any) -> ResCNN:
-    """Seed 003's residual CNN; ``blocks`` sets the depth (4–12 in the seed)."""
+    """The residual-CNN precision study's CNN; ``blocks`` sets the depth (4–12 in that study)."""
     return ResCNN(**entry_kwargs("rescnn", pretrained, kwargs))

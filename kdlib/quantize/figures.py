@@ -65,7 +65,8 @@ def plot_accuracy_vs(rows: Sequence[Mapping[str, Any]], x_key: str, xlabel: str,
 
 def plot_teacher_student(rows: Sequence[Mapping[str, Any]], path: Path, score: str = "top1",
                          precision: str = "fp32") -> None:
-    """Seed 002's figure: accuracy against batch-1 latency, bubble area proportional to parameters."""
+    """The teacher-architecture study's figure: accuracy against batch-1 latency, bubble area
+    proportional to parameters."""
     rows = [r for r in _ok(rows) if r["precision"] == precision]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     biggest = max((r["params"] for r in rows), default=1)
@@ -92,10 +93,10 @@ def _memory(row: Mapping[str, Any]) -> str:
 def quantization_table(rows: Sequence[Mapping[str, Any]], score: str = "top1",
                        training_seconds: Mapping[str, float] | None = None) -> str:
     """Markdown: model, params, precision, accuracy (Δ vs fp32), latency, throughput, size, memory,
-    MACs, training time (seed 003's summary with the deployment columns added). Memory: what loading
-    the checkpoint, converting it (export, calibration, compilation where the precision needs them)
-    and running it at batch 1 and the throughput batch added to the process's peak RSS
-    (``inference_mib``), then the whole evaluation process's peak."""
+    MACs, training time (the residual-CNN precision study's summary with the deployment columns
+    added). Memory: what loading the checkpoint, converting it (export, calibration, compilation
+    where the precision needs them) and running it at batch 1 and the throughput batch added to
+    the process's peak RSS (``inference_mib``), then the whole evaluation process's peak."""
     label = LABELS.get(score, score)
     lines = [f"| model | params | MACs | precision | backend | test {label} | Δ vs fp32 | latency b1 median / p95 (ms) "
              "| img/s (batch) | size | × smaller | memory: model / process peak | training time |",
@@ -115,3 +116,44 @@ def quantization_table(rows: Sequence[Mapping[str, Any]], score: str = "top1",
             f"{r['throughput_img_s']:,.0f} ({r['throughput_batch']}) | {_human_bytes(r['size_bytes'])} | "
             f"{r.get('size_ratio', 1.0):.2f} | {_memory(r)} | {trained_text} |")
     return "\n".join(lines) + "\n"
+
+
+CSV_COLUMNS = ["model", "precision", "status", "backend", "top1", "top5", "mAP", "delta_top1", "delta_mAP",
+               "latency_b1_median_ms", "latency_b1_p95_ms", "throughput_img_s", "size_bytes", "size_ratio",
+               "inference_mib", "peak_rss_mib", "params", "macs", "reason"]
+MEMORY_NOTE = ("inference_mib: peak RSS (VmHWM, reset at the start) while the checkpoint is loaded, converted "
+               "(export, calibration, compilation where the precision needs them) and timed at batch 1 and the "
+               "throughput batch, minus the RSS before (rss_start_mib: a fresh process forked from a server that "
+               "has imported torch); peak_rss_mib: that process's peak over the whole evaluation, accuracy pass "
+               "included")
+
+
+def write_quantization_report(rows: Sequence[Mapping[str, Any]], settings: Any, score: str, json_path: Path,
+                              csv_path: Path, figures: Path, training_seconds: Mapping[str, float]) -> str:
+    """Every model × precision row as JSON (with the measurement settings) and CSV, the three
+    figures (accuracy vs latency and vs size with the Pareto front, teacher vs student), and the
+    Markdown table, which is returned."""
+    import csv
+    import io
+
+    from kdlib.io import write_json, write_text
+
+    measured = {"threads": settings.threads, "batch_1_timed_runs": settings.timed_runs,
+                "warmup_runs": settings.warmup_runs, "throughput_batch": settings.throughput_batch,
+                "throughput_runs": settings.throughput_runs, "calibration_images": settings.calibration_images,
+                "score": score, "memory": MEMORY_NOTE}
+    results: dict[str, Any] = {}
+    for r in rows:
+        results.setdefault(r["model"], {})[r["precision"]] = r
+    write_json(json_path, {"settings": measured, "results": results})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(csv_path, buffer.getvalue())
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_accuracy_vs(rows, "latency_b1_median_ms", f"latency per image, batch 1, {settings.threads} threads (ms)",
+                     figures / "accuracy_vs_latency.png", score)
+    plot_accuracy_vs(rows, "size_bytes", "serialized size (bytes)", figures / "accuracy_vs_size.png", score)
+    plot_teacher_student(rows, figures / "teacher_vs_student.png", score)
+    return quantization_table(rows, score, training_seconds)

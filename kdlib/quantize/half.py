@@ -6,15 +6,21 @@ import copy
 import torch
 from torch import nn
 
+from kdlib.runtime import has_native_kernels
 from kdlib.quantize.base import OutputToFloat, Prepared, QuantContext, Skipped, tensor_dtypes, torch_save
 
 
 def prepare_half(model: nn.Module, ctx: QuantContext, dtype: torch.dtype) -> Prepared:
     """The whole model in ``dtype`` (BatchNorm statistics included), on the GPU when there is one.
 
-    A forward pass on the example batch checks that every op has a kernel for ``dtype`` on this
+    On a CPU without native kernels for ``dtype`` it is a :class:`Skipped` row (emulated 16-bit
+    floats are a slow path, not a precision anyone deploys). A forward pass on the example batch checks that every op has a kernel for ``dtype`` on this
     device; a missing one is a :class:`Skipped` row, never an fp32 fallback.
     """
+    if not has_native_kernels(dtype, ctx.device):
+        raise Skipped(f"{dtype} has no native kernels on this CPU ({torch.backends.cpu.get_cpu_capability()}, no "
+                      "AVX512-BF16/FP16 or AMX): torch emulates it, many times slower than fp32, so it is no "
+                      "deployment path here")
     half = copy.deepcopy(model).eval().to(ctx.device, dtype)
     wrapped = OutputToFloat(half, dtype, ctx.device)
     try:

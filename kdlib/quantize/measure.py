@@ -235,3 +235,20 @@ def add_deltas(rows: list[dict[str, Any]], score: str) -> list[dict[str, Any]]:
         r["speedup_b1"] = round(ref["latency_b1_median_ms"] / r["latency_b1_median_ms"], 3)
         r["speedup_throughput"] = round(r["throughput_img_s"] / ref["throughput_img_s"], 3)
     return rows
+
+
+def measure_precisions(model: str, checkpoint: Path, test_set: Dataset, calibration: Tensor, settings: Any,
+                       device: str, ignore: Tensor | None = None, ap_mode: str = "voc",
+                       report: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """One row per precision of ``settings.precisions`` (a :class:`kdlib.quantize.EvalSettings`),
+    each measured in a fresh process (:func:`run_isolated`), with deltas against fp32 when it is
+    among them; ``report`` is called with each row as it is done."""
+    rows = []
+    for precision in settings.precisions:
+        job = EvalJob(model, checkpoint, precision, test_set, calibration, settings.threads, settings.batch_size,
+                      settings.throughput_batch, settings.warmup_runs, settings.timed_runs, settings.throughput_runs,
+                      device, ignore, ap_mode)
+        rows.append(run_isolated(job))
+        if report is not None:
+            report(rows[-1])
+    return rows

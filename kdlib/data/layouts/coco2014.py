@@ -15,10 +15,10 @@ position in that order and names come from the json. Both files must list the sa
 
 Labels (task ``multilabel``, ``label = -1``): an image's ``positives`` are the classes of its
 annotations; ``difficult`` is always empty. **Only images with at least one annotation are kept**
-(as seed 004, which lists the images of pycocotools' ``imgToAnns``): of 82,783 train / 40,504 val
-images, 82,081 / 40,137 are annotated, and those are what the scan lists; unannotated images are
-dropped silently. Images keep the json's ``images`` order; paths are ``train2014/<file_name>`` and
-``val2014/<file_name>``, relative to ``root``.
+(as in LSHFM, Wang et al., TPAMI 2021, which lists the images of pycocotools' ``imgToAnns``):
+of 82,783 train / 40,504 val images, 82,081 / 40,137 are annotated, and those are what the scan
+lists; unannotated images are dropped silently. Images keep the json's ``images`` order; paths
+are ``train2014/<file_name>`` and ``val2014/<file_name>``, relative to ``root``.
 
 An annotation whose ``category_id`` is not among the categories, or whose ``image_id`` is not
 among the images, raises ``ValueError`` naming the file and the id; so do duplicate image or
@@ -112,7 +112,7 @@ def _images(
     ]
 
 
-@register_layout("coco2014")
+@register_layout("coco2014", task="multilabel")
 def scan_coco2014(root: Path, staging: Path | None = None) -> LayoutScan:
     """MS-COCO 2014 multi-label scan (annotated images only); see the module docstring."""
     root = require_root(root, "coco2014")

@@ -16,10 +16,11 @@ joined on ``image_id``: every id must occur exactly once in each of them. Classe
 ``images.txt`` order, with paths ``images/<relpath>`` relative to ``root``. The official split
 is kept: the real data set has 11,788 images in 200 classes, 5,994 train / 5,794 test.
 
-Seed bug avoided: seed S0 runs an ImageFolder over ``images/`` and takes the label from the
-sorted folder index, never reading ``image_class_labels.txt``. That only agrees with the
-official labels while the folder names sort in class-id order; here labels always come from
-``image_class_labels.txt`` (as seed S1 does).
+Source-project bug avoided: the DeiT+ConvNeXt FGVC project runs an ImageFolder over ``images/``
+and takes the label from the sorted folder index, never reading ``image_class_labels.txt``. That
+only agrees with the official labels while the folder names sort in class-id order; here labels
+always come from ``image_class_labels.txt`` (as the LS–KD compatibility study, Chandrasegaran et
+al., ICML 2022, does).
 """
 from __future__ import annotations
 

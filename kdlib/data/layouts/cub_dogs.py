@@ -1,4 +1,5 @@
-"""CUB-200-2011 + Stanford Dogs merged into one 320-class data set (``cub_dogs``), as seed S0's CUB_DOG.
+"""CUB-200-2011 + Stanford Dogs merged into one 320-class data set (``cub_dogs``), as the
+DeiT+ConvNeXt FGVC project's CUB_DOG.
 
 ``root`` is the CUB-200-2011 root (read by the ``cub200`` layout) and the required option
 ``dogs_root`` the Stanford Dogs root (read by the ``stanford_dogs`` layout); see those modules
@@ -14,10 +15,10 @@ prefixed with its data set root's path relative to that parent. For
 ``/data/CUB_200_2011`` and ``/data/dogs`` the scan root is ``/data`` and paths read
 ``CUB_200_2011/images/...`` and ``dogs/Images/...``.
 
-Seed behaviour replaced: S0 passed both roots in one ``--data-path`` string separated by a
-space (so neither root could contain a space) and needed the Dogs root to end in ``/``; here
-they are two separate arguments, and either may be spelled as str or Path, with or without a
-trailing slash.
+Source-project behaviour replaced: that project passed both roots in one ``--data-path`` string
+separated by a space (so neither root could contain a space) and needed the Dogs root to end in
+``/``; here they are two separate arguments, and either may be spelled as str or Path, with or
+without a trailing slash.
 """
 from __future__ import annotations
 

@@ -9,14 +9,14 @@ On-disk layout under ``root``::
     val_set/<image_name>    images of val_info.csv     (e.g. val_set/val_005361.jpg)
 
 ``train_info.csv`` gives split ``"train"``; the official ``val_info.csv`` gives split ``"test"``
-(seed 000, the DeiT/ConvNeXt FGVC code, uses val as its test set; the labels of the official
+(the DeiT+ConvNeXt FGVC project uses val as its test set; the labels of the official
 test set were never released). Our own validation set is carved out of ``train`` by the prepare
 stage. The real set has 251 classes, 118,475 train and 11,994 val images. Images are listed in
 CSV order, train first.
 
-Class names come from ``class_list.txt`` (seed 000 ignored it and only knew class indices); its
+Class names come from ``class_list.txt`` (that project ignored it and only knew class indices); its
 ids must be exactly 0..N-1, each once, and every CSV label must lie in 0..N-1. Images are
-converted to RGB when loaded (seed 000 did not convert, so an odd grayscale or CMYK JPEG would
+converted to RGB when loaded (that project did not convert, so an odd grayscale or CMYK JPEG would
 reach the model with the wrong number of channels).
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 On-disk layout under ``root``, each split folder in one of two forms, detected per folder::
 
-    seg_train/seg_train/<class>/<image>   nested, as distributed on Kaggle (and expected by seed 003)
+    seg_train/seg_train/<class>/<image>   nested, as on Kaggle (and in the residual-CNN precision study)
     seg_train/<class>/<image>             flat
     seg_test/seg_test/<class>/<image>     nested
     seg_test/<class>/<image>              flat
@@ -10,7 +10,7 @@ On-disk layout under ``root``, each split folder in one of two forms, detected p
 
 A split folder is nested when it holds a sub-folder of its own name (``seg_train/seg_train``);
 it must then hold nothing else but hidden entries. ``seg_train`` gives split ``"train"`` and
-``seg_test`` split ``"test"``; there is no official validation set (seed 003 used the test set for
+``seg_test`` split ``"test"``; there is no official validation set (that study used the test set for
 checkpoint selection and early stopping; our validation is carved from train by the prepare
 stage). Classes are the sorted class folder names, which must be the same in train and test:
 buildings, forest, glacier, mountain, sea, street in the real set, which holds 14,034 train and

@@ -13,9 +13,20 @@ from pathlib import Path
 from kdlib.data.layouts import LayoutScan, register_layout
 from kdlib.data.layouts.imagefolder import scan_imagefolder
 from kdlib.data.mnist import MNIST_SIZE, export_imagefolder, load_mnist
+from kdlib.schema import is_int, optional
 
 
-@register_layout("mnist")
+def check_mnist_options(options: dict) -> list[tuple[str, str]]:
+    checks = {"train_per_class": is_int(1), "val_per_class": is_int(1), "test_per_class": optional(is_int(1))}
+    found = []
+    for key, check in checks.items():
+        expected = check(options[key]) if key in options else None
+        if expected:
+            found.append((key, f"expected {expected}"))
+    return found
+
+
+@register_layout("mnist", seeded=True, check_options=check_mnist_options)
 def scan_mnist(
     root: Path,
     staging: Path | None = None,

@@ -15,9 +15,9 @@ be exactly 1..K, so ``classes`` has K entries (37 for the real set, ordered by c
 is alphabetical ignoring case). ``trainval.txt`` gives split ``"train"`` and ``test.txt`` split
 ``"test"``; the real set has 3,680 trainval and 3,669 test images, listed in file order.
 
-Seed 002 ``random_split`` trainval 80/20 into train/val and used identical (non-augmenting)
-train and test transforms; here the official test set is kept as ``test`` and the prepare stage
-carves a seeded validation set from ``train``.
+The teacher-architecture study ``random_split`` trainval 80/20 into train/val and used identical
+(non-augmenting) train and test transforms; here the official test set is kept as ``test`` and
+the prepare stage carves a seeded validation set from ``train``.
 """
 from __future__ import annotations
 

@@ -18,9 +18,9 @@ Images are listed in list order, train list first, with paths ``Images/<relpath>
 ``root``; a path may occur once only, in one list. The real data set has 20,580 images in 120
 classes: 12,000 train (100 per class) / 8,580 test.
 
-Seed bug avoided: seed S0 built ``<root>splits/...`` and ``<root>Images`` by string
-concatenation, so the root only worked with a trailing ``/``; here any spelling of the root
-(str or Path, with or without the slash) works.
+Source-project bug avoided: the DeiT+ConvNeXt FGVC project built ``<root>splits/...`` and
+``<root>Images`` by string concatenation, so the root only worked with a trailing ``/``; here any
+spelling of the root (str or Path, with or without the slash) works.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ extract (both into the same tree)::
 
 ``root`` may be the folder containing ``VOCdevkit/``, ``VOCdevkit`` itself, or ``VOC2007`` itself;
 the scan is rooted at ``VOC2007`` and image paths are ``JPEGImages/<id>.jpg``. Official splits:
-5,011 trainval / 4,952 test images (trainval is this library's "train"; the seeds train on
+5,011 trainval / 4,952 test images (trainval is this library's "train"; the source projects train on
 trainval and report mAP on test).
 
 Classes, in the canonical VOC order (index = position): aeroplane, bicycle, bird, boat, bottle,
@@ -22,8 +22,8 @@ train, tvmonitor.
 
 Labels (task ``multilabel``, ``label = -1``), per image:
 
-- ``positives``: the classes with at least one object in the image, difficult or not (seed 004
-  maps VOC's "present only as difficult" label 0 to positive when training);
+- ``positives``: the classes with at least one object in the image, difficult or not (LSHFM, Wang et al.,
+  TPAMI 2021, maps VOC's "present only as difficult" label 0 to positive when training);
 - ``difficult``: the classes whose objects in that image are *all* difficult; they are also in
   ``positives`` and are ignored (neither true nor false positive) when scoring VOC AP.
 
@@ -110,7 +110,7 @@ def _labels(path: Path, class_index: dict[str, int]) -> tuple[tuple[int, ...], t
     return tuple(sorted(present)), tuple(sorted(present - not_difficult))
 
 
-@register_layout("voc2007")
+@register_layout("voc2007", task="multilabel")
 def scan_voc2007(root: Path, staging: Path | None = None) -> LayoutScan:
     """PASCAL VOC 2007 multi-label scan; see the module docstring. ``staging`` is unused."""
     voc = _voc_dir(Path(root))

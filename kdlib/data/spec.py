@@ -1,0 +1,91 @@
+"""A data set as a run describes it: where it is, how it is read, and how its images are fed.
+
+:class:`DatasetSpec` is one data-set preset: the layout that reads it and its options, the root
+(or a checksummed download), the image size, channels and statistics, the augmentation, and
+the evaluation conventions. It knows its task (from the layout, before any file is read) and
+which of its fields decide what a training view looks like (what keys a teacher cache).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kdlib.data.dataset import IndexedImageDataset
+from kdlib.data.index import DatasetIndex
+from kdlib.data.layouts import LAYOUTS, layout_task, option_problems
+from kdlib.data.transforms import TRAIN_PRESETS, build_transforms
+from kdlib.schema import is_bool, is_float, is_float_list, is_int, is_mapping, is_str, one_of, setting
+
+# the fields that decide what a training or evaluation view of an image looks like
+VIEW_FIELDS = ("augment", "augment_options", "image_size", "mean", "std", "eval_crop_pct", "channels")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSpec:
+    """One data-set preset (see ``params.yaml``'s ``datasets`` for every key in use)."""
+
+    layout: str = setting(is_str)
+    root: str | None = setting(is_str, None)  # the data set on disk; or, with `url`, downloaded and extracted
+    url: str | None = setting(is_str, None)
+    sha256: str | None = setting(is_str, None)
+    md5: str | None = setting(is_str, None)
+    download_dir: str | None = setting(is_str, None)
+    archive_subdir: str = setting(is_str, "")  # the layout's root inside the extracted archive
+    options: dict[str, Any] = setting(is_mapping, {})  # keyword arguments of the layout reader (e.g. dogs_root)
+    on_bad_image: str = setting(one_of("error", "skip"), "error")
+    preload: bool = setting(is_bool, False)  # decode every image once into memory: small data sets only
+    ap_mode: str = setting(one_of("voc", "coco"), "voc")  # multi-label AP: all-point interpolated or not
+    mixup: float = setting(is_float(0), 0.0)  # MixUp alpha (0 = off); single-label only
+    cutmix: float = setting(is_float(0), 0.0)  # CutMix alpha (0 = off); one of the two per batch when both on
+    eval_crop_pct: float = setting(is_float(0, 1, lo_open=True), 0.875)  # eval: resize to size/crop_pct, center crop
+    image_size: int = setting(is_int(8))
+    channels: int = setting(one_of(1, 3))
+    mean: list[float] = setting(is_float_list)
+    std: list[float] = setting(is_float_list)
+    augment: str = setting(is_str)
+    augment_options: dict[str, Any] = setting(is_mapping, {})
+    val_fraction: float = setting(is_float(0, 1, lo_open=True, hi_open=True), 0.1)
+    test_fraction: float = setting(is_float(0, 1, lo_open=True, hi_open=True), 0.2)
+
+    def problems(self) -> list[tuple[str | None, str]]:
+        found: list[tuple[str | None, str]] = []
+        if self.layout not in LAYOUTS:
+            found.append(("layout", f"expected one of: {', '.join(LAYOUTS.names())}"))
+        else:
+            found += [(f"options.{key}", text) for key, text in option_problems(self.layout, self.options)]
+        if self.augment not in TRAIN_PRESETS:
+            found.append(("augment", f"expected one of: {', '.join(TRAIN_PRESETS.names())}"))
+        if not self.root and not self.url:
+            found.append((None, "give `root` (a path) or `url` with `sha256` or `md5`"))
+        if self.url and not (self.sha256 or self.md5):
+            found.append(("url", "a download needs `sha256` or `md5` to verify it"))
+        if (self.mixup or self.cutmix) and self.layout in LAYOUTS and self.task == "multilabel":
+            found.append((None, "mixup/cutmix are for single-label data sets"))
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            found.append((None, f"mean and std need {self.channels} values (channels)"))
+        if any(s <= 0 for s in self.std):
+            found.append(("std", "expected positive numbers"))
+        return found
+
+    @property
+    def task(self) -> str:
+        """``multiclass`` or ``multilabel``, as the layout declares."""
+        return layout_task(self.layout)
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed (MixUp/CutMix)."""
+        return bool(self.mixup or self.cutmix)
+
+    def view_key(self, input_size: int) -> dict[str, Any]:
+        """The fields that decide what a view of an image looks like at ``input_size``."""
+        return {**{key: getattr(self, key) for key in VIEW_FIELDS}, "input_size": input_size}
+
+    def load(self, index: DatasetIndex, split: str, input_size: int | None, train: bool) -> IndexedImageDataset:
+        """Split ``split`` of the prepared ``index``, transformed for training or evaluation at
+        ``input_size`` (None: the data set's image size)."""
+        meta = index.meta
+        transforms = build_transforms(self.augment, input_size or meta.image_size, meta.stored_size, train,
+                                      self.augment_options, self.eval_crop_pct)
+        return IndexedImageDataset(meta.root, index.split(split), meta.channels, transforms.sample, self.preload,
+                                   transforms.batch, meta.num_classes)

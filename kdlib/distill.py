@@ -1,0 +1,152 @@
+"""Everything a distillation run sets up before its first step, in one place.
+
+The align, teacher_cache and distill stages (and any script) get the same student, teacher and
+training views from here: :func:`setup_distillation` builds the student (right after the
+caller seeds, so its initial weights are the baseline's), loads the teacher, wraps the student
+with its ``feat_fc`` for feature methods, picks the teacher's outputs (online, or the teacher
+cache, checked against its key), lets the method fit its state (:meth:`Method.setup`) and
+loads the aligned ``feat_fc``. Nothing here reads a parameter file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdlib.checkpoint import Checkpoint, ModelRecord
+from kdlib.data.dataset import IndexedImageDataset
+from kdlib.data.index import DatasetMeta
+from kdlib.data.spec import DatasetSpec
+from kdlib.data.transforms import BatchNormalizer
+from kdlib.data.views import AugmentedViews, make_view_seeds
+from kdlib.features import FeatureStudent, feature_width, make_feature_student
+from kdlib.losses.base import Method, SetupContext
+from kdlib.models import ModelSpec
+from kdlib.runtime import Runtime
+from kdlib.schema import is_bool, is_float, is_int, one_of, optional, setting
+from kdlib.teacher import OnlineTeacher
+from kdlib.teacher_cache import CachedTeacher, TeacherCache, build_teacher_cache, cache_key
+from kdlib.train import Recipe, TeacherFn
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlignSettings:
+    """Feature alignment (LSHFM's stage 1): only the student's ``feat_fc`` is trained, with
+    ``beta × (the method's feature terms)``, backbone and its BatchNorm statistics frozen."""
+
+    epochs: int = setting(is_int(0))
+    optimizer: str = setting(one_of("sgd", "adamw"))
+    lr: float = setting(is_float(0, lo_open=True))
+    momentum: float = setting(is_float(0, 1, hi_open=True), 0.9)
+    weight_decay: float = setting(is_float(0), 0.0)
+    beta: float = setting(is_float(0, lo_open=True))
+
+    def recipe(self, student: Recipe) -> Recipe:
+        """The student's recipe (batch size, amp, memory format) with this optimizer."""
+        return replace(student, epochs=self.epochs, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
+                       weight_decay=self.weight_decay, warmup_epochs=0, patience=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSettings:
+    """The teacher-output cache: ``views`` per image (None: one per student epoch), ``topk``
+    logits kept per view when there are more classes (None: all), the teacher's batch size."""
+
+    enabled: bool = setting(is_bool)
+    views: int | None = setting(optional(is_int(1)), None, required=True)
+    topk: int | None = setting(optional(is_int(1)), None, required=True)
+    batch_size: int = setting(is_int(1))
+
+
+@dataclass
+class Distillation:
+    """A student ready to train against a teacher: pass these to :func:`kdlib.train.fit`."""
+
+    objective: Method
+    student: nn.Module
+    teacher: TeacherFn
+    view_seeds: Tensor
+    record: ModelRecord
+
+
+def load_teacher(checkpoint: Checkpoint, data: DatasetMeta, runtime: Runtime, features: bool) -> OnlineTeacher:
+    """The trained teacher, adapting the student's batch to its input size and statistics."""
+    return OnlineTeacher(checkpoint.model().to(runtime.device), checkpoint.record.input_size,
+                         (data.mean, data.std), (checkpoint.record.mean, checkpoint.record.std), features=features)
+
+
+def teacher_cache_key(teacher: Path, data_files: Sequence[Path], dataset: DatasetSpec, input_size: int,
+                      num_views: int, seed: int) -> dict[str, str]:
+    """What a teacher cache must have been built from to serve this run."""
+    return cache_key(teacher, data_files, dataset.view_key(input_size), num_views, seed)
+
+
+def first_view_features(teacher: OnlineTeacher, train_set: IndexedImageDataset, view_seeds: Tensor,
+                        normalizer: BatchNormalizer, runtime: Runtime, batch_size: int) -> Tensor:
+    """The teacher's pooled features of view 0 of every training image (one teacher pass)."""
+    once = build_teacher_cache(teacher, AugmentedViews(train_set, view_seeds[:, :1]), normalizer, runtime.device,
+                               batch_size, key={}, progress=False)
+    return _view0_features(once)
+
+
+def _view0_features(cache: TeacherCache) -> Tensor:
+    positions = torch.arange(cache.num_images)
+    return cache.features(positions, torch.zeros_like(positions))
+
+
+def setup_distillation(
+    objective: Method,
+    student: ModelSpec,
+    preset: str,
+    data: DatasetMeta,
+    train_set: IndexedImageDataset,
+    teacher: Checkpoint,
+    *,
+    seed: int,
+    num_views: int,
+    runtime: Runtime,
+    cache: Path | None = None,
+    cache_key: Mapping[str, str] | None = None,
+    aligned: Checkpoint | None = None,
+    teacher_batch_size: int = 256,
+    role: str = "distill",
+) -> Distillation:
+    """The student (preset ``preset`` built from ``student``), the teacher and the views to
+    distill on. The caller seeds first (:func:`kdlib.runtime.seed_everything`).
+
+    ``cache``: a teacher cache directory, checked against ``cache_key``; without one the
+    teacher runs online on ``num_views`` fresh views per image. ``aligned``: a checkpoint of
+    the aligned student (the align stage's) whose weights the student starts from.
+    """
+    model = student.build(data.num_classes, data.channels)
+    if objective.uses_distillation_token and not hasattr(model, "set_distilled_training"):
+        raise ValueError(f"the {type(objective).__name__} objective needs a student with a distillation token "
+                         f"(timm's *_distilled_* models, e.g. the deit preset); {preset!r} ({student.arch}) has none")
+    features = objective.needs_features
+    online = load_teacher(teacher, data, runtime, features)
+    if features:
+        model = make_feature_student(model, feature_width(online.model, teacher.record.in_chans,
+                                                          teacher.record.input_size),
+                                     data.channels, student.input_size or data.image_size, objective.force_feat_fc)
+    outputs: TeacherFn
+    if cache is not None:
+        loaded = TeacherCache.load(cache, expected_key=cache_key)
+        outputs, view_seeds = CachedTeacher(loaded, runtime.device, features), loaded.seeds
+        view0 = lambda: _view0_features(loaded)  # noqa: E731
+    else:
+        outputs, view_seeds = online, make_view_seeds(seed, len(train_set), num_views)
+        view0 = lambda: first_view_features(online, train_set, view_seeds, BatchNormalizer(data.mean, data.std),  # noqa: E731
+                                            runtime, teacher_batch_size)
+    objective.setup(SetupContext(seed, online.model, view0))
+    if aligned is not None:
+        model.load_state_dict(aligned.state_dict)
+    return Distillation(objective, model, outputs, view_seeds, ModelRecord.for_model(role, preset, student, data, seed, model))
+
+
+def is_projected(model: nn.Module) -> bool:
+    """Whether ``model`` is a feature student with a real ``feat_fc`` projection to align."""
+    return isinstance(model, FeatureStudent) and model.projected
+

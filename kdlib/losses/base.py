@@ -1,0 +1,129 @@
+"""The base class of every training objective, and the choice of one with its knobs.
+
+A method is one file: a :class:`Method` subclass registered with ``@register_method("name")``.
+What the training loop and the distillation setup need to know about it is declared, never
+probed: the capability attributes below, its knobs (the constructor's keyword arguments, each
+checked in ``__init__``), and :meth:`Method.setup`, the hook in which a method fits state from
+the teacher before training (LSHFM's hyperplanes do; most methods fit nothing).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
+
+from torch import Tensor, nn
+
+from kdlib.losses.registry import METHODS, MULTICLASS, MULTILABEL, LossOutput, StudentOutput, TeacherOutput
+
+
+@dataclass
+class SetupContext:
+    """What a method may fit its state from, before the first training step.
+
+    ``teacher``: the trained teacher (eval mode, no gradient). ``first_view_features()``: the
+    teacher's pooled features of view 0 of every training image, ``(N, D)`` — computed (one
+    teacher pass, or read from the teacher cache) only when a method calls it.
+    """
+
+    seed: int
+    teacher: nn.Module
+    first_view_features: Callable[[], Tensor]
+
+
+class Method(nn.Module):
+    """``forward(StudentOutput, targets, TeacherOutput | None) -> LossOutput``.
+
+    Capabilities (class attributes every subclass states):
+
+    * ``needs_teacher``: teacher outputs are computed or read from the teacher cache;
+    * ``needs_features``: pooled penultimate features of student and teacher (feature
+      mimicking); the student gets a ``feat_fc`` projection (:mod:`kdlib.features`), which
+      ``force_feat_fc`` forces even when the widths match;
+    * ``uses_distillation_token``: the student must have a distillation head (timm's
+      ``*_distilled_*`` models); ``StudentOutput.dist_logits`` is filled;
+    * ``tasks``: ``"multiclass"`` (integer or soft targets) and/or ``"multilabel"`` (multi-hot).
+
+    ``context_args``: constructor arguments the run supplies rather than the method's knob
+    section (the student's label smoothing; whether the task is multi-label).
+    """
+
+    needs_teacher: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
+    uses_distillation_token: ClassVar[bool] = False
+    tasks: ClassVar[tuple[str, ...]] = (MULTICLASS,)
+    context_args: ClassVar[tuple[str, ...]] = ("label_smoothing", "multilabel")
+    force_feat_fc: bool = False
+
+    @classmethod
+    def arguments(cls) -> dict[str, Any]:
+        """The constructor's keyword arguments and their defaults (context ones included)."""
+        return {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+                if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+    @classmethod
+    def knobs(cls) -> dict[str, Any]:
+        """The knobs a ``distill.<method>`` section may set, with their defaults."""
+        return {k: v for k, v in cls.arguments().items() if k not in cls.context_args}
+
+    @classmethod
+    def fits(cls, task: str) -> bool:
+        return task in cls.tasks
+
+    @classmethod
+    def alignment_knobs(cls, beta: float) -> dict[str, Any] | None:
+        """Knob overrides that make this method the objective of feature alignment (LSHFM's
+        stage 1: the feature terms only, weighted ``beta``), or ``None`` when it cannot be
+        aligned. The default fits methods written as ``gamma·hard + beta·features``; a feature
+        method with other knobs overrides this."""
+        knobs = cls.knobs()
+        return {"gamma": 0.0, "beta": beta} if cls.needs_features and {"gamma", "beta"} <= set(knobs) else None
+
+    def setup(self, context: SetupContext) -> None:
+        """Fit state from the teacher before training; by default there is none."""
+
+    def fitted_state(self) -> dict[str, Any]:
+        """What :meth:`setup` fitted, small enough to store with a checkpoint (``{}``: nothing)."""
+        return {}
+
+    def forward(self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None
+                ) -> LossOutput:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method's name and the knobs set for it (checked when it is built)."""
+
+    name: str
+    knobs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def cls(self) -> type[Method]:
+        return METHODS.get(self.name)
+
+    def build(self, task: str = MULTICLASS, label_smoothing: float = 0.0, **overrides: Any) -> Method:
+        """The method for a ``task`` data set, its knobs overridden by ``overrides`` (the
+        alignment stage's ``gamma=0, beta=...``). Raises ``ValueError`` naming a bad knob or a
+        method that does not fit the task."""
+        cls = self.cls
+        if not cls.fits(task):
+            fitting = [m for m in METHODS.names() if METHODS.get(m).needs_teacher and METHODS.get(m).fits(task)]
+            raise ValueError(f"method {self.name!r} does not fit a {task} data set; use one of: {', '.join(fitting)}")
+        knobs = {**self.knobs, **overrides}
+        unknown = sorted(set(knobs) - set(cls.knobs()))
+        if unknown:
+            raise ValueError(f"method {self.name!r} has no knob {', '.join(map(repr, unknown))}; "
+                             f"it takes: {', '.join(cls.knobs()) or 'none'}")
+        context: dict[str, Any] = {}
+        accepted = cls.arguments()
+        if "label_smoothing" in accepted and task != MULTILABEL:
+            context["label_smoothing"] = label_smoothing
+        if "multilabel" in accepted:
+            context["multilabel"] = task == MULTILABEL
+        return cls(**knobs, **context)
+
+
+def distillation_methods(task: str | None = None) -> list[str]:
+    """Names of the registered methods that learn from a teacher (fitting ``task`` if given)."""
+    return [m for m in METHODS.names() if METHODS.get(m).needs_teacher and (task is None or METHODS.get(m).fits(task))]
