@@ -8,8 +8,11 @@ and summed per group), then a no-op `dvc repro`. Then it commits the results in 
 times `dvc exp run -S distill.method=lshl2` (`--method`): only what depends on the method runs
 again (teacher_cache, align, distill, evaluate@distill, quantize@distill, report), the teacher's
 and the baseline's stages are skipped; its per-stage times come from DVC's own output, read as
-it is written. Targets: whole default pipeline <= 10 min on 2 cores (quantized evaluation
-included); teacher test top-1 >= 97%; no-op repro < 2 s.
+it is written. Targets: the default pipeline <= 300 s on 2 cores, quantized evaluation included;
+the method experiment <= half of what it costs when evaluate and quantize are one stage over all
+models (that graph re-ran the unchanged teacher's and baseline's evaluate and quantize too: their
+seconds from the default run are added to the experiment's to give it); teacher test top-1 >= 97%;
+no-op repro < 2 s.
 
     python bench/pipeline.py [--quick] [--method lshl2]
 """
@@ -123,8 +126,15 @@ def main() -> None:
           f"{args.method} student {exp_summary['distill']['best']:.2f} (gain {exp_summary[f'kd_gain_{score}']:+.2f})")
     print(f"exp run -S {exp_set}: {exp_s:.1f} s, ran {', '.join(exp_seconds) or 'nothing'}; "
           f"skipped {', '.join(exp_skipped) or 'nothing'}")
-    met = total <= 600 and teacher_top1 >= 97.0 and noop_s < 2.0
-    print(f"targets (total <= 600 s, teacher >= 97%, no-op < 2 s): {'met' if met else 'NOT met'}")
+    # what the experiment would cost if evaluate/quantize re-measured every model, as one stage did
+    one_stage = exp_s + sum(seconds[f"{g}@{r}"] for g in GROUPS for r in ROLES
+                            if f"{g}@{r}" in seconds and f"{g}@{r}" not in exp_seconds)
+    print(f"method experiment {exp_s:.1f} s vs {one_stage:.1f} s with one evaluate/quantize stage over all models "
+          f"({exp_s / one_stage:.2f}x)")
+    targets = {"total <= 300 s": total <= 300, "method experiment <= half": exp_s <= one_stage / 2,
+               "teacher >= 97%": teacher_top1 >= 97.0, "no-op < 2 s": noop_s < 2.0}
+    met = all(targets.values())
+    print("targets: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in targets.items()))
     write_result("pipeline", {
         "quick": args.quick, "stages": stages, "stage_seconds": seconds, "group_seconds": sums,
         "total_seconds": total, "noop_repro_seconds": noop_s, "teacher_top1": teacher_top1,
@@ -133,7 +143,7 @@ def main() -> None:
         "method_experiment": {"set": [exp_set], "stages_run": list(exp_seconds), "stages_skipped": exp_skipped,
                               "group_seconds": exp_sums, "summary": exp_summary},
         "method_experiment_seconds": exp_s, "method_experiment_stage_seconds": exp_seconds,
-        "target_met": met}, args.out)
+        "method_experiment_one_stage_seconds": one_stage, "targets": targets, "target_met": met}, args.out)
 
 
 if __name__ == "__main__":
