@@ -14,8 +14,10 @@ repro: setup
 	$(VENV)/dvc repro
 	@cat reports/results.md
 
+# Two workers, one test file each at a time (--dist loadfile keeps a file's ordered tests together):
+# most of the slow tests wait on single-threaded process start-up and DVC.
 test: setup
-	$(VENV)/python -m pytest -q
+	$(VENV)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(VENV)/python bench/pipeline.py
