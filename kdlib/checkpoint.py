@@ -21,7 +21,11 @@ from torch import nn
 
 from kdlib.features import FeatureStudent
 from kdlib.models import ModelSpec, build_model
+from kdlib.outputs import OutputError, check_manifest
 
+
+# kdlib does not know the pipeline; this names its convention (models/<stage>/{best,last}.pt)
+REBUILD_HINT = "in the DVC pipeline: `dvc repro --force <stage>`, the stage being the checkpoint's folder name"
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or not one of ours; the message names the file."""
@@ -96,7 +100,12 @@ class Checkpoint:
     def read(cls, path: Path) -> "Checkpoint":
         path = Path(path)
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist; run the training that writes it first")
+            raise CheckpointError(f"checkpoint {path} does not exist; run the training that writes it first "
+                                  f"({REBUILD_HINT})")
+        try:  # a folder written by kdlib.outputs lists its files: best.pt beside a last.pt of another run fails
+            check_manifest(path.parent, [path.name])
+        except OutputError as err:
+            raise CheckpointError(f"checkpoint {path}: {err}; rebuild it ({REBUILD_HINT})") from None
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
             meta = data["meta"]
@@ -104,8 +113,8 @@ class Checkpoint:
             state = data["state_dict"]
         except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, KeyError, TypeError) as err:
             raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is truncated "
-                                  "or not a kdlib checkpoint: delete it and re-run the training that "
-                                  "wrote it") from None
+                                  f"or not a kdlib checkpoint: delete it and re-run the training that "
+                                  f"wrote it ({REBUILD_HINT})") from None
         return cls(path, record, meta, state, data.get("method_state", {}))
 
     def model(self) -> nn.Module:
@@ -125,9 +134,15 @@ def save_checkpoint(path: Path, model: nn.Module, meta: Mapping[str, Any],
     content: dict[str, Any] = {"state_dict": state, "meta": dict(meta)}
     if method_state:
         content["method_state"] = dict(method_state)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(content, tmp)
-    os.replace(tmp, path)
+    # torch.save names the records inside the zip after the file: a fixed temporary name keeps
+    # the bytes reproducible (a per-process name would differ run to run)
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        torch.save(content, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

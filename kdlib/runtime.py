@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from kdlib.data.views import AugmentedViews, ViewSampler
+from kdlib.process import child_initializer
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _seed_worker(worker_id: int) -> None:
+    child_initializer()  # a worker must not outlive a killed training process
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)

@@ -86,6 +86,17 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
 
+    def summary(self) -> dict[str, Any]:
+        """The reproducible figures of the run (what a metrics file holds)."""
+        return {"best_epoch": self.best_epoch, f"best_val_{self.score_name}": self.best_val_score,
+                "last_epoch": self.last_epoch, f"last_val_{self.score_name}": self.last_val_score,
+                "stopped_early": self.stopped_early}
+
+    def timing(self) -> dict[str, Any]:
+        """The wall-clock figures, which vary run to run (kept apart from the metrics)."""
+        return {"train_seconds": round(self.train_seconds, 2), "train_images_per_second": round(self.images_per_second, 1),
+                "epoch_seconds": [round(s, 3) for s in self.epoch_seconds]}
+
 
 def lr_factor(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
     """Multiplier of the base lr at optimizer step ``step`` (linear warmup, then the schedule)."""

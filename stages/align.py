@@ -10,6 +10,7 @@ but costs one Python start, and nothing at all while its parameters are unchange
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 from kdlib.checkpoint import Checkpoint
@@ -18,14 +19,16 @@ from kdlib.distill import is_projected, setup_distillation
 from kdlib.io import write_json
 from kdlib.runtime import Runtime, seed_everything
 from kdlib.train import TrainData, fit
+from stages.guard import stage_outputs
 from stages.params import Run, load_params
 from stages.workspace import Workspace
 
 
-def align(run: Run, ws: Workspace = Workspace()) -> dict[str, Any]:
-    """Align ``feat_fc`` into ``ws.align``; returns the summary written to ``align.json``."""
-    settings, method = run.params.align, run.method.name
-    shutil.rmtree(ws.align, ignore_errors=True)
+def align(run: Run, ws: Workspace = Workspace(), out_dir: Path | None = None) -> dict[str, Any]:
+    """Align ``feat_fc`` into ``out_dir`` (default ``ws.align``); returns the summary written to
+    ``align.json``."""
+    settings, method, out_dir = run.params.align, run.method.name, ws.align if out_dir is None else out_dir
+    shutil.rmtree(out_dir, ignore_errors=True)
     reason = None
     if not run.method.cls.needs_features:
         reason = f"distill.method = {method!r} mimics no features: nothing to align"
@@ -45,25 +48,28 @@ def align(run: Run, ws: Workspace = Workspace()) -> dict[str, Any]:
             reason = f"student and teacher features have the same width and {method}.force_feat_fc is false"
     if reason is not None:
         summary = {"aligned": False, "reason": reason}
-        write_json(ws.align / "align.json", summary)
+        write_json(out_dir / "align.json", summary)
         return summary
     setup.student.freeze_backbone()
     data = TrainData(train_set, val_set, BatchNormalizer(index.meta.mean, index.meta.std, recipe.channels_last))
-    result = fit(setup.student, setup.objective, recipe, data, ws.align, setup.record, run.seed, setup.teacher,
+    result = fit(setup.student, setup.objective, recipe, data, out_dir, setup.record, run.seed, setup.teacher,
                  runtime=runtime, progress=False, select_best=False)
     final = {k.removeprefix("train/"): round(v, 6) for k, v in result.history[-1].items() if k.startswith("train/")}
     summary = {"aligned": True, "epochs": result.last_epoch, "final": final, "history": result.history,
                "train_seconds": result.train_seconds}
-    write_json(ws.align / "align.json", {k: v for k, v in summary.items() if k != "train_seconds"})
+    write_json(out_dir / "align.json", {k: v for k, v in summary.items() if k != "train_seconds"})
     return summary
 
 
 def main() -> None:
-    run, ws = load_params(), Workspace()
-    summary = align(run, ws)
-    # wall-clock time varies run to run: kept apart from the cached, reproducible outputs
-    write_json(ws.reports / "align" / "metrics.json", {k: summary[k] for k in ("aligned", "final") if k in summary})
-    write_json(ws.reports / "align" / "timing.json", {"train_seconds": round(summary.get("train_seconds", 0.0), 2)})
+    ws = Workspace()
+    metrics, timing = ws.reports / "align" / "metrics.json", ws.reports / "align" / "timing.json"
+    with stage_outputs("align", ws.align, metrics, timing, ws=ws, manifests=(ws.align,)) as out:
+        run = load_params()
+        summary = align(run, ws, out(ws.align))
+        write_json(out(metrics), {k: summary[k] for k in ("aligned", "final") if k in summary})
+        # wall-clock time varies run to run: kept apart from the cached, reproducible outputs
+        write_json(out(timing), {"train_seconds": round(summary.get("train_seconds", 0.0), 2)})
     if summary["aligned"]:
         print(f"align: {summary['epochs']} epochs of feat_fc alignment; final {summary['final']}")
     else:

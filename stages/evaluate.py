@@ -8,6 +8,7 @@ experiment that changes only the student re-evaluates only the student.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -18,6 +19,7 @@ from kdlib.io import write_json
 from kdlib.metrics import EvalResult, confusion_matrix, evaluate_dataset
 from kdlib.models import count_parameters
 from kdlib.runtime import Runtime, seed_everything
+from stages.guard import stage_outputs
 from stages.params import ROLES, Run, load_params
 from stages.workspace import Workspace
 
@@ -31,12 +33,10 @@ def evaluate_checkpoint(run: Run, index: DatasetIndex, checkpoint: Checkpoint, m
                             run.params.eval.batch_size, Runtime.from_env("auto").device, run.dataset.ap_mode)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("role", choices=ROLES)
-    role, run, ws = parser.parse_args().role, load_params(), Workspace()
-    seed_everything(run.seed)
-    index, row, out = ws.index(), {}, ws.reports / "evaluate"
+def evaluate_role(run: Run, ws: Workspace, role: str, confusion_json: Path, matrix_json: Path) -> dict[str, Any]:
+    """The metrics row of ``role``'s best and last checkpoints; writes the best one's confusion
+    pairs and matrix."""
+    index, row = ws.index(), {}
     for which in ("best", "last"):
         checkpoint = Checkpoint.read(ws.checkpoint(role, which))
         model = checkpoint.model()
@@ -53,9 +53,22 @@ def main() -> None:
                 pairs = [{"actual": names[a], "predicted": names[p]}
                          for a, p in zip(result.targets.tolist(), result.predictions.tolist())]
                 matrix = confusion_matrix(result.targets, result.predictions, len(names)).tolist()
-            write_json(out / "confusion" / f"{role}.json", pairs)
-            write_json(out / "matrix" / f"{role}.json", {"classes": index.meta.classes, "matrix": matrix})
-    write_json(out / f"{role}.json", row)
+            write_json(confusion_json, pairs)
+            write_json(matrix_json, {"classes": index.meta.classes, "matrix": matrix})
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("role", choices=ROLES)
+    role, ws = parser.parse_args().role, Workspace()
+    reports = ws.reports / "evaluate"
+    outputs = reports / f"{role}.json", reports / "confusion" / f"{role}.json", reports / "matrix" / f"{role}.json"
+    with stage_outputs(f"evaluate-{role}", *outputs, ws=ws) as out:
+        run = load_params()
+        seed_everything(run.seed)
+        row = evaluate_role(run, ws, role, *(out(path) for path in outputs[1:]))
+        write_json(out(outputs[0]), row)
     print(f"{role:9s} best {run.score} {row['best'][run.score]:.2f}  last {run.score} {row['last'][run.score]:.2f}")
 
 

@@ -16,14 +16,13 @@ import torch
 from kdlib.checkpoint import Checkpoint
 from kdlib.io import write_json
 from kdlib.quantize.measure import add_deltas, materialize, measure_precisions
-from stages.params import ROLES, load_params
+from stages.guard import stage_outputs
+from stages.params import ROLES, Run, load_params
 from stages.workspace import Workspace
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("role", choices=ROLES)
-    role, run, ws = parser.parse_args().role, load_params(), Workspace()
+def quantize_role(run: Run, ws: Workspace, role: str) -> list[dict]:
+    """Every precision's row for ``role``'s best checkpoint, with its deltas from fp32."""
     settings, index, path = run.params.eval, ws.index(), ws.checkpoint(role)
     size = Checkpoint.read(path).record.input_size
     test = run.dataset.load(index, "test", size, False)
@@ -38,7 +37,16 @@ def main() -> None:
 
     rows = measure_precisions(role, path, test_set, materialize(train, sorted(picks)).images, settings,
                               "cuda" if torch.cuda.is_available() else "cpu", test.ignore, run.dataset.ap_mode, show)
-    write_json(ws.reports / "quantize" / f"{role}.json", add_deltas(rows, run.score))
+    return add_deltas(rows, run.score)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("role", choices=ROLES)
+    role, ws = parser.parse_args().role, Workspace()
+    result = ws.reports / "quantize" / f"{role}.json"
+    with stage_outputs(f"quantize-{role}", result, ws=ws) as out:
+        write_json(out(result), quantize_role(load_params(), ws, role))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@
 ``reports/quantize/figures``, apart, since measured figures vary run to run)."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import pandas as pd
 
 from kdlib.io import read_json, write_json, write_text
 from kdlib.quantize.figures import write_quantization_report
 from kdlib.report import plot_accuracy_bars, plot_confusion, plot_training_curves, results_markdown
-from stages.params import ROLES, load_params
+from stages.guard import stage_outputs
+from stages.params import ROLES, Run, load_params
 from stages.workspace import Workspace
 
 
@@ -21,9 +25,9 @@ def history(ws: Workspace, role: str, score: str) -> dict[str, list[float]]:
     return curves
 
 
-def main() -> None:
-    run, ws = load_params(), Workspace()
-    score, figures = run.score, ws.reports / "figures"
+def report(run: Run, ws: Workspace, out: Callable[[Path], Path]) -> str:
+    """Write the report's files (each at ``out(final path)``); returns results.md's text."""
+    score, figures = run.score, out(ws.reports / "figures")
     evaluation = {role: read_json(ws.reports / "evaluate" / f"{role}.json") for role in ROLES}
     rows = [{"role": role, "preset": run.model(role).preset, "arch": run.model(role).spec.arch, **evaluation[role]}
             for role in ROLES]
@@ -39,17 +43,26 @@ def main() -> None:
     quant_rows = [row for role in ROLES for row in read_json(ws.reports / "quantize" / f"{role}.json")]
     training = {role: read_json(ws.reports / role / "timing.json")["train_seconds"] for role in ROLES}
     # measured figures (latency, memory) vary run to run: apart from the reproducible ones
-    table = write_quantization_report(quant_rows, run.params.eval, score, ws.reports / "quantization.json",
-                                      ws.reports / "quantization.csv", ws.reports / "quantize" / "figures", training)
+    table = write_quantization_report(quant_rows, run.params.eval, score, out(ws.reports / "quantization.json"),
+                                      out(ws.reports / "quantization.csv"), out(ws.reports / "quantize" / "figures"),
+                                      training)
     kd_gain = round(evaluation["distill"]["best"][score] - evaluation["baseline"]["best"][score], 4)
-    write_json(ws.reports / "summary.json", {
+    write_json(out(ws.reports / "summary.json"), {
         **{role: {"best": evaluation[role]["best"][score], "last": evaluation[role]["last"][score]} for role in ROLES},
         f"kd_gain_{score}": kd_gain})
     title = f"{run.params.dataset}, teacher {run.teacher.preset} → student {run.student.preset}"
     text = results_markdown(title, read_json(ws.reports / "prepare" / "manifest.json"), run.method.name,
                             run.method.knobs, run.seed, rows, score, kd_gain, table)
-    write_text(ws.reports / "results.md", text)
-    print(text)
+    write_text(out(ws.reports / "results.md"), text)
+    return text
+
+
+def main() -> None:
+    ws = Workspace()
+    r = ws.reports
+    with stage_outputs("report", r / "figures", r / "quantize" / "figures", r / "results.md", r / "summary.json",
+                       r / "quantization.json", r / "quantization.csv", ws=ws) as out:
+        print(report(load_params(), ws, out))
 
 
 if __name__ == "__main__":

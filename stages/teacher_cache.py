@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from kdlib.checkpoint import Checkpoint
@@ -20,16 +21,19 @@ from kdlib.distill import load_teacher, teacher_cache_key
 from kdlib.io import write_json
 from kdlib.runtime import Runtime, seed_everything
 from kdlib.teacher_cache import build_teacher_cache
+from stages.guard import stage_outputs
 from stages.params import Run, load_params
 from stages.workspace import Workspace
 
 
-def build_cache(run: Run, ws: Workspace = Workspace(), progress: bool = True) -> dict[str, Any]:
-    """Build the cache into ``ws.teacher_cache`` (or the disabled marker); returns a summary."""
-    settings = run.params.teacher_cache
-    shutil.rmtree(ws.teacher_cache, ignore_errors=True)
+def build_cache(run: Run, ws: Workspace = Workspace(), progress: bool = True, out_dir: Path | None = None
+                ) -> dict[str, Any]:
+    """Build the cache into ``out_dir`` (default ``ws.teacher_cache``; or the disabled marker);
+    returns a summary."""
+    settings, out_dir = run.params.teacher_cache, ws.teacher_cache if out_dir is None else out_dir
+    shutil.rmtree(out_dir, ignore_errors=True)
     if not settings.enabled:
-        write_json(ws.teacher_cache / "cache.json", {"enabled": False})
+        write_json(out_dir / "cache.json", {"enabled": False})
         return {"enabled": False, "build_seconds": 0.0}
     index, size, features = ws.index(), run.student.input_size, run.method.cls.needs_features
     seed_everything(run.seed)
@@ -43,15 +47,18 @@ def build_cache(run: Run, ws: Workspace = Workspace(), progress: bool = True) ->
     key = teacher_cache_key(ws.teacher_checkpoint, ws.index_files, run.dataset, size, run.num_views, run.seed)
     cache = build_teacher_cache(teacher, views, BatchNormalizer(index.meta.mean, index.meta.std), runtime.device,
                                 settings.batch_size, key=key, topk=topk, progress=progress)
-    cache.save(ws.teacher_cache)
+    cache.save(out_dir)
     return {"enabled": True, "images": cache.num_images, "views": cache.num_views, "features": features,
             "bytes": cache.nbytes, "build_seconds": time.perf_counter() - start}
 
 
 def main() -> None:
-    run, ws = load_params(), Workspace()
-    summary = build_cache(run, ws)
-    write_json(ws.reports / "teacher_cache" / "timing.json", {"build_seconds": round(summary["build_seconds"], 2)})
+    ws = Workspace()
+    timing = ws.reports / "teacher_cache" / "timing.json"
+    with stage_outputs("teacher_cache", ws.teacher_cache, timing, ws=ws) as out:
+        run = load_params()
+        summary = build_cache(run, ws, out_dir=out(ws.teacher_cache))
+        write_json(out(timing), {"build_seconds": round(summary["build_seconds"], 2)})
     if summary["enabled"]:
         print(f"teacher_cache: {summary['images']} images x {summary['views']} views, "
               f"{summary['bytes'] / 2**20:.1f} MiB{' with features' if summary['features'] else ''}, "

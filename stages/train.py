@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from pathlib import Path
 
 from dvclive import Live
 
@@ -19,14 +20,15 @@ from kdlib.io import write_json
 from kdlib.models import count_parameters
 from kdlib.runtime import Runtime, seed_everything
 from kdlib.train import FitResult, MetricsLogger, TrainData, fit
+from stages.guard import stage_outputs
 from stages.params import ROLES, Run, load_params
 from stages.workspace import Workspace
 
 
 def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: MetricsLogger | None = None,
-               progress: bool = True) -> tuple[FitResult, int]:
-    """Train ``role`` into ``ws.models/<role>``; ``distill`` reads the teacher, its cache and
-    the alignment from ``ws``. Returns the fit result and the parameter count."""
+               progress: bool = True, out_dir: Path | None = None) -> tuple[FitResult, int]:
+    """Train ``role`` into ``out_dir`` (default ``ws.models/<role>``); ``distill`` reads the teacher,
+    its cache and the alignment from ``ws``. Returns the fit result and the parameter count."""
     index, model_run = ws.index(), run.model(role)
     train_set = run.dataset.load(index, "train", model_run.input_size, True)
     val_set = run.dataset.load(index, "val", model_run.input_size, False)
@@ -50,8 +52,9 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
     data = TrainData(train_set, val_set, BatchNormalizer(index.meta.mean, index.meta.std, model_run.recipe.channels_last),
                      view_seeds, build_mix(index.meta.num_classes, run.dataset.mixup, run.dataset.cutmix),
                      run.dataset.ap_mode)
-    shutil.rmtree(ws.models / role, ignore_errors=True)
-    result = fit(model, objective, model_run.recipe, data, ws.models / role, record, run.seed, teacher, logger,
+    out_dir = ws.models / role if out_dir is None else out_dir
+    shutil.rmtree(out_dir, ignore_errors=True)
+    result = fit(model, objective, model_run.recipe, data, out_dir, record, run.seed, teacher, logger,
                  runtime, progress)
     return result, count_parameters(model)
 
@@ -59,18 +62,15 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("role", choices=ROLES)
-    role, run, ws = parser.parse_args().role, load_params(), Workspace()
-    with Live(str(ws.reports / role), dvcyaml=False, save_dvc_exp=False) as live:
-        result, n_params = train_role(run, role, ws, logger=live)
-        live.summary.update({
-            "best_epoch": result.best_epoch, f"best_val_{result.score_name}": result.best_val_score,
-            "last_epoch": result.last_epoch, f"last_val_{result.score_name}": result.last_val_score,
-            "stopped_early": result.stopped_early, "params": n_params,
-        })
-    # Wall-clock figures vary run to run; they live apart from the reproducible metrics.
-    write_json(ws.reports / role / "timing.json", {
-        "train_seconds": round(result.train_seconds, 2), "train_images_per_second": round(result.images_per_second, 1),
-        "epoch_seconds": [round(s, 3) for s in result.epoch_seconds]})
+    role, ws = parser.parse_args().role, Workspace()
+    reports = ws.reports / role
+    with stage_outputs(role, ws.models / role, reports / "plots", reports / "metrics.json", reports / "timing.json",
+                       ws=ws, manifests=(ws.models / role,)) as out:
+        run = load_params()
+        with Live(str(out(reports)), dvcyaml=False, save_dvc_exp=False) as live:
+            result, n_params = train_role(run, role, ws, logger=live, out_dir=out(ws.models / role))
+            live.summary.update({**result.summary(), "params": n_params})
+        write_json(out(reports / "timing.json"), result.timing())
     print(f"{role}: best val {result.score_name} {result.best_val_score:.2f} (epoch {result.best_epoch}), "
           f"last {result.last_val_score:.2f}; {result.train_seconds:.1f} s")
 

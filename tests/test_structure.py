@@ -9,9 +9,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_SCRIPTS = ("prepare", "train", "teacher_cache", "align", "evaluate", "quantize", "report")
-# besides the scripts: parameter loading, paths, and the training stages in one process (tests, benchmarks)
-STAGE_SUPPORT = ("__init__", "params", "workspace", "pipeline")
+STAGE_SCRIPTS = ("check", "prepare", "train", "teacher_cache", "align", "evaluate", "quantize", "report")
+# besides the scripts: parameter loading, paths, the run discipline (staged outputs, signals, parameter
+# checks), and the training stages in one process (tests, benchmarks)
+STAGE_SUPPORT = ("__init__", "params", "workspace", "guard", "pipeline")
 
 
 def test_stages_holds_only_stage_scripts_parameters_and_paths() -> None:
@@ -56,5 +57,14 @@ def test_every_stage_depends_on_its_script_and_the_parameter_loading() -> None:
     for name, stage in stages.items():
         body = stage.get("do", stage)
         script = body["cmd"].split()[2].replace(".", "/") + ".py"  # python -m stages.X ...
-        for dep in (script, "stages/params.py", "stages/workspace.py", "kdlib"):
+        for dep in (script, "stages/params.py", "stages/workspace.py", "stages/guard.py", "kdlib"):
             assert dep in body["deps"], (name, dep)
+
+
+def test_every_stage_script_writes_through_staged_outputs() -> None:
+    """A stage that wrote at its final paths could leave half an output for DVC to cache."""
+    for name in STAGE_SCRIPTS:
+        tree = ast.parse((REPO / "stages" / f"{name}.py").read_text())
+        main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+        calls = {n.func.id for n in ast.walk(main) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert "stage_outputs" in calls, f"stages/{name}.py: main() does not use stage_outputs"

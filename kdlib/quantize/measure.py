@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdlib.process import child_initializer
 from kdlib.quantize.base import PRECISIONS, QuantContext, Skipped
 
 
@@ -209,13 +210,15 @@ def _context() -> multiprocessing.context.BaseContext:
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         _CONTEXT = multiprocessing.get_context(method)
         if method == "forkserver":
-            _CONTEXT.set_forkserver_preload(["kdlib.quantize", "kdlib.quantize.measure", "kdlib.checkpoint"])
+            _CONTEXT.set_forkserver_preload(["kdlib.quantize", "kdlib.quantize.measure", "kdlib.checkpoint",
+                                             "kdlib.process"])
     return _CONTEXT
 
 
 def run_isolated(job: EvalJob) -> dict[str, Any]:
     """:func:`evaluate_job` in a fresh process; a crash of that process becomes a ``failed`` row."""
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=_context()) as pool:
+    # the measuring process dies with this one (a cancelled stage leaves no orphan running)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=_context(), initializer=child_initializer) as pool:
         try:
             return pool.submit(_guarded, job).result()
         except concurrent.futures.process.BrokenProcessPool as err:
