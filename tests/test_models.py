@@ -204,3 +204,48 @@ def test_unreadable_checkpoint_names_the_file(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "meta": {"arch": "cnn_small"}}, tmp_path / "old.pt")  # no classes, mean, ...
     with pytest.raises(CheckpointError, match="old.pt"):
         model_from_checkpoint(tmp_path / "old.pt")
+
+
+# ---- model kwargs checked against the constructor (kdlib.models.accepted_kwargs) -------------
+def _presets() -> list[tuple[str, str, dict]]:
+    import yaml
+
+    models = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["models"]
+    return [(name, p["arch"], p.get("kwargs", {})) for name, p in models.items()]
+
+
+@pytest.mark.parametrize(("preset", "arch", "kwargs"), _presets(), ids=[p[0] for p in _presets()])
+def test_kwargs_check_agrees_with_the_real_constructor(preset: str, arch: str, kwargs: dict) -> None:
+    """For every preset's architecture: what the check accepts builds, and a keyword it refuses is
+    one the constructor refuses too (so the check is neither looser nor stricter than timm)."""
+    from timm.models import _builder
+
+    from kdlib.models import accepted_kwargs, kwargs_problems
+
+    accepted = accepted_kwargs(arch, kwargs)
+    assert accepted is not None and set(kwargs) <= accepted and "drop_rate" in accepted
+    assert kwargs_problems(arch, kwargs) == []
+    assert [k for k, _ in kwargs_problems(arch, {**kwargs, "blokcs": 8})] == ["kwargs.blokcs"]
+    with pytest.raises(TypeError, match="blokcs"):
+        timm.create_model(arch, num_classes=3, **kwargs, blokcs=8)
+    # the builder the check stands in for is back in every timm module
+    assert timm.models.resnet.build_model_with_cfg is _builder.build_model_with_cfg
+    assert timm.models.vision_transformer.build_model_with_cfg is _builder.build_model_with_cfg
+
+
+def test_own_models_take_no_catch_all_kwargs() -> None:
+    with pytest.raises(TypeError, match="blokcs"):
+        build_model("rescnn", 6, 3, blokcs=8)
+    with pytest.raises(TypeError, match="width"):
+        build_model("cnn_small", 10, 1, width=(8, 8, 8))
+    # what timm.create_model adds to every entry-point call is still accepted
+    assert count_parameters(timm.create_model("cnn_small", num_classes=10, in_chans=1, cache_dir="/tmp")) == 56_554
+
+
+def test_kwargs_of_config_built_timm_models_are_not_guessed() -> None:
+    """RegNet takes ``**kwargs`` into its config: the accepted set cannot be read from a signature,
+    so the check says nothing rather than refusing valid settings."""
+    from kdlib.models import accepted_kwargs, kwargs_problems
+
+    assert accepted_kwargs("regnetx_002") is None
+    assert kwargs_problems("regnetx_002", {"w0": 24}) == []

@@ -12,8 +12,10 @@ and a manifest (counts per split and class, checksums) that DVC tracks as a metr
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 from kdlib.data.splits import assert_disjoint
 
 SPLITS = ("train", "val", "test")
+TASKS = ("multiclass", "multilabel")
 INDEX_FILE = "index.csv"
 META_FILE = "dataset.json"
 
@@ -74,9 +77,25 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _content_disjoint(records: list[Record]) -> None:
+    """Raise ``ValueError`` naming both paths, their splits and the md5 when two records of
+    different splits have the same bytes (one image in two splits leaks it into evaluation).
+    The same content twice within one split is allowed: it leaks nothing."""
+    first: dict[str, Record] = {}
+    for r in records:
+        if not r.md5:
+            continue
+        seen = first.setdefault(r.md5, r)
+        if seen.split != r.split:
+            raise ValueError(
+                f"{seen.path} ({seen.split}) and {r.path} ({r.split}) have the same content (md5 {r.md5}): "
+                "an image in two splits leaks it into evaluation; remove one of the two files from the data set"
+            )
+
+
 def validate_index(index: DatasetIndex) -> None:
     """Check labels, split names, that train/val/test are non-empty and disjoint (by path and
-    by content), and that every class has a training image."""
+    by content: a duplicate names both files), and that every class has a training image."""
     num_classes = index.meta.num_classes
     multilabel = index.meta.task == "multilabel"
     for r in index.records:
@@ -89,7 +108,7 @@ def validate_index(index: DatasetIndex) -> None:
         if not index.split(split):
             raise ValueError(f"the {split!r} split is empty")
     assert_disjoint({s: [r.path for r in index.split(s)] for s in SPLITS})
-    assert_disjoint({s: [r.md5 for r in index.split(s) if r.md5] for s in SPLITS})
+    _content_disjoint(index.records)
     train_classes = {c for r in index.split("train") for c in r.classes_present()}
     missing = [index.meta.classes[c] for c in range(num_classes) if c not in train_classes]
     if missing:
@@ -111,27 +130,133 @@ def _ints(values: tuple[int, ...]) -> str:
     return " ".join(map(str, values))
 
 
+_MD5 = re.compile(r"[0-9a-f]{32}")
+REQUIRED_COLUMNS = ("path", "label", "split")
+OPTIONAL_COLUMNS = ("md5", "positives", "difficult")
+REBUILD = "rebuild it with `dvc repro --force prepare` (or `python -m stages.prepare`)"
+
+
 def _parse_ints(text: str | None) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split()) if text else ()
 
 
+def _read_meta(meta_path: Path) -> DatasetMeta:
+    """``dataset.json`` as a :class:`DatasetMeta`; errors name the file, the key and what is allowed."""
+    try:
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, absurd nesting
+        raise ValueError(f"{meta_path}: not valid JSON ({err}); {REBUILD}") from None
+    fields_ = {f.name: f for f in dataclasses.fields(DatasetMeta)}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object with keys {', '.join(fields_)}; {REBUILD}")
+    unknown = [k for k in raw if k not in fields_]
+    missing = [k for k, f in fields_.items() if k not in raw and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    if unknown or missing:
+        raise ValueError(f"{meta_path}: unknown keys {unknown}, missing keys {missing}; expected the keys "
+                         f"{', '.join(fields_)}; {REBUILD}")
+    meta = DatasetMeta(**raw)
+    classes = meta.classes
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
+        raise ValueError(f"{meta_path}: classes = {classes!r}: expected a non-empty list of names; {REBUILD}")
+    if meta.task not in TASKS:
+        raise ValueError(f"{meta_path}: task = {meta.task!r}: expected one of {', '.join(TASKS)}; {REBUILD}")
+    return meta
+
+
+def _is_relative_path(path: str) -> bool:
+    """A path inside the data set's root: non-empty, relative, no ``..`` part, ``/``-separated."""
+    # string tests, not PurePath: read_index checks every row (120,000 for COCO) at each stage start
+    return (bool(path) and not path.startswith("/") and "\\" not in path and path[1:2] != ":"
+            and ".." not in path.split("/"))
+
+
+def _record(row: dict[str, str | None], meta: DatasetMeta, where: str) -> Record:
+    """One ``index.csv`` row, checked; errors start with ``where`` (``file:line``)."""
+    n, multilabel = meta.num_classes, meta.task == "multilabel"
+    path, split, md5 = row["path"] or "", row["split"] or "", row.get("md5") or ""
+    if not _is_relative_path(path):
+        raise ValueError(f"{where}: path {path!r}: expected a non-empty path relative to the data set's root, "
+                         "'/'-separated, without '..'")
+    if split not in SPLITS:
+        raise ValueError(f"{where}: split {split!r}: expected one of {', '.join(SPLITS)}")
+    if md5 and not _MD5.fullmatch(md5):
+        raise ValueError(f"{where}: md5 {md5!r}: expected 32 lowercase hexadecimal digits or nothing")
+    text = (row["label"] or "").strip()
+    try:
+        label = int(text)
+    except ValueError:
+        raise ValueError(f"{where}: label {text!r}: expected an integer") from None
+    lists: dict[str, tuple[int, ...]] = {}
+    for column in ("positives", "difficult"):
+        cell = row.get(column) or ""
+        try:
+            lists[column] = _parse_ints(cell)
+        except ValueError:
+            raise ValueError(f"{where}: {column} {cell!r}: expected class indices separated by spaces") from None
+        bad = [c for c in lists[column] if not 0 <= c < n]
+        if bad:
+            raise ValueError(f"{where}: {column} {cell!r}: class {bad[0]} is outside 0..{n - 1} ({n} classes)")
+    if multilabel:
+        if label != -1:
+            raise ValueError(f"{where}: label {label}: expected -1 in a multi-label index (classes are in positives)")
+        stray = sorted(set(lists["difficult"]) - set(lists["positives"]))
+        if stray:
+            raise ValueError(f"{where}: difficult classes {stray} are not in positives "
+                             f"{lists['positives']}: expected a subset of positives")
+    else:
+        if not 0 <= label < n:
+            raise ValueError(f"{where}: label {label}: expected a class index in 0..{n - 1} ({n} classes)")
+        if lists["positives"] or lists["difficult"]:
+            raise ValueError(f"{where}: positives/difficult given in a single-label index: expected them empty")
+    return Record(path, label, split, md5, lists["positives"], lists["difficult"])
+
+
 def read_index(directory: Path) -> DatasetIndex:
+    """The prepared index in ``directory``, checked before anything uses it.
+
+    Every row of ``index.csv`` is checked (errors name ``index.csv:<line>``, the value and what
+    is allowed): required columns ``path``, ``label``, ``split``; ``path`` relative without
+    ``..``; ``split`` one of train/val/test; ``label`` a class index in ``[0, num_classes)``
+    (``-1`` for multi-label, whose ``positives`` / ``difficult`` lie in that range and
+    ``difficult`` ⊆ ``positives``); ``md5`` empty or 32 hex digits; no path listed twice. Then
+    :func:`validate_index` (non-empty, disjoint splits; every class trained), its errors
+    prefixed with the file. ``dataset.json`` must hold exactly :class:`DatasetMeta`'s keys.
+    """
     directory = Path(directory)
     meta_path, index_path = directory / META_FILE, directory / INDEX_FILE
     for path in (meta_path, index_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run the prepare stage first")
-    meta = DatasetMeta(**json.loads(meta_path.read_text()))
-    records = []
-    with open(index_path, newline="") as handle:
+    meta = _read_meta(meta_path)
+    records: list[Record] = []
+    listed_at: dict[str, int] = {}
+    with open(index_path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        for line_no, row in enumerate(reader, start=2):
-            try:
-                records.append(Record(row["path"], int(row["label"]), row["split"], row.get("md5", ""),
-                                      _parse_ints(row.get("positives")), _parse_ints(row.get("difficult"))))
-            except (KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{index_path}:{line_no}: malformed row ({err})") from None
-    return DatasetIndex(meta, records)
+        header = reader.fieldnames or []
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(f"{index_path}:1: header {','.join(header)!r} lacks column(s) {', '.join(missing)}: "
+                             f"expected {','.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}; {REBUILD}")
+        try:
+            for row in reader:
+                where = f"{index_path}:{reader.line_num}"
+                if None in row or any(row[c] is None for c in REQUIRED_COLUMNS):  # too many / too few cells
+                    raise ValueError(f"{where}: malformed row: {len(header)} columns expected ({','.join(header)})")
+                record = _record(row, meta, where)
+                if record.path in listed_at:
+                    raise ValueError(f"{where}: path {record.path!r} is already listed at line "
+                                     f"{listed_at[record.path]}: expected each image once")
+                listed_at[record.path] = reader.line_num
+                records.append(record)
+        except csv.Error as err:
+            raise ValueError(f"{index_path}:{reader.line_num}: malformed row ({err})") from None
+    index = DatasetIndex(meta, records)
+    try:
+        validate_index(index)
+    except ValueError as err:
+        raise ValueError(f"{index_path}: {err}; {REBUILD}") from None
+    return index
 
 
 def build_manifest(index: DatasetIndex) -> dict:

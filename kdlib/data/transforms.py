@@ -8,6 +8,7 @@ training step, so the MNIST ``shift`` preset translates the batch in one gather.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from kdlib.registry import Registry
+from kdlib.schema import Check, is_bool, is_float, is_int
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,53 @@ def lshfm(image_size: int) -> Augmentation:
         v2.RandomHorizontalFlip(),
         v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
     ]), sizes_itself=True)
+
+
+def _is_scale_range(v: Any) -> str | None:
+    ok = (isinstance(v, (list, tuple)) and len(v) == 2
+          and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+          and 0 < v[0] <= v[1] <= 1)
+    return None if ok else "two numbers [lo, hi] with 0 < lo <= hi <= 1 (fractions of the image area)"
+
+
+def _option_checks(image_size: int | None) -> dict[str, dict[str, Check]]:
+    """preset → option → check, for every keyword option of every :data:`TRAIN_PRESETS` factory."""
+    # a shift of image_size pixels or more leaves only fill: the image is gone
+    max_shift = image_size - 1 if image_size else None
+    return {
+        "shift": {"shift_px": is_int(0, max_shift), "hflip": is_bool},
+        "imagenet": {"scale": _is_scale_range},
+        # v2.RandAugment has 31 magnitude bins: magnitude 0..30
+        "deit": {"magnitude": is_int(0, 30), "erase_prob": is_float(0, 1)},
+    }
+
+
+def augment_option_problems(augment: str, options: dict[str, Any],
+                            image_size: int | None = None) -> list[tuple[str, str]]:
+    """``("augment_options.<key>", expected)`` for each option that preset ``augment`` does not
+    take (listing those it takes) or whose value is out of range; ``[]`` for an unknown preset
+    (reported on ``augment`` itself). ``image_size`` bounds ``shift_px`` (at most image_size − 1).
+
+    Options are a factory's keyword parameters other than ``image_size``, so a new preset's
+    options are known without an edit here; their ranges are declared in :func:`_option_checks`.
+    """
+    if augment not in TRAIN_PRESETS:
+        return []
+    taken = [p for p in inspect.signature(TRAIN_PRESETS.get(augment)).parameters if p != "image_size"]
+    unknown = [k for k in options if k not in taken]
+    if unknown:
+        return [(f"augment_options.{k}", f"unknown option of the {augment!r} augmentation; it takes: "
+                                         f"{', '.join(taken) or 'none'}") for k in unknown]
+    checks = _option_checks(image_size).get(augment, {})
+    found: list[tuple[str, str]] = []
+    for key, value in options.items():
+        check = checks.get(key)
+        if check is None:  # a preset option without a declared range: refuse rather than guess
+            found.append((f"augment_options.{key}", f"cannot be checked: {augment!r} declares no range for it "
+                                                    "(kdlib/data/transforms.py _option_checks)"))
+        elif (expected := check(value)) is not None:
+            found.append((f"augment_options.{key}", f"expected {expected}"))
+    return found
 
 
 def build_transforms(

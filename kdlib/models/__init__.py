@@ -10,7 +10,9 @@ half is its training recipe, :class:`kdlib.train.Recipe`).
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,13 @@ class ModelSpec:
     def problems(self) -> list[tuple[str | None, str]]:
         if self.arch not in known_architectures():
             return [("arch", "not a timm architecture (see timm.list_models())")]
-        return []
+        found: list[tuple[str | None, str]] = []
+        if isinstance(self.pretrained, str) and not Path(self.pretrained).is_file():
+            found.append(("pretrained", "no such file; expected false, true (timm's default weights) or the path "
+                                        "of an existing .safetensors / .pth / .bin state dict (relative to the "
+                                        "repository root)"))
+        found += kwargs_problems(self.arch, self.kwargs, drop_path=bool(self.drop_path))
+        return found
 
     @property
     def model_kwargs(self) -> dict[str, Any]:
@@ -57,6 +65,117 @@ class ModelSpec:
 
 
 _ARCHITECTURES: set[str] = set()
+# keyword arguments the caller sets through other keys, never through `kwargs`
+_SET_ELSEWHERE = {"num_classes": "the data set's classes", "in_chans": "the data set's channels",
+                  "pretrained": "the preset's `pretrained`"}
+
+
+class _Captured(Exception):
+    """Raised in place of timm's model builder: the model class and kwargs an entry point chose."""
+
+    def __init__(self, model_cls: Any, kwargs: dict[str, Any]) -> None:
+        super().__init__("captured")
+        self.model_cls, self.kwargs = model_cls, kwargs
+
+
+def _init_keywords(model_cls: Any) -> set[str] | None:
+    """The keyword arguments ``model_cls(...)`` accepts: its ``__init__``'s named parameters and,
+    while an ``__init__`` forwards ``**kwargs``, those of the next class in the MRO (as
+    ``super().__init__(*args, **kwargs)`` does). ``None`` when the chain ends in a ``**kwargs``
+    that is not forwarded to a class with named parameters (then anything may be accepted)."""
+    if not inspect.isclass(model_cls):
+        return None
+    names: set[str] = set()
+    for klass in model_cls.__mro__:
+        if klass in (nn.Module, object):
+            return None  # reached nn.Module's (*args, **kwargs): the chain swallows keywords
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def _timm_model_class(arch: str, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """(model class, final constructor kwargs) that timm's entry point for ``arch`` would pass to
+    ``build_model_with_cfg``, found by calling the entry point with that builder replaced by one
+    that records its arguments and stops (so nothing is built); ``None`` if the entry point does
+    not go through the builder or fails first. The swap is process-wide for the call's duration:
+    call it while no other thread builds a timm model (parameter checks run before any work)."""
+    from timm.models import _builder
+
+    original = _builder.build_model_with_cfg
+
+    def capture(model_cls: Any, variant: str, pretrained: bool, *args: Any, **kw: Any) -> Any:
+        raise _Captured(model_cls, kw)
+
+    # timm's model modules import the builder by name, so each module's reference is swapped
+    patched = [m for name, m in list(sys.modules.items())
+               if name.startswith("timm.models") and getattr(m, "build_model_with_cfg", None) is original]
+    for module in patched:
+        module.build_model_with_cfg = capture
+    try:
+        timm.models.model_entrypoint(arch)(pretrained=False, **kwargs)
+    except _Captured as found:
+        return found.model_cls, found.kwargs
+    except Exception:  # the entry point refused something before building: not ours to judge here
+        return None
+    finally:
+        for module in patched:
+            module.build_model_with_cfg = original
+    return None
+
+
+def accepted_kwargs(arch: str, kwargs: dict[str, Any] | None = None) -> set[str] | None:
+    """The keyword arguments ``arch``'s model constructor accepts, or ``None`` when that cannot be
+    told from signatures (the check is then skipped, never guessed).
+
+    Our architectures name their class (:func:`kdlib.models.base.own_model`); for timm's, the
+    class is the one the entry point hands ``build_model_with_cfg`` (ResNet, VisionTransformer,
+    ConvNeXt, EfficientNet…). Models built from a config object whose constructor takes
+    ``**kwargs`` (timm's ByobNet, RegNet, MaxxVit, NormFreeNet…) give ``None``.
+    """
+    entry = timm.models.model_entrypoint(arch)
+    own = getattr(entry, "model_cls", None)
+    if own is not None:
+        return _init_keywords(own)
+    found = _timm_model_class(arch, dict(kwargs or {}))
+    if found is None:
+        return None
+    # the builder's own keys (features_only, out_indices…) are left out: they make a feature
+    # extractor, not a classifier
+    return _init_keywords(found[0])
+
+
+def kwargs_problems(arch: str, kwargs: dict[str, Any], drop_path: bool = False) -> list[tuple[str | None, str]]:
+    """``(key, expected)`` for each entry of a preset's ``kwargs`` that ``arch`` would not use as
+    given: a keyword its constructor does not accept (listing those it does), one set by another
+    key (``num_classes``…), or ``null`` (timm.create_model drops None values, so the default
+    would be used silently); and ``drop_path`` when the model has no ``drop_path_rate``."""
+    found: list[tuple[str | None, str]] = []
+    for key in kwargs:
+        if not isinstance(key, str) or "." in key:
+            found.append((None, f"kwargs key {key!r}: expected a keyword-argument name"))
+        elif key in _SET_ELSEWHERE:
+            found.append((f"kwargs.{key}", f"expected no such key: it is set from {_SET_ELSEWHERE[key]}"))
+        elif kwargs[key] is None:
+            found.append((f"kwargs.{key}", "expected a value (timm.create_model drops null keyword arguments, so "
+                                           "the default would be used; remove the key for the default)"))
+        elif key == "drop_path_rate" and drop_path:
+            found.append((f"kwargs.{key}", "expected no drop_path_rate when drop_path is set (drop_path sets it)"))
+    if found:
+        return found
+    accepted = accepted_kwargs(arch, kwargs)
+    if accepted is None:
+        return []
+    allowed = ", ".join(sorted(accepted - set(_SET_ELSEWHERE)))
+    found += [(f"kwargs.{key}", f"not a keyword argument of {arch}; it accepts: {allowed}")
+              for key in kwargs if key not in accepted]
+    if drop_path and "drop_path_rate" not in accepted:
+        found.append(("drop_path", f"{arch} has no stochastic depth (no drop_path_rate argument); expected 0"))
+    return found
 
 
 def known_architectures() -> set[str]:
@@ -116,4 +235,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ModelSpec", "PretrainedUnavailable", "build_model", "count_parameters", "known_architectures"]
+__all__ = ["ModelSpec", "PretrainedUnavailable", "accepted_kwargs", "build_model", "count_parameters",
+           "known_architectures", "kwargs_problems"]

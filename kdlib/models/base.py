@@ -1,9 +1,11 @@
 """What the project's own architectures share: timm's classifier interface and entry-point rules."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from torch import Tensor, nn
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class TimmClassifier(nn.Module):
@@ -36,11 +38,28 @@ class TimmClassifier(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def entry_kwargs(name: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Model kwargs from a timm entry-point call, without timm's pretrained-config keys.
+# What ``timm.create_model`` itself hands every entry point besides the caller's kwargs (timm
+# 1.0: ``pretrained_cfg``, ``pretrained_cfg_overlay``, ``cache_dir``; ``pretrained_model_args``
+# for ``hf-hub:`` / ``local-dir:`` names). They configure weight loading, not the architecture.
+TIMM_ENTRY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")
 
-    Our architectures have no hub weights: ``pretrained=True`` is refused (a file path is loaded
-    by :func:`kdlib.models.build_model` instead)."""
+
+def entry_kwargs(name: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Model kwargs from a timm entry-point call: the caller's, without :data:`TIMM_ENTRY_KEYS`.
+
+    Everything else reaches the model's constructor, whose signature has no ``**kwargs``, so a
+    misspelt keyword is a ``TypeError`` rather than a silently ignored setting. Our architectures
+    have no hub weights: ``pretrained=True`` is refused (a file path is loaded by
+    :func:`kdlib.models.build_model` instead)."""
     if pretrained:
         raise ValueError(f"{name} has no pretrained weights; set pretrained to false or a file path")
-    return {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay")}
+    return {k: v for k, v in kwargs.items() if k not in TIMM_ENTRY_KEYS}
+
+
+def own_model(cls: type[nn.Module]) -> Callable[[F], F]:
+    """Mark a timm entry point as building ``cls`` from its kwargs, so parameter checks read the
+    accepted keyword arguments from ``cls.__init__`` (see :func:`kdlib.models.accepted_kwargs`)."""
+    def mark(entry: F) -> F:
+        entry.model_cls = cls  # type: ignore[attr-defined]
+        return entry
+    return mark

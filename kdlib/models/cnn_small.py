@@ -13,7 +13,7 @@ from timm.layers import SelectAdaptivePool2d
 from timm.models import register_model
 from torch import Tensor, nn
 
-from kdlib.models.base import TimmClassifier, entry_kwargs
+from kdlib.models.base import TimmClassifier, entry_kwargs, own_model
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -32,7 +32,6 @@ class SmallCNN(TimmClassifier):
         widths: tuple[int, int, int] = (32, 64, 64),
         drop_rate: float = 0.0,
         global_pool: str = "avg",
-        **_: Any,
     ) -> None:
         super().__init__()
         w1, w2, w3 = widths
@@ -57,7 +56,7 @@ class SmallCNN(TimmClassifier):
         return x if pre_logits else self.fc(x)
 
 
-
 @register_model
+@own_model(SmallCNN)
 def cnn_small(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
     return SmallCNN(**entry_kwargs("cnn_small", pretrained, kwargs))

@@ -18,7 +18,7 @@ from timm.layers import SelectAdaptivePool2d
 from timm.models import register_model
 from torch import Tensor, nn
 
-from kdlib.models.base import TimmClassifier, entry_kwargs
+from kdlib.models.base import TimmClassifier, entry_kwargs, own_model
 
 
 class BasicBlock(nn.Module):
@@ -57,7 +57,6 @@ class ResCNN(TimmClassifier):
         head_hidden: Sequence[int] | None = None,
         drop_rate: float = 0.5,
         global_pool: str = "avg",
-        **_: Any,
     ) -> None:
         super().__init__()
         if blocks < 1:
@@ -96,8 +95,8 @@ class ResCNN(TimmClassifier):
         return x if pre_logits else self.fc(x)
 
 
-
 @register_model
+@own_model(ResCNN)
 def rescnn(pretrained: bool = False, **kwargs: Any) -> ResCNN:
     """The residual-CNN precision study's CNN; ``blocks`` sets the depth (4–12 in that study)."""
     return ResCNN(**entry_kwargs("rescnn", pretrained, kwargs))

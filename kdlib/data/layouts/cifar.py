@@ -10,10 +10,19 @@ On-disk layout, as distributed (``cifar-10-python.tar.gz`` / ``cifar-100-python.
   ``fine_labels`` (``coarse_labels``, the 20 super-classes, are not used).
 
 Every file is a Python pickle whose dict keys are ``bytes`` (the files were written by Python 2),
-so they are loaded with ``pickle.load(f, encoding="bytes")``; ``str`` keys are accepted as well.
+so they are loaded with ``encoding="bytes"``; ``str`` keys are accepted as well.
 Each batch's ``data`` is an ``(N, 3072)`` uint8 array, one image per row: the 1,024 red, then
 1,024 green, then 1,024 blue values of a 32×32 image, each plane row-major. Labels are 0-based
-class indices. Only open pickles you trust: unpickling can run code.
+class indices.
+
+Unpickling can run code (a pickle may call any importable function), so the batches are read by
+:class:`CifarUnpickler`, which resolves only the globals a CIFAR batch needs — numpy's array,
+dtype and scalar reconstruction (``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``,
+``numpy.dtype``, ``…multiarray.scalar``, ``…numeric._frombuffer``, under numpy 1's ``numpy.core``
+and numpy 2's ``numpy._core`` names) and ``_codecs.encode`` restricted to latin-1 (how Python 3
+pickles ``bytes`` at protocols 0–2). Dicts, lists, tuples, strings and numbers need no global.
+Any other global is refused before anything is called, with a ``ValueError`` naming the file
+and the global.
 
 ``root`` may be the ``cifar-10-batches-py`` / ``cifar-100-python`` folder itself or the folder that
 contains it. Official splits: 50,000 train / 10,000 test for both; 10 / 100 classes.
@@ -102,10 +111,71 @@ def _require_file(path: Path, variant: _Variant) -> None:
         )
 
 
+def _latin1_encode(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles ``bytes`` at protocols 0-2 (``encode(s, "latin1")``):
+    any other codec is refused, so a pickle cannot reach a codec's lookup or run one."""
+    # compared as text, not looked up: a codec lookup would import the module a pickle names
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError(
+            f"refuses _codecs.encode({type(text).__name__}, {encoding!r}, {errors!r}): only latin-1 "
+            "encoding of a str (how Python 3 pickles bytes) is allowed"
+        )
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """(module, name) → object for every global a CIFAR batch may reference. The objects are
+    looked up here, once, so ``find_class`` never imports a module a pickle names."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+
+    allowed: dict[tuple[str, str], Any] = {("_codecs", "encode"): _latin1_encode}
+    for package in ("numpy.core", "numpy._core"):  # numpy 1 / Python 2 pickles, numpy 2 pickles
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    return allowed
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that runs no code but numpy's array reconstruction.
+
+    Guarantee: every callable a pickle can reach comes from :meth:`find_class` (the only way a
+    pickle names a global; persistent ids are refused by ``pickle.Unpickler`` itself), and
+    ``find_class`` returns only the objects of :func:`_allowed_globals`; anything else raises
+    :class:`pickle.UnpicklingError` before it is imported or called.
+    """
+
+    _ALLOWED: dict[tuple[str, str], Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if CifarUnpickler._ALLOWED is None:
+            CifarUnpickler._ALLOWED = _allowed_globals()
+        found = CifarUnpickler._ALLOWED.get((module, name))
+        if found is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return found
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    def __init__(self, qualified: str) -> None:
+        super().__init__(qualified)
+        self.qualified = qualified
+
+
 def _load_pickle(path: Path) -> dict[Any, Any]:
     try:
         with path.open("rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = CifarUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as exc:
+        raise ValueError(
+            f"{path}: refuses to load {exc.qualified!r} — CIFAR batches hold only arrays, lists and "
+            "dicts; this file is not a CIFAR batch (or was crafted)"
+        ) from None
     except Exception as exc:  # unpickling can fail in many ways on a corrupt file
         raise ValueError(f"{path}: not a readable Python pickle ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):
