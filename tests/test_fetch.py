@@ -343,3 +343,31 @@ def test_extract_archive_marker_and_foreign_folders(tmp_path: Path) -> None:
     with pytest.raises(FetchError, match="no .kdlib-extracted marker"):
         extract_archive(new, foreign)
     assert (foreign / "mine.txt").read_text() == "keep"
+
+
+# --- several archives into one folder -------------------------------------------------------
+
+
+def test_fetch_all_merges_archives_and_is_idempotent(server: Server, dest: Path) -> None:
+    from kdlib.data.fetch import Download, fetch_all
+
+    images = build_tar(server.root / "images.tar", top="Images", mode="w")
+    lists = build_zip(server.root / "lists.zip", top="lists")
+    downloads = [Download(server.url("images.tar"), sha256=sha256_of(images)),
+                 Download(server.url("lists.zip"), md5=md5_of(lists), into="splits")]
+    out = fetch_all(downloads, dest, "dogs", progress=False)
+    assert out == dest / "dogs"
+    assert (out / "Images" / "a.txt").read_bytes() == FILES["a.txt"]
+    assert (out / "splits" / "lists" / "nested" / "deeper" / "c.txt").read_bytes() == FILES["nested/deeper/c.txt"]
+    marker = (out / MARKER_NAME).read_text()
+    assert sha256_of(images) in marker and md5_of(lists) in marker and '"into": "splits"' in marker
+    (dest / "images.tar").unlink()  # the marker alone is enough once extracted
+    assert fetch_all(downloads, dest, "dogs", progress=False) == out
+    assert len(server.hits) == 2
+    # a new version of one archive: downloaded, and the folder replaced as a whole
+    newer = build_tar(server.root / "images.tar", top="Images2", mode="w")
+    downloads[0] = Download(server.url("images.tar"), sha256=sha256_of(newer))
+    fetch_all(downloads, dest, "dogs", progress=False)
+    assert (out / "Images2" / "a.txt").is_file() and not (out / "Images").exists()
+    assert len(server.hits) == 3 and leftovers(dest) == []
+    assert sorted(p.name for p in dest.iterdir() if p.name.startswith(".")) == []

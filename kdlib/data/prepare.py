@@ -95,35 +95,65 @@ def index_from_scan(
                for im, split, md5 in zip(images, splits, md5s)]
     meta.extra = {**meta.extra, "skipped": skipped}
     index = DatasetIndex(meta, records)
-    validate_index(index)
+    try:
+        validate_index(index)
+    except ValueError as err:  # the index's paths are relative: say what they are relative to
+        raise ValueError(f"data set root {root}: {err}") from None
     return index
+
+
+def dataset_root(spec: "DatasetSpec", name: str, downloads_dir: Path = Path("data/downloads")) -> Path:
+    """Where data set ``name`` lies on disk: ``spec.root``; or, for a preset with ``url`` or
+    ``downloads``, the layout's root inside the downloaded (checksum-verified, idempotent) and
+    extracted archive(s), found by :func:`kdlib.data.layouts.find_layout_root` (``archive_subdir``
+    names it explicitly).
+
+    One ``url`` is extracted into ``<download_dir>/<archive name without suffix>``; a
+    ``downloads`` list into ``<download_dir>/<name>``, each archive into its ``into`` sub-folder.
+    The preset's ``max_*`` keys bound every download and extraction."""
+    from kdlib.data.fetch import Download, fetch, fetch_all
+    from kdlib.data.layouts import find_layout_root
+
+    if not (spec.url or spec.downloads):
+        return Path(spec.root or "")
+    folder = Path(spec.download_dir) if spec.download_dir else Path(downloads_dir)
+    if spec.url:
+        tree = fetch(spec.url, folder, sha256=spec.sha256, md5=spec.md5, limits=spec.limits)
+    else:
+        tree = fetch_all([Download(**entry) for entry in spec.downloads], folder, name, limits=spec.limits)
+    return find_layout_root(spec.layout, tree, spec.archive_subdir)
 
 
 def prepare_dataset(spec: "DatasetSpec", name: str, out_dir: Path, split_seed: int,
                     downloads_dir: Path = Path("data/downloads")) -> DatasetIndex:
-    """Read data set ``name`` as ``spec`` describes it (downloading and verifying it first when
-    it has a ``url``) and write the prepared index into ``out_dir``.
+    """Read data set ``name`` as ``spec`` describes it (downloading, verifying and extracting it
+    first when it has a ``url`` or ``downloads``: :func:`dataset_root`) and write the prepared
+    index into ``out_dir``.
 
-    Everything is built in ``out_dir.partial`` and renamed into place when complete, so a
-    failure leaves no ``out_dir`` behind. Layouts whose images are packed (MNIST idx, CIFAR
-    pickles) write them as image files there, so every data set goes through the same loading code.
+    Everything is built in the hidden folder ``.<out_dir name>.<pid>.partial`` beside
+    ``out_dir`` and renamed into place when complete (an older ``out_dir`` is swapped out first
+    and deleted after), so a failure leaves no ``out_dir`` behind and ``out_dir`` is never half
+    written. A run killed before that leaves its staging folder, which the next prepare into
+    the same ``out_dir`` removes once that pid is dead (as it does the ``out_dir.partial`` of
+    older versions). Layouts whose images are packed (MNIST idx, CIFAR pickles) write them as
+    image files there, so every data set goes through the same loading code.
     """
-    from kdlib.data.fetch import fetch
+    from kdlib.data.fetch import remove_dead_leftovers, tagged_path
     from kdlib.data.index import write_index
     from kdlib.data.layouts import LAYOUTS
 
     out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".partial", ".old"):
+        remove_dead_leftovers(out_dir.parent, f".{out_dir.name}", suffix)
+    shutil.rmtree(out_dir.with_name(out_dir.name + ".partial"), ignore_errors=True)  # older versions' staging
+    staging = tagged_path(out_dir.parent, f".{out_dir.name}", ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        root = Path(spec.root or "")
-        if spec.url:  # download (checksum-verified, idempotent) and extract first
-            fetched = fetch(spec.url, Path(spec.download_dir) if spec.download_dir else Path(downloads_dir),
-                            sha256=spec.sha256, md5=spec.md5)
-            root = fetched / spec.archive_subdir
+        root = dataset_root(spec, name, downloads_dir)
         reader = LAYOUTS.get(spec.layout)
         options = {**spec.options, **({"seed": split_seed} if reader.seeded else {})}  # type: ignore[attr-defined]
-        staging.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
         scan = reader(root, staging=staging, **options)
         # packed layouts write their images under staging, which becomes out_dir below
         final_root = (out_dir / scan.root.relative_to(staging)) if scan.root.is_relative_to(staging) else scan.root
@@ -131,9 +161,15 @@ def prepare_dataset(spec: "DatasetSpec", name: str, out_dir: Path, split_seed: i
                            task=scan.task, extra={"layout": spec.layout}, stored_size=scan.stored_size)
         index = index_from_scan(scan, meta, spec.val_fraction, spec.test_fraction, split_seed, spec.on_bad_image)
         write_index(index, staging)
+        if out_dir.exists():  # swap: out_dir is the old data set or the new one, never a mix
+            old = tagged_path(out_dir.parent, f".{out_dir.name}", ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
     return index

@@ -10,14 +10,56 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kdlib.data import fetch as _fetch
 from kdlib.data.dataset import IndexedImageDataset
 from kdlib.data.index import DatasetIndex
 from kdlib.data.layouts import LAYOUTS, layout_task, option_problems
-from kdlib.data.transforms import TRAIN_PRESETS, build_transforms
+from kdlib.data.transforms import TRAIN_PRESETS, augment_option_problems, build_transforms
 from kdlib.schema import is_bool, is_float, is_float_list, is_int, is_mapping, is_str, one_of, setting
 
 # the fields that decide what a training or evaluation view of an image looks like
 VIEW_FIELDS = ("augment", "augment_options", "image_size", "mean", "std", "eval_crop_pct", "channels")
+DOWNLOAD_KEYS = ("url", "sha256", "md5", "filename", "into")
+
+
+def is_download_list(v: Any) -> str | None:
+    ok = isinstance(v, list) and all(isinstance(item, dict) for item in v)
+    return None if ok else "a list of mappings with url, sha256 or md5, and optionally filename and into"
+
+
+def _download_problems(entry: dict[str, Any]) -> list[str]:
+    """What is wrong with one ``downloads`` entry (or the preset's own url/sums), each an "expected ..." text."""
+    found = [f"unknown key {k!r}; expected only {', '.join(DOWNLOAD_KEYS)}" for k in entry if k not in DOWNLOAD_KEYS]
+    url = entry.get("url")
+    if not isinstance(url, str) or not url:
+        return found + ["expected `url`, an http or https URL"]
+    try:
+        _fetch.check_url(url)
+    except ValueError as err:
+        found.append(str(err))
+    if entry.get("sha256") is None and entry.get("md5") is None:
+        found.append(f"{url}: a download needs `sha256` or `md5` to verify it")
+    for algorithm in ("sha256", "md5"):
+        value = entry.get(algorithm)
+        if value is not None and not isinstance(value, str):
+            found.append(f"{algorithm} = {value!r}: expected a quoted string of hex digits")
+        elif value is not None:
+            try:
+                _fetch.expected_sums(**{algorithm: value})
+            except ValueError as err:
+                found.append(f"{err} (expected hex digits)")
+    try:
+        name = entry.get("filename")
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"filename {name!r} is not a plain file name")
+        _fetch.check_filename(name if name is not None else _fetch.url_basename(url), url)
+    except ValueError as err:
+        found.append(str(err))
+    try:
+        _fetch.check_into(entry.get("into", ""))
+    except ValueError as err:
+        found.append(str(err))
+    return found
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +72,15 @@ class DatasetSpec:
     sha256: str | None = setting(is_str, None)
     md5: str | None = setting(is_str, None)
     download_dir: str | None = setting(is_str, None)
-    archive_subdir: str = setting(is_str, "")  # the layout's root inside the extracted archive
+    # several archives (e.g. Stanford Dogs' images.tar + lists.tar), extracted into one folder
+    # data/downloads/<data set name>: each {url, sha256 and/or md5, filename?, into?}
+    downloads: list[dict[str, Any]] = setting(is_download_list, [])
+    archive_subdir: str = setting(is_str, "")  # the layout's root inside the extracted archive(s); default: found
+    # bounds of a fetch (kdlib.data.fetch.Limits): per downloaded file, and per archive
+    max_download_bytes: int = setting(is_int(1), _fetch.DEFAULT_MAX_DOWNLOAD_BYTES)
+    max_extracted_bytes: int = setting(is_int(1), _fetch.DEFAULT_MAX_EXTRACTED_BYTES)
+    max_archive_members: int = setting(is_int(1), _fetch.DEFAULT_MAX_ARCHIVE_MEMBERS)
+    max_compression_ratio: float = setting(is_float(1), _fetch.DEFAULT_MAX_COMPRESSION_RATIO)
     options: dict[str, Any] = setting(is_mapping, {})  # keyword arguments of the layout reader (e.g. dogs_root)
     on_bad_image: str = setting(one_of("error", "skip"), "error")
     preload: bool = setting(is_bool, False)  # decode every image once into memory: small data sets only
@@ -47,6 +97,12 @@ class DatasetSpec:
     val_fraction: float = setting(is_float(0, 1, lo_open=True, hi_open=True), 0.1)
     test_fraction: float = setting(is_float(0, 1, lo_open=True, hi_open=True), 0.2)
 
+    @property
+    def limits(self) -> "_fetch.Limits":
+        """The preset's bounds on downloading and extracting."""
+        return _fetch.Limits(self.max_download_bytes, self.max_extracted_bytes, self.max_archive_members,
+                             self.max_compression_ratio)
+
     def problems(self) -> list[tuple[str | None, str]]:
         found: list[tuple[str | None, str]] = []
         if self.layout not in LAYOUTS:
@@ -55,10 +111,32 @@ class DatasetSpec:
             found += [(f"options.{key}", text) for key, text in option_problems(self.layout, self.options)]
         if self.augment not in TRAIN_PRESETS:
             found.append(("augment", f"expected one of: {', '.join(TRAIN_PRESETS.names())}"))
-        if not self.root and not self.url:
-            found.append((None, "give `root` (a path) or `url` with `sha256` or `md5`"))
-        if self.url and not (self.sha256 or self.md5):
-            found.append(("url", "a download needs `sha256` or `md5` to verify it"))
+        found += augment_option_problems(self.augment, self.augment_options, self.image_size)
+        if not self.root and not self.url and not self.downloads:
+            found.append((None, "give `root` (a path), `url` with `sha256` or `md5`, or `downloads`"))
+        if self.url and self.downloads:
+            found.append(("downloads", "expected either `url` (one archive) or `downloads` (several), not both"))
+        if self.url:
+            if not (self.sha256 or self.md5):
+                found.append(("url", "a download needs `sha256` or `md5` to verify it"))
+            else:
+                found += [("url", text) for text in _download_problems(
+                    {k: getattr(self, k) for k in ("url", "sha256", "md5") if getattr(self, k) is not None})]
+        for i, entry in enumerate(self.downloads):
+            found += [(None, f"downloads[{i}] = {entry!r}: {text}")
+                      for text in _download_problems(entry)]
+        names = [e.get("filename") or _fetch.url_basename(str(e.get("url", ""))) for e in self.downloads]
+        if len(set(names)) != len(names):
+            found.append(("downloads",
+                          f"file names {names} are not distinct; expected a `filename` to tell them apart"))
+        if self.archive_subdir:
+            if not (self.url or self.downloads):
+                found.append(("archive_subdir", "only used with `url` or `downloads`; expected it unset with `root`"))
+            try:
+                _fetch.check_into(self.archive_subdir)
+            except ValueError:
+                found.append(("archive_subdir",
+                              "expected a relative folder inside the extracted archive, without '..'"))
         if (self.mixup or self.cutmix) and self.layout in LAYOUTS and self.task == "multilabel":
             found.append((None, "mixup/cutmix are for single-label data sets"))
         if len(self.mean) != self.channels or len(self.std) != self.channels:

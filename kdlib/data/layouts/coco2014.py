@@ -45,8 +45,9 @@ def _load(path: Path) -> dict[str, list[Any]]:
     try:
         with path.open("r", encoding="utf-8") as f:
             obj = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # json runs no code; a
+        # crafted file can still nest past the recursion limit or not be UTF-8
+        raise ValueError(f"{path}: not valid JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level")
     for key in ("images", "annotations", "categories"):
@@ -112,7 +113,8 @@ def _images(
     ]
 
 
-@register_layout("coco2014", task="multilabel")
+@register_layout("coco2014", task="multilabel",
+                 root_marker=("annotations/instances_train2014.json", "train2014", "val2014"))
 def scan_coco2014(root: Path, staging: Path | None = None) -> LayoutScan:
     """MS-COCO 2014 multi-label scan (annotated images only); see the module docstring."""
     root = require_root(root, "coco2014")

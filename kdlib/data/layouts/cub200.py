@@ -101,7 +101,7 @@ def read_classes(path: Path) -> list[str]:
     return [names[key] for key in range(1, len(rows) + 1)]
 
 
-@register_layout("cub200")
+@register_layout("cub200", root_marker=("images.txt", "images"))
 def scan_cub200(root: Path | str, staging: Path | None = None) -> LayoutScan:
     """Scan CUB-200-2011 at ``root``; labels from ``image_class_labels.txt`` (class_id - 1)."""
     root = require_dir(root, "cub200")

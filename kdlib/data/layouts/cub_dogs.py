@@ -32,7 +32,7 @@ from kdlib.data.layouts.stanford_dogs import scan_stanford_dogs
 PREFIXES = ("cub", "dogs")  # class-name prefixes, in class-index order
 
 
-@register_layout("cub_dogs")
+@register_layout("cub_dogs", root_marker=("images.txt", "images"))  # the CUB root
 def scan_cub_dogs(root: Path | str, staging: Path | None = None, dogs_root: Path | str | None = None) -> LayoutScan:
     """Scan CUB at ``root`` and Stanford Dogs at ``dogs_root`` as one 320-class data set."""
     if dogs_root is None:

@@ -97,7 +97,7 @@ def _read_split(path: Path, image_dir: str, split: str, num_classes: int) -> lis
     return images
 
 
-@register_layout("foodx251")
+@register_layout("foodx251", root_marker=("annot/class_list.txt", "train_set", "val_set"))
 def scan_foodx251(root: Path, staging: Path | None = None) -> LayoutScan:
     """Read FoodX-251 from ``root``; ``staging`` is unused (the images are plain files)."""
     root = require_root(root, "foodx251")

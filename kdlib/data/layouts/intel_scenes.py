@@ -16,12 +16,17 @@ stage). Classes are the sorted class folder names, which must be the same in tra
 buildings, forest, glacier, mountain, sea, street in the real set, which holds 14,034 train and
 3,000 test images. Images are the files under a class folder (at any depth) ending in
 .jpg/.jpeg/.png, case-insensitive; hidden files and folders are ignored. Paths are sorted.
+
+Symbolic links leaving ``root`` (split, nested, class or sub-folders, images) are refused with
+an error naming the link and its target unless option ``follow_symlinks: true`` allows them;
+links inside ``root`` are read (see :mod:`kdlib.data.layouts.imagefolder`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from kdlib.data.layouts import LayoutScan, ScannedImage, register_layout, require_root
+from kdlib.data.layouts.imagefolder import check_imagefolder_options, check_link, image_files
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 SPLIT_DIRS: tuple[tuple[str, str], ...] = (("seg_train", "train"), ("seg_test", "test"))
@@ -31,13 +36,15 @@ def _visible(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if not p.name.startswith("."))
 
 
-def _class_parent(split_dir: Path) -> Path:
+def _class_parent(split_dir: Path, root: Path, follow_symlinks: bool) -> Path:
     """The folder whose sub-folders are the classes: ``split_dir`` itself, or its nested twin."""
     if not split_dir.is_dir():
         raise FileNotFoundError(f"intel_scenes: split folder {str(split_dir)!r} not found")
+    check_link(split_dir, root, follow_symlinks, "intel_scenes")
     nested = split_dir / split_dir.name
     if not nested.is_dir():
         return split_dir
+    check_link(nested, root, follow_symlinks, "intel_scenes")
     others = [p.name for p in _visible(split_dir) if p.name != split_dir.name]
     if others:
         raise ValueError(
@@ -47,23 +54,17 @@ def _class_parent(split_dir: Path) -> Path:
     return nested
 
 
-def _images(class_dir: Path) -> list[Path]:
-    return sorted(
-        p for p in class_dir.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
-    )
-
-
-@register_layout("intel_scenes")
-def scan_intel_scenes(root: Path, staging: Path | None = None) -> LayoutScan:
+@register_layout("intel_scenes", check_options=check_imagefolder_options, root_marker=("seg_train", "seg_test"))
+def scan_intel_scenes(root: Path, staging: Path | None = None, follow_symlinks: bool = False) -> LayoutScan:
     """Read the Intel scenes set from ``root``; ``staging`` is unused (the images are plain files)."""
     root = require_root(root, "intel_scenes")
+    real_root = root.resolve()
     class_dirs: dict[str, dict[str, Path]] = {}
     for dir_name, split in SPLIT_DIRS:
-        parent = _class_parent(root / dir_name)
+        parent = _class_parent(root / dir_name, real_root, follow_symlinks)
         found = {p.name: p for p in _visible(parent) if p.is_dir()}
+        for path in found.values():
+            check_link(path, real_root, follow_symlinks, "intel_scenes")
         if not found:
             raise ValueError(f"{parent}: no class folders found (expected <class>/<image> under it)")
         class_dirs[split] = found
@@ -79,7 +80,8 @@ def scan_intel_scenes(root: Path, staging: Path | None = None) -> LayoutScan:
     for _, split in SPLIT_DIRS:
         for label, name in enumerate(classes):
             class_dir = class_dirs[split][name]
-            paths = _images(class_dir)
+            paths = image_files(class_dir, real_root, IMAGE_EXTENSIONS, follow_symlinks, "intel_scenes",
+                                skip_hidden_dirs=True)
             if not paths:
                 raise ValueError(
                     f"{class_dir}: class folder holds no images "

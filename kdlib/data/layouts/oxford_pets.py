@@ -36,7 +36,7 @@ _IMAGE_NAME = re.compile(r"^(?P<name>.+)_(?P<number>\d+)$")
 _INT = re.compile(r"^-?\d+$")
 
 
-@register_layout("oxford_pets")
+@register_layout("oxford_pets", root_marker=("annotations/trainval.txt", "images"))
 def scan_oxford_pets(root: Path, staging: Path | None = None) -> LayoutScan:
     """Read Oxford-IIIT Pet from ``root``; ``staging`` is unused (the images are plain files)."""
     root = require_root(root, "oxford_pets")

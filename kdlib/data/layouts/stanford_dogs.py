@@ -93,7 +93,7 @@ def _read_list(path: Path) -> tuple[list[PurePosixPath], list[int] | None]:
     return paths, labels
 
 
-@register_layout("stanford_dogs")
+@register_layout("stanford_dogs", root_marker=("Images", "splits/train_list.mat"))
 def scan_stanford_dogs(root: Path | str, staging: Path | None = None) -> LayoutScan:
     """Scan Stanford Dogs at ``root`` with its official train/test lists."""
     root = require_dir(root, "stanford_dogs")

@@ -31,11 +31,17 @@ An image with no objects has no positives (allowed). An unknown class name, a ma
 a missing annotation file, a ``<difficult>`` value other than 0/1, an object without a name, or an
 image id listed twice raise errors naming the file. Images keep the order of the id lists
 (trainval first, then test).
+
+Annotation files are parsed by :func:`read_xml`, which refuses any ``<!DOCTYPE>`` (VOC files have
+none): no DTD is read, so no entity is declared or expanded (no "billion laughs") and no external
+entity (``SYSTEM "file:///…"``) is fetched.
 """
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
+from xml.parsers import expat
 
 from kdlib.data.layouts import LayoutScan, ScannedImage, register_layout, require_root
 
@@ -76,15 +82,55 @@ def _read_ids(path: Path) -> list[tuple[int, str]]:
     return ids
 
 
+class _Refused(Exception):
+    """Raised from an expat handler to stop the parse at a declaration we do not allow."""
+
+
+def read_xml(path: Path) -> ET.Element:
+    """The root element of the XML file ``path``, parsed without any DTD.
+
+    Guarantee: a file with a ``<!DOCTYPE …>`` is refused (``ValueError`` naming the file) when
+    expat reaches the declaration, before its internal subset is read, so no entity is ever
+    declared, expanded or fetched; an entity reference other than XML's five predefined ones
+    (``&amp;`` …; character references such as ``&#38;`` are fine) is then a parse error. Elements, attributes and text
+    are built into an :class:`xml.etree.ElementTree.Element` as ``ElementTree.parse`` would.
+    """
+    builder = ET.TreeBuilder()
+    parser = expat.ParserCreate()
+
+    def refuse(what: str) -> Any:
+        def handler(*args: Any) -> None:
+            raise _Refused(what)
+        return handler
+
+    # Refusing the DOCTYPE alone stops every DTD; the other handlers are a second line in case
+    # an expat build reports declarations differently.
+    parser.StartDoctypeDeclHandler = refuse("a <!DOCTYPE> declaration")
+    parser.EntityDeclHandler = refuse("an <!ENTITY> declaration")
+    parser.UnparsedEntityDeclHandler = refuse("an unparsed <!ENTITY> declaration")
+    parser.ExternalEntityRefHandler = refuse("an external entity reference")
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser.StartElementHandler = builder.start
+    parser.EndElementHandler = builder.end
+    parser.CharacterDataHandler = builder.data
+    try:
+        with path.open("rb") as f:
+            parser.ParseFile(f)
+        return builder.close()
+    except _Refused as exc:
+        raise ValueError(
+            f"{path}: refuses {exc} — VOC annotations have no DTD, and a DTD can declare entities "
+            "that expand without bound or read other files"
+        ) from None
+    except (expat.ExpatError, AssertionError) as exc:  # TreeBuilder asserts on a tree left open
+        raise ValueError(f"{path}: malformed XML ({exc})") from exc
+
+
 def _labels(path: Path, class_index: dict[str, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(positives, difficult) of one annotation file."""
     if not path.is_file():
         raise FileNotFoundError(f"voc2007: missing annotation file {str(path)!r}")
-    try:
-        tree = ET.parse(path)
-    except ET.ParseError as exc:
-        raise ValueError(f"{path}: malformed XML ({exc})") from exc
-    annotation = tree.getroot()
+    annotation = read_xml(path)
     if annotation.tag != "annotation":
         raise ValueError(f"{path}: root element is <{annotation.tag}>, expected <annotation>")
     present: set[int] = set()
@@ -110,7 +156,8 @@ def _labels(path: Path, class_index: dict[str, int]) -> tuple[tuple[int, ...], t
     return tuple(sorted(present)), tuple(sorted(present - not_difficult))
 
 
-@register_layout("voc2007", task="multilabel")
+@register_layout("voc2007", task="multilabel",
+                 root_marker=("Annotations", "ImageSets/Main", "JPEGImages"))
 def scan_voc2007(root: Path, staging: Path | None = None) -> LayoutScan:
     """PASCAL VOC 2007 multi-label scan; see the module docstring. ``staging`` is unused."""
     voc = _voc_dir(Path(root))
