@@ -2,7 +2,7 @@
 up, the stage dies with the ``dvc`` that started it, and it never writes results of parameters
 that changed under it.
 
-``with stage_outputs(tag, outputs) as out:`` — write each output at ``out(path)``; on leaving the
+``with stage_outputs(tag, *outputs, ws=ws) as out:`` — write each output at ``out(path)``; on leaving the
 block the outputs are checked, given folder manifests and renamed into place
 (:class:`kdlib.outputs.StagedOutputs`). Before that move, and before any work, ``params.yaml`` is
 compared with what the stage read when it started and with what the first stage of the same ``dvc``
@@ -20,16 +20,19 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import yaml
 
 from kdlib.outputs import STAGING_DIR, StagedOutputs
 from kdlib.process import (Terminated, ancestors, command_line, die_with_parent, process_alive,
                            process_start_time, raise_on_termination, watch_process)
-from stages.workspace import Workspace
 
-from stages.params import PARAMS_FILE  # noqa: E402
+if TYPE_CHECKING:  # importing the workspace imports torch: tests start stages of this module in a fraction of that
+    from stages.workspace import Workspace
+
+PARAMS_FILE = Path("params.yaml")
+
 QUEUE_ADVICE = ("run concurrent experiments through DVC's queue instead: `dvc exp run --queue -S ...` for each, "
                 "then `dvc queue start -j N`")
 
@@ -106,17 +109,17 @@ def set_params_mismatches(argv: list[str], values: Any, params_file: Path = PARA
     return found
 
 
-def _run_record(ws: Workspace, dvc: tuple[int, int]) -> Path:
+def _run_record(root: Path, dvc: tuple[int, int]) -> Path:
     exp = os.environ.get("DVC_EXP_NAME", "")
-    return ws.root / STAGING_DIR / "dvc-runs" / f"{dvc[0]}.{dvc[1]}{'.' + exp if exp else ''}.json"
+    return root / STAGING_DIR / "dvc-runs" / f"{dvc[0]}.{dvc[1]}{'.' + exp if exp else ''}.json"
 
 
-def check_dvc_run(ws: Workspace, tag: str, digest: str, values: Any) -> None:
+def check_dvc_run(ws: "Workspace", tag: str, digest: str, values: Any) -> None:
     """Record (first stage of a ``dvc`` run) or compare (later stages) the parameters' digest."""
     dvc = dvc_ancestor()
     if dvc is None:
         return
-    record = _run_record(ws, dvc)
+    record = _run_record(ws.root, dvc)
     record.parent.mkdir(parents=True, exist_ok=True)
     for old in record.parent.glob("*.json"):  # records of dvc runs that are over
         pid, _, rest = old.name.partition(".")
@@ -139,7 +142,7 @@ def check_dvc_run(ws: Workspace, tag: str, digest: str, values: Any) -> None:
 
 
 @contextmanager
-def stage_outputs(tag: str, *outputs: Path, ws: Workspace = Workspace(), manifests: tuple[Path, ...] = (),
+def stage_outputs(tag: str, *outputs: Path, ws: "Workspace", manifests: tuple[Path, ...] = (),
                   params_file: Path | None = None) -> Iterator[StagedOutputs]:
     """Run a stage body that writes ``outputs`` (see the module docstring); exits 128 + signal
     number on SIGTERM/SIGHUP, or 3 if ``params.yaml`` changed, leaving no output behind."""

@@ -23,8 +23,8 @@ from kdlib.models import ModelSpec
 from kdlib.quantize import EvalSettings
 from kdlib.schema import SchemaError, is_float, is_int, is_str, optional, parse, parse_merged, setting
 from kdlib.train import Recipe
+from stages.guard import PARAMS_FILE
 
-PARAMS_FILE = Path("params.yaml")
 ROLES = ("teacher", "baseline", "distill")
 
 
