@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # importing the workspace imports torch: tests start stages o
     from stages.workspace import Workspace
 
 PARAMS_FILE = Path("params.yaml")
+# the parent when the stage started: if it is gone by the time the stage body begins, the stage
+# is already an orphan (die_with_parent then signals at once)
+_PARENT_AT_START = os.getppid()
 
 QUEUE_ADVICE = ("run concurrent experiments through DVC's queue instead: `dvc exp run --queue -S ...` for each, "
                 "then `dvc queue start -j N`")
@@ -148,14 +151,14 @@ def stage_outputs(tag: str, *outputs: Path, ws: "Workspace", manifests: tuple[Pa
     number on SIGTERM/SIGHUP, or 3 if ``params.yaml`` changed, leaving no output behind."""
     params_file = ws.root / PARAMS_FILE if params_file is None else params_file
     raise_on_termination()
-    die_with_parent(signal.SIGTERM, expected_parent=os.getppid())
-    dvc = dvc_ancestor()
-    if dvc is not None:
-        watch_process(*dvc)  # kill -9 of dvc must not leave this stage running as an orphan
     changed = ParamsChanged(f"{tag}: params.yaml changed while this stage ran; its outputs were discarded "
                             f"(a second `dvc exp run` in this workspace rewrites it). {QUEUE_ADVICE}")
     watch: ParamsWatch | None = None
     try:
+        die_with_parent(signal.SIGTERM, expected_parent=_PARENT_AT_START)
+        dvc = dvc_ancestor()
+        if dvc is not None:
+            watch_process(*dvc)  # kill -9 of dvc must not leave this stage running as an orphan
         digest, values = params_digest(params_file)
         check_dvc_run(ws, tag, digest, values)
         watch = running = ParamsWatch(params_file, digest)  # stops a long training as soon as the file changes
