@@ -85,13 +85,26 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _move(source: Path, final: Path) -> None:
-    """``os.replace`` when on one file system; otherwise copy beside ``final`` and rename there."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() or final.is_symlink():
-        remove_path(final)
-    try:
+def swap_into_place(source: Path, final: Path) -> None:
+    """Rename ``source`` to ``final`` (same file system); an existing ``final`` (file, folder or
+    symlink) is first renamed aside as ``.<name>.<pid>.old`` and deleted after, so ``final`` is
+    always either the old one or the new one, never a mix."""
+    source, final = Path(source), Path(final)
+    if not (final.exists() or final.is_symlink()):
         os.replace(source, final)
+        return
+    old = final.with_name(f".{final.name}.{os.getpid()}.old")
+    remove_path(old)
+    os.replace(final, old)
+    os.replace(source, final)
+    remove_path(old)
+
+
+def _move(source: Path, final: Path) -> None:
+    """:func:`swap_into_place` when on one file system; otherwise copy beside ``final`` and rename there."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        swap_into_place(source, final)
     except OSError as err:
         if err.errno != errno.EXDEV:
             raise
@@ -101,7 +114,7 @@ def _move(source: Path, final: Path) -> None:
             shutil.copytree(source, incoming, symlinks=True)
         else:
             shutil.copy2(source, incoming)
-        os.replace(incoming, final)
+        swap_into_place(incoming, final)
         remove_path(source)
 
 

@@ -8,8 +8,6 @@ params.yaml is rewritten under it fails loudly and writes nothing."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,35 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 from cancel_scenario import checkpoint_epochs, scenario, shrink, wait_for_checkpoint  # noqa: E402
+from dvc_repo import run, scratch_repository  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     work = tmp_path_factory.mktemp("interrupts") / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, work / rel)
-    (work / "dvc.lock").unlink(missing_ok=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
-    shrink(work, "cnn_small", 30)
-    run(["git", "init", "-q"], work, env)
-    run(["git", "add", "-A"], work, env)
-    run(["git", "commit", "-qm", "fixture"], work, env)
-    return work, env
+    return work, scratch_repository(work, lambda repo: shrink(repo, "cnn_small", 30))
 
 
 def assert_clean_rerun(report: dict, epochs: int) -> None:

@@ -7,24 +7,13 @@ student=deit`, `dvc metrics diff` and `dvc plots diff` work.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from dvc_repo import run, scratch_repository
 pytestmark = pytest.mark.slow
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def shrink(params: dict) -> dict:
@@ -41,27 +30,12 @@ def shrink(params: dict) -> dict:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     work = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, work / rel)
-    for generated in ("dvc.lock",):
-        (work / generated).unlink(missing_ok=True)
-    params = shrink(yaml.safe_load((work / "params.yaml").read_text()))
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    }
-    run(["git", "init", "-q"], work, env)
-    run(["git", "add", "-A"], work, env)
-    run(["git", "commit", "-qm", "fixture"], work, env)
-    return work, env
+
+    def small(repo: Path) -> None:
+        params = shrink(yaml.safe_load((repo / "params.yaml").read_text()))
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    return work, scratch_repository(work, small)
 
 
 ROLES = ("teacher", "baseline", "distill")

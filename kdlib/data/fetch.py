@@ -65,6 +65,9 @@ from typing import Any, BinaryIO, Sequence
 
 from tqdm import tqdm
 
+from kdlib.outputs import remove_path, swap_into_place
+from kdlib.process import process_alive
+
 log = logging.getLogger(__name__)
 
 MARKER_NAME = ".kdlib-extracted"
@@ -205,19 +208,6 @@ def expected_sums(sha256: str | None = None, md5: str | None = None) -> dict[str
 # --- leftovers of killed runs ---------------------------------------------------------------
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (one of another user counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def tagged_path(folder: Path, base: str, suffix: str) -> Path:
     """``folder/<base>.<this pid><suffix>``: a name a later run can tell is a leftover once we are dead."""
     return Path(folder) / f"{base}.{os.getpid()}{suffix}"
@@ -233,7 +223,7 @@ def dead_leftovers(folder: Path, base: str, suffix: str) -> list[Path]:
     found = []
     for entry in entries:
         match = pattern.match(entry.name)
-        if match and not pid_alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             found.append(entry)
     return sorted(found)
 
@@ -243,15 +233,8 @@ def remove_dead_leftovers(folder: Path, base: str, suffix: str) -> list[Path]:
     removed = dead_leftovers(folder, base, suffix)
     for path in removed:
         log.info("%s: removing the leftover of a killed run", path)
-        _remove(path)
+        remove_path(path)
     return removed
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -636,7 +619,7 @@ def extract_archives(parts: Sequence[tuple[Path, str]], dest: Path, limits: Limi
     for suffix in (".extracting", ".old"):
         remove_dead_leftovers(dest.parent, f".{dest.name}", suffix)
     tmp = tagged_path(dest.parent, f".{dest.name}", ".extracting")
-    _remove(tmp)  # ours, from an earlier attempt in this process
+    remove_path(tmp)  # ours, from an earlier attempt in this process
     with contextlib.ExitStack() as stack:
         # read and check every archive's members before writing anything
         opened = [(_open_checked(archive, limits, stack), archive, into) for archive, into in parts]
@@ -651,12 +634,7 @@ def extract_archives(parts: Sequence[tuple[Path, str]], dest: Path, limits: Limi
             if dest.exists():  # an extraction of other archive versions: swap it out
                 log.warning("%s: was extracted from other versions of %s; replacing it",
                             dest, ", ".join(a.name for a, _ in parts))
-                old = tagged_path(dest.parent, f".{dest.name}", ".old")
-                os.replace(dest, old)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dest)
+            swap_into_place(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

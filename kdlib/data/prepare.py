@@ -22,6 +22,7 @@ from PIL import Image
 from kdlib.data.index import DatasetIndex, DatasetMeta, Record, validate_index
 from kdlib.data.layouts import LayoutScan, ScannedImage
 from kdlib.data.splits import stratified_split
+from kdlib.outputs import swap_into_place
 
 if TYPE_CHECKING:
     from kdlib.data.spec import DatasetSpec
@@ -161,14 +162,7 @@ def prepare_dataset(spec: "DatasetSpec", name: str, out_dir: Path, split_seed: i
                            task=scan.task, extra={"layout": spec.layout}, stored_size=scan.stored_size)
         index = index_from_scan(scan, meta, spec.val_fraction, spec.test_fraction, split_seed, spec.on_bad_image)
         write_index(index, staging)
-        if out_dir.exists():  # swap: out_dir is the old data set or the new one, never a mix
-            old = tagged_path(out_dir.parent, f".{out_dir.name}", ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        swap_into_place(staging, out_dir)  # out_dir is the old data set or the new one, never a mix
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
