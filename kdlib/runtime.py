@@ -15,6 +15,60 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from kdlib.data.views import AugmentedViews, ViewSampler
 from kdlib.process import child_initializer
+from kdlib.schema import is_bool, is_int, is_str, one_of, optional, setting
+
+
+def is_endpoint(v: object) -> str | None:
+    """``host:port`` with a port in 1..65535."""
+    expected = "host:port, e.g. 10.0.0.1:29500"
+    if not isinstance(v, str) or ":" not in v:
+        return expected
+    host, _, port = v.rpartition(":")
+    return None if host and port.isdigit() and 0 < int(port) < 65536 else expected
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeSettings:
+    """Where and how a training stage runs: device, processes, machines, compilation, resume.
+
+    ``nproc_per_node`` > 1 or ``nnodes`` > 1 runs the stage under ``torchrun`` (gloo on CPU, NCCL
+    on CUDA with one GPU per process); a model preset's ``batch_size`` is then per process and
+    the global batch is ``batch_size × nproc_per_node × nnodes``. ``nnodes`` > 1 needs
+    ``rdzv_endpoint`` (node 0's ``host:port``); each other machine runs the same stage with its
+    ``node_rank``. ``node_rank``, ``rdzv_endpoint`` and ``rdzv_timeout_s`` decide where processes
+    meet, not what they compute, so no stage depends on them.
+    """
+
+    device: str = setting(one_of("auto", "cpu", "cuda"), "auto")
+    nproc_per_node: int = setting(is_int(1), 1)
+    nnodes: int = setting(is_int(1), 1)
+    node_rank: int = setting(is_int(0), 0)
+    rdzv_endpoint: str | None = setting(optional(is_endpoint), None)
+    rdzv_timeout_s: int = setting(is_int(1), 120)
+    max_restarts: int = setting(is_int(0), 0)  # torchrun restarts of a failed worker group; each resumes
+    sync_bn: bool = setting(is_bool, False)  # convert BatchNorm to SyncBatchNorm under DDP (CUDA only)
+    compile: bool = setting(is_bool, False)  # torch.compile the trained model
+    resume: bool = setting(is_bool, True)  # pick up a killed run of the same stage from its last epoch
+
+    def problems(self) -> list[tuple[str | None, str]]:
+        found: list[tuple[str | None, str]] = []
+        if self.node_rank >= self.nnodes:
+            found.append(("node_rank", f"expected an integer in [0, {self.nnodes - 1}] (nnodes = {self.nnodes})"))
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            found.append(("rdzv_endpoint", "expected host:port of node 0 when nnodes > 1 (every node gives the same)"))
+        if self.sync_bn and self.device == "cpu":
+            found.append(("sync_bn", "expected false on CPU: torch's SyncBatchNorm only works on CUDA modules "
+                                     "(\"SyncBatchNorm layers only work with GPU modules\")"))
+        return found
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @property
+    def launches(self) -> bool:
+        """Whether the stage runs its work under torchrun."""
+        return self.world_size > 1
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from kdlib.distill import AlignSettings, CacheSettings
 from kdlib.losses import METHODS, Method, MethodSpec, build_objective, distillation_methods
 from kdlib.models import ModelSpec
 from kdlib.quantize import EvalSettings
+from kdlib.runtime import RuntimeSettings
 from kdlib.schema import SchemaError, is_float, is_int, is_str, optional, parse, parse_merged, setting
 from kdlib.train import Recipe
 from stages.guard import PARAMS_FILE
@@ -87,6 +88,7 @@ class Params:
     teacher: str = setting(is_str)
     student: str = setting(is_str)
     data: DataSettings = setting(section=DataSettings)
+    runtime: RuntimeSettings = setting(section=RuntimeSettings)
     datasets: dict[str, DatasetSpec] = setting(presets=DatasetSpec)
     teacher_ls: float | None = setting(optional(is_float(0, 1, hi_open=True)), None, required=True)
     distill: dict[str, Any] = setting(parser=_methods)
