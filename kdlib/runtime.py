@@ -1,7 +1,9 @@
-"""Where training runs: device, process rank, seeding and data loaders.
+"""Where training runs: the ``runtime`` settings, this process's device and rank, seeding and loaders.
 
-Everything that changes under ``torchrun`` (DDP) lives here: the sampler choice in
-:func:`make_loader`, and :attr:`Runtime.is_main`, which gates logging and checkpointing.
+:class:`RuntimeSettings` is what a run asks for (processes, machines, compilation, resume);
+:class:`Runtime` is what one process got (its device and ranks; under torchrun it joins the
+process group, :mod:`kdlib.distributed`). :func:`make_loader` shards training batches over the
+processes and never validation.
 """
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from kdlib.data.views import AugmentedViews, ViewSampler
 from kdlib.process import child_initializer
-from kdlib.schema import is_bool, is_int, is_str, one_of, optional, setting
+from kdlib.schema import is_bool, is_int, one_of, optional, setting
 
 
 def is_endpoint(v: object) -> str | None:
@@ -73,29 +75,51 @@ class RuntimeSettings:
 
 @dataclass(frozen=True)
 class Runtime:
+    """The device and place of this process among the training processes.
+
+    ``rank``/``world_size`` over all machines; ``local_rank``/``local_world_size`` on this one.
+    The global rank 0 decides (validation, best epoch); each machine's local rank 0
+    (:attr:`writes_outputs`) writes that machine's checkpoints, logs and caches, so every
+    machine's workspace ends with the same complete outputs.
+    """
+
     device: torch.device = torch.device("cpu")
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
+    def writes_outputs(self) -> bool:
+        return self.local_rank == 0
+
+    @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, device: str = "auto") -> "Runtime":
-        """Read ``RANK`` / ``WORLD_SIZE`` as set by torchrun; pick CUDA when available."""
+    def from_env(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Runtime":
+        """This process's runtime; CUDA when ``device`` is ``auto`` and a GPU is present.
+
+        Under torchrun with several processes (``WORLD_SIZE`` > 1) it joins the process group,
+        so code that trains under torchrun always trains with DDP (:func:`kdlib.train.fit`
+        wraps the student whenever the runtime is distributed).
+        """
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        rank = int(os.environ.get("RANK", 0))
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        dev = torch.device(device)
-        if dev.type == "cuda" and world > 1:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return cls(dev, rank, world)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("runtime.device = 'cuda': expected a CUDA device, and torch sees none "
+                               f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+        from kdlib import distributed
+
+        if distributed.launched_world_size() > 1:
+            dev, rank, world, local_rank, local_world = distributed.init_process_group(device, timeout_s)
+            return cls(dev, rank, world, local_rank, local_world)
+        return cls(torch.device(device))
 
 
 def seed_everything(seed: int) -> None:
@@ -124,22 +148,25 @@ def make_loader(
     runtime: Runtime,
     num_workers: int = 0,
 ) -> DataLoader:
-    """A loader whose order depends only on ``seed`` (and the epoch, via ``set_epoch``).
+    """A loader whose order depends only on ``seed``, the epoch (``set_epoch``) and this
+    process's rank among ``runtime.world_size``.
 
     Over :class:`~kdlib.data.views.AugmentedViews` the sampler yields ``(index, view)`` pairs,
     the view chosen by the epoch; the image order is the same as over the plain data set.
     """
-    # Two generators: the DataLoader draws a worker base seed from its own at every new iterator
-    # (each epoch without persistent workers, once with them), so a shared one would make the
-    # shuffle order depend on num_workers.
-    order = torch.Generator().manual_seed(seed)
+    # The training order is DistributedSampler's (a permutation drawn from seed + epoch, rank r
+    # taking every world_size-th index) with any number of processes, one included: a run with
+    # P processes of batch B then sees, step by step, the same images as one process of batch
+    # P·B, and the order needs no state to resume (the epoch is enough). A separate generator
+    # feeds the DataLoader's worker base seeds (drawn at each new iterator), so the order does
+    # not depend on num_workers. Validation is never sharded: every process sees all of it.
     workers = torch.Generator().manual_seed(seed)
-    if runtime.distributed:
-        sampler = DistributedSampler(
-            dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=train, seed=seed
-        )
+    sampler: Sampler
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
+                                     seed=seed)
     else:
-        sampler = RandomSampler(dataset, generator=order) if train else SequentialSampler(dataset)
+        sampler = SequentialSampler(dataset)
     if isinstance(dataset, AugmentedViews):
         sampler = ViewSampler(sampler, dataset.num_views)
     return DataLoader(

@@ -439,18 +439,19 @@ class TeacherCache:
 
 class AllViewsSampler(Sampler[tuple[int, int]]):
     """Every ``(image, view)`` pair once, view-major: all images under view 0, then view 1...
-    (the order the training epochs visit them)."""
+    (the order the training epochs visit them). With ``world > 1``, process ``rank`` takes every
+    ``world``-th pair of that order: the processes' shards are disjoint and cover every pair."""
 
-    def __init__(self, num_images: int, num_views: int) -> None:
-        self.num_images, self.num_views = num_images, num_views
+    def __init__(self, num_images: int, num_views: int, rank: int = 0, world: int = 1) -> None:
+        self.num_images, self.num_views, self.rank, self.world = num_images, num_views, rank, world
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for k in range(self.num_views):
-            for i in range(self.num_images):
-                yield i, k
+        for flat in range(self.rank, self.num_images * self.num_views, self.world):
+            yield flat % self.num_images, flat // self.num_images
 
     def __len__(self) -> int:
-        return self.num_images * self.num_views
+        total = self.num_images * self.num_views
+        return max(0, (total - self.rank + self.world - 1) // self.world)
 
 
 def compress_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -491,8 +492,14 @@ def build_teacher_cache(
     topk: int | None = None,
     progress: bool = True,
     num_workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> TeacherCache:
     """Run ``teacher`` on every view ``(i, k)`` of ``views`` and keep its outputs.
+
+    With ``world`` > 1 processes (torch.distributed initialized), each runs the teacher on its
+    shard of the views (:class:`AllViewsSampler`) and the shards are exchanged, so every process
+    returns the whole cache (each view's outputs computed once, by one process).
 
     Each batch goes through exactly what the training loop does to it (module docstring):
     the per-image transform under ``seeds[i, k]`` (in :class:`AugmentedViews`),
@@ -514,7 +521,7 @@ def build_teacher_cache(
     teacher.model.to(device)
     normalizer = copy.deepcopy(normalizer).to(device)
     batch_transform = getattr(base, "batch_transform", None)
-    loader = DataLoader(views, batch_size=batch_size, sampler=AllViewsSampler(n, k_views),
+    loader = DataLoader(views, batch_size=batch_size, sampler=AllViewsSampler(n, k_views, rank, world),
                         num_workers=num_workers, pin_memory=device.type == "cuda")
 
     exact: Tensor | None = None
@@ -566,12 +573,30 @@ def build_teacher_cache(
             feature_table[positions, view_ids] = feats.to(FEATURE_DTYPE)
         filled[positions, view_ids] = True
 
+    if world > 1:
+        _exchange_shards(filled, [t for t in (exact, top_values, top_indices, fill, feature_table) if t is not None])
     if num_classes is None:
         raise ValueError("cannot build a teacher-output cache of an empty training set")
     if not bool(filled.all()):
         raise RuntimeError(f"{int((~filled).sum())} views were never run through the teacher")
     return TeacherCache(views.seeds.clone(), num_classes, key, exact_logits=exact, top_values=top_values,
                         top_indices=top_indices, fill=fill, feature_table=feature_table)
+
+
+def _exchange_shards(filled: Tensor, tables: list[Tensor]) -> None:
+    """Give every process the rows the others computed: ``filled`` marks this process's
+    ``(image, view)`` pairs; each table is ``(N, K, ...)`` and filled at those pairs."""
+    from kdlib import distributed
+
+    mine = filled.nonzero()
+    shards = distributed.all_gather_objects((mine, [t[mine[:, 0], mine[:, 1]] for t in tables]))
+    for pairs, rows in shards:
+        if len(pairs) and tables and len(rows) != len(tables):
+            raise RuntimeError("teacher cache shards disagree on what they hold (a process ran another teacher "
+                               "or method)")
+        for table, values in zip(tables, rows):
+            table[pairs[:, 0], pairs[:, 1]] = values
+        filled[pairs[:, 0], pairs[:, 1]] = True
 
 
 # --------------------------------------------------------------------------- cached teacher

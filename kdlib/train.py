@@ -10,31 +10,39 @@ the view the student sees. Logging and checkpointing happen only on the main pro
 """
 from __future__ import annotations
 
+import logging
 import math
+import random
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from kdlib import distributed
 
 from kdlib.checkpoint import ModelRecord, save_checkpoint
 from kdlib.data.dataset import IndexedImageDataset
 from kdlib.data.transforms import BatchNormalizer
 from kdlib.data.views import AugmentedViews, make_view_seeds
-from kdlib.features import prediction_logits, student_output
+from kdlib.features import prediction_logits
 from kdlib.losses.base import Method
 from kdlib.losses.registry import TeacherOutput
 from kdlib.metrics import EvalResult, evaluate
+from kdlib.resume import ResumeStore, restore_rng
 from kdlib.runtime import Runtime, has_native_kernels, make_loader
 from kdlib.schema import is_bool, is_float, is_int, one_of, setting
 
 # (normalized images, image positions, view indices) -> the teacher's output on those views
 TeacherFn = Callable[[Tensor, Tensor, Tensor], TeacherOutput]
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +55,10 @@ class Recipe:
     epochs: int = setting(is_int(1))
     batch_size: int = setting(is_int(1))
     lr: float = setting(is_float(0, lo_open=True))
+    # how lr follows the global batch (batch_size x processes): none (lr as given), linear
+    # (lr x global / lr_base_batch: Goyal et al. 2017, DeiT's lr x batch x world / 512) or sqrt
+    lr_scaling: str = setting(one_of("none", "linear", "sqrt"), "none")
+    lr_base_batch: int = setting(is_int(1), 256)
     optimizer: str = setting(one_of("sgd", "adamw"), "sgd", required=True)
     momentum: float = setting(is_float(0, 1, hi_open=True), 0.9)
     nesterov: bool = setting(is_bool, False)
@@ -63,6 +75,18 @@ class Recipe:
     amp: str = setting(one_of("none", "bf16", "fp16"), "none")
     eval_batch_size: int = setting(is_int(1), 256, context=True)
     num_workers: int = setting(is_int(0), 0, context=True)
+
+    def scaled_lr(self, global_batch: int) -> float:
+        """The base lr the optimizer gets for ``global_batch`` images per step."""
+        ratio = global_batch / self.lr_base_batch
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
+
+    def lr_rule(self, global_batch: int) -> str:
+        if self.lr_scaling == "none":
+            return f"lr {self.lr:g} as set (lr_scaling: none)"
+        factor = f"{global_batch}/{self.lr_base_batch}" if self.lr_scaling == "linear" else \
+            f"sqrt({global_batch}/{self.lr_base_batch})"
+        return f"lr {self.lr:g} x {factor} = {self.scaled_lr(global_batch):.6g} ({self.lr_scaling} scaling)"
 
 
 class MetricsLogger(Protocol):
@@ -85,17 +109,36 @@ class FitResult:
     images_per_second: float
     history: list[dict[str, float]] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
+    world_size: int = 1
+    global_batch: int = 0
+    lr: float = 0.0  # the optimizer's base lr after lr_scaling
+    lr_rule: str = ""
+    resumed_from_epoch: int = 0  # the last epoch a killed run had finished; 0: trained from the start
+    peak_cuda_memory_bytes: int | None = None
 
     def summary(self) -> dict[str, Any]:
         """The reproducible figures of the run (what a metrics file holds)."""
         return {"best_epoch": self.best_epoch, f"best_val_{self.score_name}": self.best_val_score,
                 "last_epoch": self.last_epoch, f"last_val_{self.score_name}": self.last_val_score,
-                "stopped_early": self.stopped_early}
+                "stopped_early": self.stopped_early, "world_size": self.world_size,
+                "global_batch": self.global_batch, "base_lr": self.lr, "lr_rule": self.lr_rule}
+
+    def describe(self, role: str) -> str:
+        """One line for the log."""
+        resumed = f"; resumed after epoch {self.resumed_from_epoch}" if self.resumed_from_epoch else ""
+        return (f"{role}: best val {self.score_name} {self.best_val_score:.2f} (epoch {self.best_epoch}), last "
+                f"{self.last_val_score:.2f}; {self.world_size} process(es), global batch {self.global_batch}; "
+                f"{self.train_seconds:.1f} s{resumed}")
 
     def timing(self) -> dict[str, Any]:
         """The wall-clock figures, which vary run to run (kept apart from the metrics)."""
-        return {"train_seconds": round(self.train_seconds, 2), "train_images_per_second": round(self.images_per_second, 1),
-                "epoch_seconds": [round(s, 3) for s in self.epoch_seconds]}
+        out = {"train_seconds": round(self.train_seconds, 2),
+               "train_images_per_second": round(self.images_per_second, 1),
+               "epoch_seconds": [round(s, 3) for s in self.epoch_seconds],
+               "resumed_from_epoch": self.resumed_from_epoch}
+        if self.peak_cuda_memory_bytes is not None:
+            out["peak_cuda_memory_bytes"] = self.peak_cuda_memory_bytes
+        return out
 
 
 def lr_factor(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
@@ -115,7 +158,7 @@ def lr_factor(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
     raise ValueError(f"unknown schedule {recipe.schedule!r}; known: cosine, step, constant")
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
     # No weight decay on biases and norm parameters (1-d tensors), nor on what the model itself
     # exempts (timm's no_weight_decay(): position embeddings, class/distillation tokens), as
     # timm and DeiT do.
@@ -128,10 +171,11 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": recipe.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    lr = recipe.lr if lr is None else lr
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
     if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=recipe.lr)
+        return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}; known: sgd, adamw")
 
 
@@ -191,9 +235,12 @@ class Selection:
 
 @dataclass
 class EpochLoop:
-    """One training epoch's moving parts, built once by :func:`fit`."""
+    """One training epoch's moving parts, built once by :func:`fit`. ``step`` is the student as
+    the step calls it (:func:`kdlib.distributed.wrap_student`: in DDP when several processes
+    run, compiled with ``runtime.compile``); ``model`` is the student itself."""
 
     model: nn.Module
+    step: nn.Module
     objective: Method
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -207,13 +254,13 @@ class EpochLoop:
 
     def run(self, epoch: int, progress: bool) -> tuple[dict[str, float], int]:
         """Train one epoch; returns the epoch's mean loss terms (and train top-1 for
-        single-label data) and the number of images seen."""
+        single-label data) over every process's images, and the number of images seen by all."""
         model, objective, recipe, device = self.model, self.objective, self.recipe, self.device
         amp_dtype = AMP_DTYPES[recipe.amp]
         batch_transform = self.data.train_set.batch_transform
         multilabel = self.data.train_set.multi_hot is not None
         self.loader.sampler.set_epoch(epoch - 1)  # type: ignore[union-attr]
-        model.train()
+        self.step.train()
         sums: dict[str, Tensor | float] = {}
         correct: Tensor | int = 0
         count = 0
@@ -232,7 +279,7 @@ class EpochLoop:
             # outputs are then the same online and from the cache
             teacher_out = self.teacher(images, positions, view_ids) if self.teacher is not None else None
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                student = student_output(model, images, objective.needs_features)
+                student = self.step(images)
             student = _float32(student)  # losses in fp32 whatever the autocast dtype
             out = objective(student, targets, _float32(teacher_out) if teacher_out is not None else None)
             self.optimizer.zero_grad(set_to_none=True)
@@ -251,10 +298,17 @@ class EpochLoop:
                 correct = correct + (prediction_logits(student).detach().argmax(dim=1) == labels).sum()
             for name, value in {"loss": out.total.detach(), **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value * n
-        row = {f"train/{k}": float(v) / count for k, v in sums.items()}
+        # one all-reduce of every sum: the logged epoch means are over all processes' images
+        names = list(sums)
+        totals = distributed.all_reduce_sum(torch.stack(
+            [torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in names]
+            + [torch.as_tensor(correct, dtype=torch.float64, device=device),
+               torch.tensor(float(count), dtype=torch.float64, device=device)])).cpu()
+        count_all = float(totals[-1])
+        row = {f"train/{k}": float(v) / count_all for k, v in zip(names, totals[:-2])}
         if not multilabel:
-            row["train/top1"] = 100.0 * float(correct) / count
-        return row, count
+            row["train/top1"] = 100.0 * float(totals[-2]) / count_all
+        return row, int(count_all)
 
 
 def validate(model: nn.Module, data: TrainData, loader: torch.utils.data.DataLoader, device: torch.device,
@@ -262,6 +316,14 @@ def validate(model: nn.Module, data: TrainData, loader: torch.utils.data.DataLoa
     """The validation split's loss and metrics, in the training precision."""
     return evaluate(model, loader, data.normalizer, device, AMP_DTYPES[recipe.amp], data.val_set.ignore,
                     data.ap_mode)
+
+
+def reseed(seed: int) -> None:
+    """Seed torch (CPU and CUDA), NumPy and ``random`` for this process's own draws (dropout,
+    drop-path, MixUp): DeiT and timm use ``seed + rank``, so processes do not drop the same units."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def fit(
@@ -277,6 +339,9 @@ def fit(
     runtime: Runtime = Runtime(),
     progress: bool = True,
     select_best: bool = True,
+    resume: ResumeStore | None = None,
+    compile: bool = False,
+    sync_bn: bool = False,
 ) -> FitResult:
     """Train ``model`` with ``objective``; write ``best.pt`` (the :class:`Selection`'s best
     epoch: val top-1, or mAP for multi-hot targets) and ``last.pt`` into ``out_dir``, each with
@@ -285,6 +350,13 @@ def fit(
     With ``select_best=False`` (feature alignment, whose classifier is not being trained)
     nothing is validated and only ``last.pt`` is written. The test split never enters here:
     model selection and early stopping use ``data.val_set`` only.
+
+    Under several processes (``runtime.distributed``) the student trains in DDP, each process on
+    its shard of every global batch (``recipe.batch_size`` per process); rank 0 validates and
+    every process takes its decision (:mod:`kdlib.distributed`); each machine's local rank 0
+    writes ``out_dir`` and logs. ``resume``: save the whole state after every epoch there and,
+    if it holds a state of this run, continue after its last epoch (:mod:`kdlib.resume`).
+    ``compile``: ``torch.compile`` the training step. ``sync_bn``: SyncBatchNorm under DDP (CUDA).
     """
     device = runtime.device
     model.to(device)
@@ -292,19 +364,20 @@ def fit(
     objective.to(device)  # buffers such as LSH hyperplanes live where the features are
     if recipe.channels_last:
         model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     view_seeds = data.view_seeds if data.view_seeds is not None else make_view_seeds(
         seed, len(data.train_set), recipe.epochs)
     views = AugmentedViews(data.train_set, view_seeds)
     train_loader = make_loader(views, recipe.batch_size, True, seed, runtime, recipe.num_workers)
     val_loader = make_loader(data.val_set, recipe.eval_batch_size, False, seed, runtime, recipe.num_workers)
-    optimizer = build_optimizer(model, recipe)
+    global_batch = recipe.batch_size * runtime.world_size
+    base_lr = recipe.scaled_lr(global_batch)
+    optimizer = build_optimizer(model, recipe, base_lr)
     steps_per_epoch = len(train_loader)
-    loop = EpochLoop(
-        model, objective, optimizer,
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe)),
-        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
-        torch.amp.GradScaler(device.type, enabled=recipe.amp == "fp16"),
-        views, train_loader, data, teacher, recipe, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe))
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=recipe.amp == "fp16")
     if objective.needs_teacher and teacher is None:
         raise ValueError(f"{type(objective).__name__} needs a teacher")
     amp_dtype = AMP_DTYPES[recipe.amp]
@@ -322,51 +395,107 @@ def fit(
     selection = Selection(recipe.patience if select_best else 0)
     history: list[dict[str, float]] = []
     epoch_times: list[float] = []
-    seen, train_seconds, last_val_score, epoch = 0, 0.0, 0.0, 0
-    for epoch in range(1, recipe.epochs + 1):
+    seen, train_seconds, last_val_score, last_epoch, start_epoch = 0, 0.0, 0.0, 0, 1
+    reseed(seed + runtime.rank)
+    saved = resume.load() if resume is not None else None
+    if saved is not None:
+        state, rng, files = saved
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if state.get("objective") is not None and isinstance(objective, nn.Module):
+            objective.load_state_dict(state["objective"])
+        selection.load_state_dict(state["selection"])
+        history, epoch_times = list(state["history"]), list(state["epoch_seconds"])
+        seen, train_seconds = state["seen"], state["train_seconds"]
+        last_val_score, last_epoch = state["last_val_score"], state["epoch"]
+        start_epoch = last_epoch + 1
+        if runtime.writes_outputs:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name, path in files.items():
+                shutil.copyfile(path, out_dir / name)
+            if logger is not None:  # the run's log restarts empty: replay the finished epochs
+                for row in history:
+                    for name, value in row.items():
+                        logger.log_metric(name, value)
+                    logger.next_step()
+        restore_rng(rng)
+        if runtime.is_main:
+            log.info("resuming from epoch %d of %d (state saved in %s)", last_epoch, recipe.epochs,
+                     resume.directory if resume is not None else "")
+    step = distributed.wrap_student(model, objective.needs_features, device, sync_bn)
+    if compile:
+        step = torch.compile(step)
+    loop = EpochLoop(model, step, objective, optimizer, scheduler, scaler, views, train_loader, data, teacher,
+                     recipe, device)
+
+    for epoch in range(start_epoch, recipe.epochs + 1):
+        if selection.should_stop:  # a resumed run that had already stopped early
+            break
         start = time.perf_counter()
         row, count = loop.run(epoch, progress and runtime.is_main)
         epoch_seconds = time.perf_counter() - start
         train_seconds += epoch_seconds
         seen += count
+        last_epoch = epoch
         improved = False
+        distributed.sync_buffers(model)  # every process validates and saves rank 0's BatchNorm statistics
         if select_best:
-            val = validate(model, data, val_loader, device, recipe)
-            last_val_score = val.score
-            row.update({"val/loss": val.loss, **{f"val/{name}": value for name, value in val.metrics.items()}})
-            improved = selection.update(epoch, val.score, val.loss)
+            result = None
+            if runtime.is_main:
+                val = validate(model, data, val_loader, device, recipe)
+                result = (val.score, val.loss, val.metrics)
+            score, loss, metrics = distributed.broadcast_object(result)
+            last_val_score = score
+            row.update({"val/loss": loss, **{f"val/{name}": value for name, value in metrics.items()}})
+            improved = selection.update(epoch, score, loss)
         else:
             row.pop("train/top1", None)  # the classifier is frozen: its accuracy says nothing
         row["lr"] = optimizer.param_groups[0]["lr"]
         epoch_times.append(epoch_seconds)
         history.append(row)
-        if runtime.is_main:
+        if runtime.writes_outputs:
             if logger is not None:
                 for name, value in row.items():
                     logger.log_metric(name, value)
                 logger.next_step()
             if improved:
                 save_checkpoint(out_dir / "best.pt", model,
-                                {**record.as_meta(), "epoch": epoch, "val_score": val.score},
+                                {**record.as_meta(), "epoch": epoch, "val_score": score},
                                 objective.fitted_state())
-        if selection.should_stop:
-            break
+        if resume is not None:
+            resume.save(epoch, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "objective": objective.state_dict() if isinstance(objective, nn.Module) else None,
+                "selection": selection.state_dict(), "history": history, "epoch_seconds": epoch_times,
+                "seen": seen, "train_seconds": train_seconds, "last_val_score": last_val_score,
+            }, {"best.pt": out_dir / "best.pt"} if (out_dir / "best.pt").is_file() else {}, distributed.barrier)
 
-    if runtime.is_main:
+    if runtime.writes_outputs:
         save_checkpoint(out_dir / "last.pt", model,
-                        {**record.as_meta(), "epoch": epoch, "val_score": last_val_score}, objective.fitted_state())
+                        {**record.as_meta(), "epoch": last_epoch, "val_score": last_val_score},
+                        objective.fitted_state())
+    distributed.barrier()
     multilabel = data.train_set.multi_hot is not None
     return FitResult(
         best_epoch=selection.best_epoch,
         score_name="mAP" if multilabel else "top1",
         best_val_score=selection.best_score,
-        last_epoch=epoch,
+        last_epoch=last_epoch,
         last_val_score=last_val_score,
         stopped_early=selection.should_stop,
         train_seconds=train_seconds,
         images_per_second=seen / max(train_seconds, 1e-9),
         history=history,
         epoch_seconds=epoch_times,
+        world_size=runtime.world_size,
+        global_batch=global_batch,
+        lr=base_lr,
+        lr_rule=recipe.lr_rule(global_batch),
+        resumed_from_epoch=start_epoch - 1,
+        peak_cuda_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
     )
 
 

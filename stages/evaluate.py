@@ -30,7 +30,8 @@ def evaluate_checkpoint(run: Run, index: DatasetIndex, checkpoint: Checkpoint, m
     its own input size and statistics."""
     test_set = run.dataset.load(index, "test", checkpoint.record.input_size, False)
     return evaluate_dataset(model or checkpoint.model(), test_set, checkpoint.record.mean, checkpoint.record.std,
-                            run.params.eval.batch_size, Runtime.from_env("auto").device, run.dataset.ap_mode)
+                            run.params.eval.batch_size, Runtime.from_env(run.params.runtime.device).device,
+                            run.dataset.ap_mode)
 
 
 def evaluate_role(run: Run, ws: Workspace, role: str, confusion_json: Path, matrix_json: Path) -> dict[str, Any]:

@@ -162,6 +162,23 @@ class Run:
     def model(self, role: str) -> ModelRun:
         return self.teacher if role == "teacher" else self.student
 
+    @property
+    def align_skip_reason(self) -> str | None:
+        """Why the align stage has nothing to train, when the parameters alone tell."""
+        if not self.method.cls.needs_features:
+            return f"distill.method = {self.method.name!r} mimics no features: nothing to align"
+        return "align.epochs = 0" if self.params.align.epochs == 0 else None
+
+    @property
+    def engine(self) -> dict[str, bool]:
+        """:func:`kdlib.train.fit`'s ``compile`` and ``sync_bn``."""
+        return {"compile": self.params.runtime.compile, "sync_bn": self.params.runtime.sync_bn}
+
+    def single_process(self) -> "Run":
+        """This run in one process (for a stage with nothing to compute in parallel)."""
+        runtime = replace(self.params.runtime, nproc_per_node=1, nnodes=1, node_rank=0)
+        return replace(self, params=replace(self.params, runtime=runtime))
+
     def objective(self, role: str, **overrides: Any) -> Method:
         """The objective ``role`` trains with (``overrides``: knobs of the distillation method)."""
         if role == "distill":

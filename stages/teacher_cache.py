@@ -19,25 +19,29 @@ from kdlib.data.transforms import BatchNormalizer
 from kdlib.data.views import AugmentedViews, make_view_seeds
 from kdlib.distill import load_teacher, teacher_cache_key
 from kdlib.io import write_json
+from kdlib.resume import ResumeStore
 from kdlib.runtime import Runtime, seed_everything
 from kdlib.teacher_cache import build_teacher_cache
-from stages.guard import stage_outputs
-from stages.params import Run, load_params
+from stages.launch import parse_stage_args, stage_main
+from stages.params import Run
 from stages.workspace import Workspace
 
 
-def build_cache(run: Run, ws: Workspace = Workspace(), progress: bool = True, out_dir: Path | None = None
-                ) -> dict[str, Any]:
+def build_cache(run: Run, ws: Workspace = Workspace(), progress: bool = True, out_dir: Path | None = None,
+                runtime: Runtime | None = None) -> dict[str, Any]:
     """Build the cache into ``out_dir`` (default ``ws.teacher_cache``; or the disabled marker);
-    returns a summary."""
+    returns a summary. Under several processes each runs the teacher on its share of the views
+    and each machine's local rank 0 writes the whole cache."""
     settings, out_dir = run.params.teacher_cache, ws.teacher_cache if out_dir is None else out_dir
-    shutil.rmtree(out_dir, ignore_errors=True)
+    runtime = Runtime.from_env(run.params.runtime.device) if runtime is None else runtime
+    if runtime.writes_outputs:
+        shutil.rmtree(out_dir, ignore_errors=True)
     if not settings.enabled:
-        write_json(out_dir / "cache.json", {"enabled": False})
+        if runtime.writes_outputs:
+            write_json(out_dir / "cache.json", {"enabled": False})
         return {"enabled": False, "build_seconds": 0.0}
     index, size, features = ws.index(), run.student.input_size, run.method.cls.needs_features
     seed_everything(run.seed)
-    runtime = Runtime.from_env("auto")
     teacher = load_teacher(Checkpoint.read(ws.teacher_checkpoint), index.meta, runtime, features)
     train_set = run.dataset.load(index, "train", size, True)
     views = AugmentedViews(train_set, make_view_seeds(run.seed, len(train_set), run.num_views))
@@ -46,25 +50,33 @@ def build_cache(run: Run, ws: Workspace = Workspace(), progress: bool = True, ou
     start = time.perf_counter()
     key = teacher_cache_key(ws.teacher_checkpoint, ws.index_files, run.dataset, size, run.num_views, run.seed)
     cache = build_teacher_cache(teacher, views, BatchNormalizer(index.meta.mean, index.meta.std), runtime.device,
-                                settings.batch_size, key=key, topk=topk, progress=progress)
-    cache.save(out_dir)
+                                settings.batch_size, key=key, topk=topk, progress=progress and runtime.is_main,
+                                rank=runtime.rank, world=runtime.world_size)
+    if runtime.writes_outputs:
+        cache.save(out_dir)
     return {"enabled": True, "images": cache.num_images, "views": cache.num_views, "features": features,
             "bytes": cache.nbytes, "build_seconds": time.perf_counter() - start}
 
 
 def main() -> None:
-    ws = Workspace()
+    args, ws = parse_stage_args(__doc__), Workspace()
     timing = ws.reports / "teacher_cache" / "timing.json"
-    with stage_outputs("teacher_cache", ws.teacher_cache, timing, ws=ws) as out:
-        run = load_params()
-        summary = build_cache(run, ws, out_dir=out(ws.teacher_cache))
-        write_json(out(timing), {"build_seconds": round(summary["build_seconds"], 2)})
-    if summary["enabled"]:
-        print(f"teacher_cache: {summary['images']} images x {summary['views']} views, "
-              f"{summary['bytes'] / 2**20:.1f} MiB{' with features' if summary['features'] else ''}, "
-              f"{summary['build_seconds']:.1f} s")
-    else:
-        print("teacher_cache: disabled (distill runs the teacher online)")
+
+    def work(run: Run, out, runtime: Runtime, resume: ResumeStore | None) -> None:
+        summary = build_cache(run, ws, out_dir=out(ws.teacher_cache), runtime=runtime)
+        if runtime.writes_outputs:
+            write_json(out(timing), {"build_seconds": round(summary["build_seconds"], 2)})
+        if not runtime.is_main:
+            return
+        if summary["enabled"]:
+            print(f"teacher_cache: {summary['images']} images x {summary['views']} views, "
+                  f"{summary['bytes'] / 2**20:.1f} MiB{' with features' if summary['features'] else ''}, "
+                  f"{summary['build_seconds']:.1f} s, {runtime.world_size} process(es)")
+        else:
+            print("teacher_cache: disabled (distill runs the teacher online)")
+
+    stage_main("teacher_cache", args, ["teacher_cache"], (ws.teacher_cache, timing), ws.root, work,
+               prepare=lambda run: run if run.params.teacher_cache.enabled else run.single_process())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ one), starting from the aligned ``feat_fc`` when the ``align`` stage made one. W
 ``models/<role>/{best,last}.pt`` and DVCLive logs in ``reports/<role>/``."""
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -18,22 +17,25 @@ from kdlib.data.transforms import BatchNormalizer, build_mix
 from kdlib.distill import setup_distillation, teacher_cache_key
 from kdlib.io import write_json
 from kdlib.models import count_parameters
+from kdlib.resume import ResumeStore
 from kdlib.runtime import Runtime, seed_everything
 from kdlib.train import FitResult, MetricsLogger, TrainData, fit
-from stages.guard import stage_outputs
-from stages.params import ROLES, Run, load_params
+from stages.launch import parse_stage_args, stage_main
+from stages.params import ROLES, Run
 from stages.workspace import Workspace
 
 
 def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: MetricsLogger | None = None,
-               progress: bool = True, out_dir: Path | None = None) -> tuple[FitResult, int]:
-    """Train ``role`` into ``out_dir`` (default ``ws.models/<role>``); ``distill`` reads the teacher,
-    its cache and the alignment from ``ws``. Returns the fit result and the parameter count."""
+               progress: bool = True, out_dir: Path | None = None, runtime: Runtime | None = None,
+               resume: ResumeStore | None = None) -> tuple[FitResult, int]:
+    """Train ``role`` into ``out_dir`` (default ``ws.models/<role>``) as process ``runtime`` (default:
+    the only one), saving and resuming at ``resume``; ``distill`` reads the teacher, its cache and
+    the alignment from ``ws``. Returns the fit result and the parameter count."""
     index, model_run = ws.index(), run.model(role)
     train_set = run.dataset.load(index, "train", model_run.input_size, True)
     val_set = run.dataset.load(index, "val", model_run.input_size, False)
     seed_everything(run.seed)
-    runtime = Runtime.from_env("auto")  # CUDA when present (set CUDA_VISIBLE_DEVICES= to force CPU)
+    runtime = Runtime.from_env(run.params.runtime.device) if runtime is None else runtime
     teacher = view_seeds = None
     if role == "distill":
         cache = run.params.teacher_cache
@@ -53,26 +55,30 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
                      view_seeds, build_mix(index.meta.num_classes, run.dataset.mixup, run.dataset.cutmix),
                      run.dataset.ap_mode)
     out_dir = ws.models / role if out_dir is None else out_dir
-    shutil.rmtree(out_dir, ignore_errors=True)
-    result = fit(model, objective, model_run.recipe, data, out_dir, record, run.seed, teacher, logger,
-                 runtime, progress)
+    if runtime.writes_outputs:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    result = fit(model, objective, model_run.recipe, data, out_dir, record, run.seed, teacher, logger, runtime,
+                 progress, resume=resume, **run.engine)
     return result, count_parameters(model)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("role", choices=ROLES)
-    role, ws = parser.parse_args().role, Workspace()
-    reports = ws.reports / role
-    with stage_outputs(role, ws.models / role, reports / "plots", reports / "metrics.json", reports / "timing.json",
-                       ws=ws, manifests=(ws.models / role,)) as out:
-        run = load_params()
-        with Live(str(out(reports)), dvcyaml=False, save_dvc_exp=False) as live:
-            result, n_params = train_role(run, role, ws, logger=live, out_dir=out(ws.models / role))
+    args, ws = parse_stage_args(__doc__, ROLES), Workspace()
+    role, reports = args.role, ws.reports / args.role
+
+    def work(run: Run, out, runtime: Runtime, resume: ResumeStore | None) -> None:
+        live = Live(str(out(reports)), dvcyaml=False, save_dvc_exp=False) if runtime.writes_outputs else None
+        result, n_params = train_role(run, role, ws, logger=live, out_dir=out(ws.models / role), runtime=runtime,
+                                      resume=resume)
+        if live is not None:
             live.summary.update({**result.summary(), "params": n_params})
-        write_json(out(reports / "timing.json"), result.timing())
-    print(f"{role}: best val {result.score_name} {result.best_val_score:.2f} (epoch {result.best_epoch}), "
-          f"last {result.last_val_score:.2f}; {result.train_seconds:.1f} s")
+            live.end()
+            write_json(out(reports / "timing.json"), result.timing())
+        if runtime.is_main:
+            print(result.describe(role))
+
+    stage_main(role, args, ["train", role], (ws.models / role, reports / "plots", reports / "metrics.json",
+               reports / "timing.json"), ws.root, work, manifests=(ws.models / role,))
 
 
 if __name__ == "__main__":

@@ -120,21 +120,36 @@ def test_view_sampler_keeps_the_random_sampler_order_and_cycles_views():
     assert {v for _, v in sampler} == {2 % k}
 
 
-def test_make_loader_order_equals_a_sampler_seeded_only_by_seed(gray_set):
-    """The order is a RandomSampler's with its own generator: the DataLoader's worker-seed draws
-    (one per epoch without persistent workers) never advance it."""
+def test_make_loader_order_is_a_permutation_seeded_by_seed_plus_epoch(gray_set):
+    """The order is ``randperm(N)`` of a generator seeded with seed + epoch (DistributedSampler's),
+    whatever the number of workers: nothing else advances it, so a resumed run needs only the epoch."""
     seed, epochs = 11, 4
     views = AugmentedViews(gray_set, make_view_seeds(0, len(gray_set), 2))
     ours = make_loader(views, 4, True, seed, Runtime())
-    reference = DataLoader(gray_set, batch_size=4,
-                           sampler=RandomSampler(gray_set, generator=torch.Generator().manual_seed(seed)))
     for epoch in range(epochs):
         ours.sampler.set_epoch(epoch)
         got = [(b[2].tolist(), b[3].tolist()) for b in ours]
-        want = [b[2].tolist() for b in reference]
-        assert [p for p, _ in got] == want
+        want = torch.randperm(len(gray_set), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        assert sum((p for p, _ in got), []) == want
         assert all(set(v) == {epoch % 2} for _, v in got)
-        assert sorted(sum((p for p, _ in got), [])) == list(range(len(gray_set)))
+
+
+def test_two_ranks_split_each_global_batch_of_one_process(gray_set):
+    """Rank r of P takes every P-th index of the same permutation: step by step, the P ranks'
+    batches of B together hold the images of one process's batch of P·B."""
+    views = AugmentedViews(gray_set, make_view_seeds(0, len(gray_set), 1))
+    single = make_loader(views, 2, True, 5, Runtime())
+    ranks = [make_loader(views, 1, True, 5, Runtime(rank=r, world_size=2)) for r in range(2)]
+    for loader in (single, *ranks):
+        loader.sampler.set_epoch(3)
+    one = [sorted(b[2].tolist()) for b in single]
+    two = [sorted(a[2].tolist() + b[2].tolist()) for a, b in zip(*ranks)]
+    assert len(gray_set) % 2 == 0 and len(one) == 5 and one == two
+
+
+def test_validation_is_never_sharded(gray_set):
+    loader = make_loader(gray_set, 3, False, 0, Runtime(rank=1, world_size=2))
+    assert sum((b[2].tolist() for b in loader), []) == list(range(len(gray_set)))
 
 
 # ------------------------------------------------------------------------------- views

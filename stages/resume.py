@@ -1,0 +1,103 @@
+"""Where a training stage keeps its resume state, and the key that says which run it belongs to.
+
+The state must outlive a killed stage, so it cannot be a DVC output (DVC deletes a stage's
+outputs before running it; a ``persist`` output turns the run cache off). It lives in
+``.kdlib-resume/<stage>/<key>/`` of the repository — ignored by git and never declared to DVC
+— or under ``$KDLIB_RESUME_DIR``. ``dvc exp run --queue`` runs each experiment in a fresh copy
+under ``.dvc/tmp/exps/``; the repository that copy came from holds the states, so a rerun of the
+same queued experiment finds its own. The key is a hash of the stage's command, of the values of
+the parameters it declares in ``dvc.yaml`` and of the contents of its dependencies: only the
+same run on the same inputs can pick a state up.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from kdlib.outputs import file_sha256
+
+if TYPE_CHECKING:
+    from kdlib.resume import ResumeStore
+    from kdlib.runtime import Runtime
+
+RESUME_DIR = ".kdlib-resume"
+RESUME_ENV = "KDLIB_RESUME_DIR"
+_SKIP = ("__pycache__", ".pyc", ".egg-info")  # what .dvcignore leaves out of folder hashes
+
+
+def resume_root(root: Path) -> Path:
+    if os.environ.get(RESUME_ENV):
+        return Path(os.environ[RESUME_ENV])
+    resolved = Path(root).resolve()
+    parts = resolved.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):  # a queued / temporary experiment's copy
+            return Path(*parts[:i]) / RESUME_DIR
+    return resolved / RESUME_DIR
+
+
+def _lookup(values: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        values = values.get(key) if isinstance(values, dict) else None
+    return values
+
+
+def _resolve(text: str, values: dict[str, Any]) -> str:
+    """``models.${student}`` with ``${student}`` replaced by its value (DVC's templating)."""
+    return re.sub(r"\$\{([^}]+)\}", lambda m: str(_lookup(values, m.group(1).strip())), text)
+
+
+def _dep_digest(path: Path) -> str:
+    if path.is_file():
+        return file_sha256(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(s in str(p) for s in _SKIP))
+        listing = {p.relative_to(path).as_posix(): file_sha256(p) for p in files}
+        return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+    return "missing"
+
+
+def stage_key(root: Path, stage: str, params: dict[str, Any], item: str | None = None) -> str:
+    """The hash of stage ``stage``'s command, declared parameter values and dependency contents
+    (``item``: the ``foreach`` item of a templated stage)."""
+    pipeline = yaml.safe_load((Path(root) / "dvc.yaml").read_text())
+    body = pipeline["stages"][stage]
+    body = body["do"] if "foreach" in body else body
+    fill = {**params, "item": item} if item is not None else params
+    declared: dict[str, Any] = {}
+    for entry in body.get("params", []):
+        for name in ([entry] if isinstance(entry, str) else list(entry)):
+            name = _resolve(name, fill)
+            declared[name] = _lookup(params, name)
+    deps = {_resolve(d, fill): _dep_digest(Path(root) / _resolve(d, fill)) for d in body.get("deps", [])}
+    blob = json.dumps({"cmd": _resolve(body["cmd"], fill), "params": declared, "deps": deps}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def resume_dir(root: Path, stage: str, key: str) -> Path:
+    return resume_root(root) / stage / key[:16]
+
+
+def resume_store(root: Path, stage: str, params: dict[str, Any], runtime: "Runtime", enabled: bool
+                 ) -> "ResumeStore | None":
+    """The store of this run of ``stage`` for this process; ``None`` when resume is off."""
+    from kdlib.resume import ResumeStore
+
+    if not enabled:
+        return None
+    key = stage_key(root, stage, params)
+    return ResumeStore(resume_dir(root, stage, key), key, runtime.rank, runtime.world_size, runtime.writes_outputs)
+
+
+def clear_resume(root: Path, stage: str, params: dict[str, Any]) -> None:
+    """Remove the state of the run of ``stage`` that just completed."""
+    import shutil
+
+    shutil.rmtree(resume_dir(root, stage, stage_key(root, stage, params)), ignore_errors=True)
