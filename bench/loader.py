@@ -230,7 +230,7 @@ def main() -> None:
           f"{cores} cores (load average {load[0]:.1f} at the end); decode rows: 1 process, 1 thread; "
           f"loader rows: 224-px crops; each the fastest of {repeats} runs")
     print_table(["path", "processes", "images/s", "images/s per core", "note"], rows)
-    print(f"reduced/full decode: " + ", ".join(f"{n} px: scale 1/{r['scale']}, {r['speedup']:.2f}x"
+    print("reduced/full decode: " + ", ".join(f"{n} px: scale 1/{r['scale']}, {r['speedup']:.2f}x"
                                               for n, r in reduced.items()))
     print(f"decoding is {100 * decode_share:.0f}% of full decode + imagenet transform time")
     print(f"memory per image: {cache_mib_per_image:.3f} MiB in the 256-px cache (page cache, shared), "

@@ -152,16 +152,15 @@ def view_crop_flip(height: int, width: int, seed: int, size: int,
 
 
 def decode_jpeg_views(datas: Sequence[Tensor], seeds: Sequence[int], size: int, device: str | torch.device = "cuda",
-                      scale: tuple[float, float] = (0.08, 1.0),
-                      shapes: Sequence[tuple[int, int]] | None = None) -> Tensor:
+                      scale: tuple[float, float] = (0.08, 1.0)) -> Tensor:
     """Decode a batch of JPEG files (each a 1-D ``uint8`` tensor of the file's bytes) on
     ``device`` and return the ``imagenet``-preset views ``(B, 3, size, size)`` uint8.
 
     nvJPEG decodes the whole list in one call on CUDA; each image is then cropped, resized
     (antialiased bilinear) and flipped with the box and flip :func:`view_crop_flip` draws from its
     seed, at the full decoded size: the same views as the CPU path over full-size decodes
-    (``preload_size: null``), up to the two decoders' IDCT rounding. ``shapes`` (each
-    ``(height, width)``) skip reading them from the decoded tensors.
+    (``preload_size: null``), up to the two decoders' IDCT rounding (identical on the CPU, where
+    both use libjpeg-turbo).
     """
     if len(datas) != len(seeds):
         raise ValueError(f"{len(datas)} images but {len(seeds)} seeds: expected one seed per image")
@@ -172,8 +171,8 @@ def decode_jpeg_views(datas: Sequence[Tensor], seeds: Sequence[int], size: int, 
         warnings.simplefilter("ignore", DeprecationWarning)
         decoded = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
     views = []
-    for k, (image, seed) in enumerate(zip(decoded, seeds)):
-        height, width = shapes[k] if shapes is not None else image.shape[-2:]
+    for image, seed in zip(decoded, seeds):
+        height, width = image.shape[-2:]
         (top, left, h, w), flip = view_crop_flip(int(height), int(width), int(seed), size, scale)
         view = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
         views.append(TF.horizontal_flip(view) if flip else view)
