@@ -4,34 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from kdlib.data.decode import decode_at_short_side, decode_image
 from kdlib.data.index import Record
+from kdlib.data.pixel_cache import PixelCache, open_or_build
 
 
 def load_image(path: Path, channels: int) -> Tensor:
-    """Decode an image file to a ``uint8`` CHW tensor with ``channels`` (1 or 3) channels.
-
-    Palette, grayscale, CMYK, RGBA and 16-bit images are converted; a corrupt file raises
-    ``ValueError`` naming it.
-    """
-    try:
-        with Image.open(path) as img:
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray((arr * (255.0 / max(arr.max(), 1.0))).astype(np.uint8))
-            img = img.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(img, dtype=np.uint8)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image listed in the index is missing: {path}") from None
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"cannot decode image {path}: {err}") from None
-    tensor = torch.from_numpy(arr.copy())
-    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+    """Decode an image file at full size to a ``uint8`` CHW tensor with ``channels`` (1 or 3)
+    channels (:func:`kdlib.data.decode.decode_image` without a size: palette, grayscale, CMYK,
+    RGBA and 16-bit images are converted; a corrupt file raises ``ValueError`` naming it)."""
+    return decode_image(path, channels)
 
 
 class IndexedImageDataset(Dataset):
@@ -39,8 +25,14 @@ class IndexedImageDataset(Dataset):
     vector for multi-label records; the position lets a distillation method
     look up per-sample data (e.g. cached teacher outputs).
 
-    With ``preload=True`` every image is decoded once at construction and kept in memory,
-    which removes decoding from the training loop for data sets that fit in RAM.
+    ``preload_size`` decides the pixels: ``None``, each image at full size; ``S``, each image
+    at short side ``S`` (:func:`kdlib.data.decode.decode_at_short_side`: a reduced JPEG decode,
+    then an antialiased resize so the shorter side is ``S``; a smaller image keeps its size).
+    ``preload`` decides where they are kept: decoded per item (``False``); decoded once at
+    construction (``True``), into memory, or, with ``preload_size`` and ``cache_dir``, into the
+    memory-mapped pixel cache (:mod:`kdlib.data.pixel_cache`) that every process shares through
+    the page cache (``cache_workers`` decoding processes build it). All paths give the same
+    tensor for the same image.
     ``batch_transform`` is applied by the training loop to each ``uint8`` batch, on its device.
     """
 
@@ -53,7 +45,12 @@ class IndexedImageDataset(Dataset):
         preload: bool = False,
         batch_transform: Callable[[Tensor], Tensor] | None = None,
         num_classes: int | None = None,
+        preload_size: int | None = None,
+        cache_dir: Path | None = None,
+        cache_workers: int = 0,
     ) -> None:
+        if preload_size is not None and preload_size < 1:
+            raise ValueError(f"preload_size must be a positive number of pixels or None, got {preload_size}")
         self.root = Path(root)
         self.records = list(records)
         self.channels = channels
@@ -73,17 +70,30 @@ class IndexedImageDataset(Dataset):
             for i, r in enumerate(self.records):
                 self.multi_hot[i, list(r.positives)] = 1.0
                 self.ignore[i, list(r.difficult)] = True
+        self.preload_size = preload_size
         self._cache: list[Tensor] | None = None
-        if preload:
-            self._cache = [load_image(self.root / r.path, channels) for r in self.records]
+        self.pixel_cache: PixelCache | None = None
+        if preload and preload_size is not None and cache_dir is not None:
+            self.pixel_cache = open_or_build(Path(cache_dir), self.root, self.records, preload_size, channels,
+                                             cache_workers)
+        elif preload:
+            self._cache = [self._decode(i) for i in range(len(self.records))]
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def _decode(self, i: int) -> Tensor:
+        path = self.root / self.records[i].path
+        if self.preload_size is None:
+            return load_image(path, self.channels)
+        return decode_at_short_side(path, self.channels, self.preload_size)
+
     def image(self, i: int) -> Tensor:
         if self._cache is not None:
             return self._cache[i]
-        return load_image(self.root / self.records[i].path, self.channels)
+        if self.pixel_cache is not None:
+            return self.pixel_cache.image(i)
+        return self._decode(i)
 
     def target(self, i: int) -> Tensor | int:
         return self.multi_hot[i] if self.multi_hot is not None else self.labels[i]

@@ -8,18 +8,29 @@ which of its fields decide what a training view looks like (what keys a teacher 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kdlib.data import fetch as _fetch
 from kdlib.data.dataset import IndexedImageDataset
+from kdlib.data.decode import needed_eval_short_side
 from kdlib.data.index import DatasetIndex
 from kdlib.data.layouts import LAYOUTS, layout_task, option_problems
 from kdlib.data.transforms import TRAIN_PRESETS, augment_option_problems, build_transforms
 from kdlib.schema import is_bool, is_float, is_float_list, is_int, is_mapping, is_str, one_of, setting
 
 # the fields that decide what a training or evaluation view of an image looks like
-VIEW_FIELDS = ("augment", "augment_options", "image_size", "mean", "std", "eval_crop_pct", "channels")
+VIEW_FIELDS = ("augment", "augment_options", "image_size", "mean", "std", "eval_crop_pct", "channels",
+               "preload_size")
+# view fields added later, left out of a view key while null so that keys (and the teacher caches
+# they name) made before the field existed stay valid: null is what those runs did
+NULL_OMITTED_VIEW_FIELDS = ("preload_size",)
 DOWNLOAD_KEYS = ("url", "sha256", "md5", "filename", "into")
+
+
+def is_preload_size(v: Any) -> str | None:
+    ok = v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 8)
+    return None if ok else "null or an integer >= 8 (the shorter side, in pixels, images are kept at)"
 
 
 def is_download_list(v: Any) -> str | None:
@@ -83,7 +94,11 @@ class DatasetSpec:
     max_compression_ratio: float = setting(is_float(1), _fetch.DEFAULT_MAX_COMPRESSION_RATIO)
     options: dict[str, Any] = setting(is_mapping, {})  # keyword arguments of the layout reader (e.g. dogs_root)
     on_bad_image: str = setting(one_of("error", "skip"), "error")
-    preload: bool = setting(is_bool, False)  # decode every image once into memory: small data sets only
+    preload: bool = setting(is_bool, False)  # decode every image once (in memory, or the pixel cache with preload_size)
+    # training images at short side preload_size (reduced JPEG decode + resize; smaller ones kept):
+    # with preload, decoded once into a memory-mapped pixel cache; null: full-size images.
+    # Evaluation splits use round(input_size / eval_crop_pct), the side their resize makes.
+    preload_size: int | None = setting(is_preload_size, None)
     ap_mode: str = setting(one_of("voc", "coco"), "voc")  # multi-label AP: all-point interpolated or not
     mixup: float = setting(is_float(0), 0.0)  # MixUp alpha (0 = off); single-label only
     cutmix: float = setting(is_float(0), 0.0)  # CutMix alpha (0 = off); one of the two per batch when both on
@@ -143,6 +158,10 @@ class DatasetSpec:
             found.append((None, f"mean and std need {self.channels} values (channels)"))
         if any(s <= 0 for s in self.std):
             found.append(("std", "expected positive numbers"))
+        if self.preload_size is not None and self.preload_size < self.image_size:
+            found.append(("preload_size", f"expected null or at least image_size ({self.image_size}): images "
+                                          f"cached at a shorter side of {self.preload_size} px would be enlarged "
+                                          f"into every {self.image_size}-px view"))
         return found
 
     @property
@@ -157,13 +176,36 @@ class DatasetSpec:
 
     def view_key(self, input_size: int) -> dict[str, Any]:
         """The fields that decide what a view of an image looks like at ``input_size``."""
-        return {**{key: getattr(self, key) for key in VIEW_FIELDS}, "input_size": input_size}
+        values = {key: getattr(self, key) for key in VIEW_FIELDS}
+        for key in NULL_OMITTED_VIEW_FIELDS:
+            if values[key] is None:
+                del values[key]
+        return {**values, "input_size": input_size}
 
-    def load(self, index: DatasetIndex, split: str, input_size: int | None, train: bool) -> IndexedImageDataset:
+    def short_side(self, input_size: int, train: bool) -> int | None:
+        """The short side images of a split are kept at (None: full size). Training:
+        ``preload_size``. Evaluation: ``round(input_size / eval_crop_pct)``, the side the
+        evaluation transform resizes to before its center crop, so its views are those of a
+        full-size decode up to resampling (exactly those where no reduced JPEG scale applies)."""
+        if self.preload_size is None:
+            return None
+        if not train:
+            return needed_eval_short_side(input_size, self.eval_crop_pct)
+        if self.preload_size < input_size:
+            raise ValueError(f"preload_size {self.preload_size} is smaller than the input size {input_size}: "
+                             f"expected preload_size >= {input_size} (or null) for a model trained at {input_size} px")
+        return self.preload_size
+
+    def load(self, index: DatasetIndex, split: str, input_size: int | None, train: bool,
+             cache_dir: Path | None = None, cache_workers: int = 0) -> IndexedImageDataset:
         """Split ``split`` of the prepared ``index``, transformed for training or evaluation at
-        ``input_size`` (None: the data set's image size)."""
+        ``input_size`` (None: the data set's image size). With ``preload`` and ``preload_size``,
+        ``cache_dir`` holds the pixel caches (built there once, by ``cache_workers`` processes;
+        None: kept in memory instead)."""
         meta = index.meta
-        transforms = build_transforms(self.augment, input_size or meta.image_size, meta.stored_size, train,
+        size = input_size or meta.image_size
+        transforms = build_transforms(self.augment, size, meta.stored_size, train,
                                       self.augment_options, self.eval_crop_pct)
         return IndexedImageDataset(meta.root, index.split(split), meta.channels, transforms.sample, self.preload,
-                                   transforms.batch, meta.num_classes)
+                                   transforms.batch, meta.num_classes, preload_size=self.short_side(size, train),
+                                   cache_dir=cache_dir, cache_workers=cache_workers)
