@@ -24,11 +24,11 @@ from stages.params import ROLES, Run, load_params
 from stages.workspace import Workspace
 
 
-def evaluate_checkpoint(run: Run, index: DatasetIndex, checkpoint: Checkpoint, model: nn.Module | None = None
-                        ) -> EvalResult:
+def evaluate_checkpoint(run: Run, index: DatasetIndex, checkpoint: Checkpoint, model: nn.Module | None = None,
+                        ws: Workspace = Workspace()) -> EvalResult:
     """Test-split result of one checkpoint (``model``: the one it holds, when already built), at
     its own input size and statistics."""
-    test_set = run.dataset.load(index, "test", checkpoint.record.input_size, False)
+    test_set = run.dataset.load(index, "test", checkpoint.record.input_size, False, *ws.pixel_cache_for(run))
     return evaluate_dataset(model or checkpoint.model(), test_set, checkpoint.record.mean, checkpoint.record.std,
                             run.params.eval.batch_size, Runtime.from_env(run.params.runtime.device).device,
                             run.dataset.ap_mode)
@@ -41,7 +41,7 @@ def evaluate_role(run: Run, ws: Workspace, role: str, confusion_json: Path, matr
     for which in ("best", "last"):
         checkpoint = Checkpoint.read(ws.checkpoint(role, which))
         model = checkpoint.model()
-        result = evaluate_checkpoint(run, index, checkpoint, model)
+        result = evaluate_checkpoint(run, index, checkpoint, model, ws)
         row[which] = {**{k: round(v, 4) for k, v in result.metrics.items()}, "loss": round(result.loss, 6),
                       "epoch": checkpoint.epoch}
         if which == "best":

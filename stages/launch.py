@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -151,23 +152,28 @@ def torchrun_command(settings: RuntimeSettings, module: str, args: list[str], ru
         # address, which is every machine's on loopback (and a wrong guess on NAT)
         conf = (f"is_host={int(settings.node_rank == 0)},join_timeout={settings.rdzv_timeout_s},"
                 f"read_timeout={settings.rdzv_timeout_s}")
-        cmd += ["--nnodes", str(settings.nnodes), "--node-rank", str(settings.node_rank),
+        # ranks are given by the rendezvous (c10d ignores --node-rank); every machine's local rank 0
+        # writes the same outputs, so which machine holds global rank 0 does not matter
+        cmd += ["--nnodes", str(settings.nnodes),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", str(settings.rdzv_endpoint), "--rdzv-id", run_id,
                 "--rdzv-conf", conf]
     return cmd + ["-m", module, *args, WORKER_FLAG]
 
 
-def run_id(tag: str, params_digest: str) -> str:
-    """The same on every machine of one run: the stage and its parameters."""
-    return hashlib.sha256(f"{tag}:{params_digest}".encode()).hexdigest()[:16]
+def run_id(tag: str, params: dict) -> str:
+    """The same on every machine of one run: the stage and its parameters but for the machine's
+    own ``runtime.node_rank``."""
+    shared = json.loads(json.dumps(params, default=str))
+    shared.get("runtime", {}).pop("node_rank", None)
+    return hashlib.sha256(f"{tag}:{json.dumps(shared, sort_keys=True)}".encode()).hexdigest()[:16]
 
 
 def launch(settings: RuntimeSettings, module: str, args: list[str], out: StagedOutputs, tag: str,
-           params_digest: str) -> None:
+           params: dict) -> None:
     """Run the stage's workers under torchrun into ``out``'s staging folder; raise
     :class:`LaunchError` if they fail (their own output already says why)."""
     check_launch(settings)
-    cmd = torchrun_command(settings, module, args, run_id(tag, params_digest))
+    cmd = torchrun_command(settings, module, args, run_id(tag, params))
     env = {**os.environ, STAGING_ENV: str(out.staging.absolute())}
     parent = os.getpid()
     proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent))
@@ -210,15 +216,17 @@ def run_or_launch(tag: str, module: str, args: list[str], run: "Run", out: Stage
     """Inside ``stage_outputs``: run ``body`` here, or in torchrun's workers when the run asks
     for several processes (they run :func:`run_worker`)."""
     from kdlib.runtime import Runtime
-    from stages.guard import PARAMS_FILE, params_digest
+    from stages.guard import PARAMS_FILE
     from stages.params import read_params
     from stages.resume import resume_store
 
     settings = run.params.runtime
-    if settings.launches:
-        launch(settings, module, args, out, tag, params_digest(root / PARAMS_FILE)[0])
-        return
-    check_launch(settings)
+    try:
+        if settings.launches:
+            return launch(settings, module, args, out, tag, read_params(root / PARAMS_FILE))
+        check_launch(settings)
+    except LaunchError as err:
+        raise SystemExit(f"error: {err}") from None
     runtime = Runtime.from_env(settings.device)
     configure_logging(runtime.rank)
     body(run, out, runtime, resume_store(root, tag, read_params(root / PARAMS_FILE), runtime, settings.resume))

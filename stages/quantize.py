@@ -25,8 +25,8 @@ def quantize_role(run: Run, ws: Workspace, role: str) -> list[dict]:
     """Every precision's row for ``role``'s best checkpoint, with its deltas from fp32."""
     settings, index, path = run.params.eval, ws.index(), ws.checkpoint(role)
     size = Checkpoint.read(path).record.input_size
-    test = run.dataset.load(index, "test", size, False)
-    train = run.dataset.load(index, "train", size, False)
+    test = run.dataset.load(index, "test", size, False, *ws.pixel_cache_for(run))
+    train = run.dataset.load(index, "train", size, False, *ws.pixel_cache_for(run))
     picks = random.Random(run.seed).sample(range(len(train)), min(settings.calibration_images, len(train)))
     test_set = materialize(test) if run.dataset.preload else test  # decoded once, shared by every job
 

@@ -43,7 +43,7 @@ def build_cache(run: Run, ws: Workspace = Workspace(), progress: bool = True, ou
     index, size, features = ws.index(), run.student.input_size, run.method.cls.needs_features
     seed_everything(run.seed)
     teacher = load_teacher(Checkpoint.read(ws.teacher_checkpoint), index.meta, runtime, features)
-    train_set = run.dataset.load(index, "train", size, True)
+    train_set = run.dataset.load(index, "train", size, True, *ws.pixel_cache_for(run))
     views = AugmentedViews(train_set, make_view_seeds(run.seed, len(train_set), run.num_views))
     # top-k with a uniform tail approximates a softmax; independent sigmoids need every logit
     topk = None if run.task == "multilabel" else settings.topk

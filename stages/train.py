@@ -32,8 +32,8 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
     the only one), saving and resuming at ``resume``; ``distill`` reads the teacher, its cache and
     the alignment from ``ws``. Returns the fit result and the parameter count."""
     index, model_run = ws.index(), run.model(role)
-    train_set = run.dataset.load(index, "train", model_run.input_size, True)
-    val_set = run.dataset.load(index, "val", model_run.input_size, False)
+    train_set = run.dataset.load(index, "train", model_run.input_size, True, *ws.pixel_cache_for(run))
+    val_set = run.dataset.load(index, "val", model_run.input_size, False, *ws.pixel_cache_for(run))
     seed_everything(run.seed)
     runtime = Runtime.from_env(run.params.runtime.device) if runtime is None else runtime
     teacher = view_seeds = None

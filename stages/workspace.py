@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kdlib.data.index import DatasetIndex, read_index
+
+if TYPE_CHECKING:
+    from stages.params import Run
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,16 @@ class Workspace:
     @property
     def align_checkpoint(self) -> Path:
         return self.align / "last.pt"
+
+    @property
+    def pixel_cache(self) -> Path:
+        """Decoded training-size pixels (kdlib.data.pixel_cache): rebuilt from the data when gone,
+        so neither git nor DVC tracks them."""
+        return self.root / "data" / ".pixel-cache"
+
+    def pixel_cache_for(self, run: "Run") -> tuple[Path, int]:
+        """``DatasetSpec.load``'s ``cache_dir`` and ``cache_workers`` for ``run``."""
+        return self.pixel_cache, run.params.data.num_workers
 
     def index(self) -> DatasetIndex:
         return read_index(self.prepared)
