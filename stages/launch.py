@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from kdlib.outputs import StagedOutputs
-from kdlib.process import die_with_parent, raise_on_termination
+from kdlib.process import die_with_parent, process_start_time, watch_process
 from kdlib.runtime import RuntimeSettings
 
 if TYPE_CHECKING:
@@ -194,9 +194,15 @@ def launch(settings: RuntimeSettings, module: str, args: list[str], out: StagedO
 
 
 def start_worker() -> None:
-    """What a worker does first: stop on SIGTERM (torchrun forwards it) and die with torchrun."""
-    raise_on_termination()
-    die_with_parent(signal.SIGTERM)
+    """What a worker does first: die with torchrun's agent.
+
+    A worker writes only into the stage's staging folder, which the stage process discards, so
+    it needs no cleanup and keeps the default SIGTERM (with a handler that unwinds, a restarted
+    group under ``--max-restarts`` failed to connect: it read the killed group's gloo
+    addresses). The agent is watched by a thread, not by ``PR_SET_PDEATHSIG``, which follows the
+    parent *thread*: the agent may start workers from a thread that then ends."""
+    agent = os.getppid()
+    watch_process(agent, process_start_time(agent), sig=signal.SIGKILL)
 
 
 def configure_logging(rank: int) -> None:
