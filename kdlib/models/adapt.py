@@ -250,7 +250,8 @@ def adapt_state_dict(
     resized: list[Resized] = []
     adapted: list[AdaptedStem] = []
     classes: tuple[int | None, int | None] = (None, None)
-    for key, value in state.items():
+    order = {key: i for i, key in enumerate(own)}  # report in the model's order (safetensors sorts keys)
+    for key, value in sorted(state.items(), key=lambda item: order.get(item[0], len(order))):
         if key not in own:
             unexpected.append(key)
             continue
@@ -285,7 +286,7 @@ def adapt_state_dict(
         raise PretrainedMismatch(
             f"pretrained weights {source} do not fit {type(model).__name__}: shapes differ in a way that is "
             "not a class count (classifier), an input-channel count (first conv) or a ViT position-embedding "
-            "grid:\n  " + "\n  ".join(problems))
+            "grid:\n  " + "\n  ".join(problems) + _other_architecture_hint(len(unexpected), len(state)))
     if not loadable:
         raise PretrainedMismatch(
             f"pretrained weights {source}: none of the file's {len(state)} tensors belong to "
@@ -297,6 +298,13 @@ def adapt_state_dict(
                         missing=tuple(missing), unexpected=tuple(unexpected), stripped_prefix=stripped_prefix,
                         converted_by=converted_by, file_tensors=len(state))
     return loadable, report
+
+
+def _other_architecture_hint(unexpected: int, total: int) -> str:
+    if unexpected * 2 <= total:
+        return ""
+    return (f"\n({unexpected} of the file's {total} tensors are not in the model at all: is it the weights of "
+            "another architecture?)")
 
 
 def _resample_pos_embed(key: str, value: Tensor, model: nn.Module, model_shape: tuple[int, ...]
