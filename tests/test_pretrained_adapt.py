@@ -5,6 +5,7 @@ architecture shrunk to one block), saved in the formats the source projects use;
 value is computed here independently of the loader."""
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 from pathlib import Path
@@ -58,7 +59,8 @@ def test_deit_distilled_224_to_384_one_channel_200_classes(tmp_path: Path, caplo
     arch = "deit_tiny_distilled_patch16_224"
     source = _source(arch, depth=1)
     path = tmp_path / "deit.pth"
-    torch.save({"model": source, "epoch": 299, "args": {"lr": 5e-4}}, path)  # DeiT's checkpoint layout
+    # DeiT's training checkpoint layout (best_checkpoint.pth), its arguments pickled as a Namespace
+    torch.save({"model": source, "epoch": 299, "args": argparse.Namespace(lr=5e-4, model=arch)}, path)
     caplog.set_level(logging.INFO, logger="kdlib.models")
     model = _load(arch, 200, 1, path, depth=1, img_size=384)
     state, fresh = model.state_dict(), _fresh(arch, 200, 1, depth=1, img_size=384)
@@ -249,6 +251,10 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path: Path, caplog) -> Non
                         "pretrained weights: in the file but not in the model, ignored: aux_head.weight"]
 
 
+class Arbitrary:
+    """Any class: unpickling it would need code, which weights_only refuses."""
+
+
 def test_unreadable_file_names_it(tmp_path: Path) -> None:
     path = tmp_path / "broken.pth"
     path.write_bytes(b"not a torch file")
@@ -257,3 +263,8 @@ def test_unreadable_file_names_it(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "args": {"lr": 0.1}}, tmp_path / "no_weights.pth")
     with pytest.raises(PretrainedMismatch, match="no_weights.pth.*top-level keys are epoch, args"):
         build_model("resnet18", 10, 3, pretrained=str(tmp_path / "no_weights.pth"))
+
+    # a pickled object needing code to load: refused (weights_only), with the file named
+    torch.save({"state_dict": _source("resnet18"), "extra": Arbitrary()}, tmp_path / "pickled.pth")
+    with pytest.raises(PretrainedMismatch, match="pickled.pth.*cannot be read"):
+        build_model("resnet18", 10, 3, pretrained=str(tmp_path / "pickled.pth"))

@@ -234,5 +234,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["LoadReport", "ModelSpec", "PretrainedMismatch", "PretrainedUnavailable", "accepted_kwargs", "build_model", "count_parameters",
-           "known_architectures", "kwargs_problems", "load_pretrained", "read_state_dict"]
+__all__ = ["LoadReport", "ModelSpec", "PretrainedMismatch", "PretrainedUnavailable", "accepted_kwargs", "build_model",
+           "count_parameters", "known_architectures", "kwargs_problems", "load_pretrained", "read_state_dict"]

@@ -32,6 +32,7 @@ ConvNeXt: ``downsample_layers.*``, ``dwconv``…) is converted by the architectu
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import sys
@@ -147,7 +148,10 @@ def read_state_dict(path: Path) -> tuple[dict[str, Tensor], str | None]:
 
             state: Any = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # DeiT's and ConvNeXt's training checkpoints pickle their argparse.Namespace of arguments:
+            # plain data, allowed; anything else that needs code to unpickle is refused
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated, or a pickle needing arbitrary classes
         raise PretrainedMismatch(f"pretrained weights file {str(path)!r} cannot be read as a state dict "
                                  f"(.safetensors, or a torch file of tensors): {err}") from None
