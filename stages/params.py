@@ -100,8 +100,17 @@ class Params:
     def problems(self) -> list[tuple[str | None, str]]:
         found: list[tuple[str | None, str]] = []
         for role in ("teacher", "student"):
-            if getattr(self, role) not in self.models:
+            preset = getattr(self, role)
+            if preset not in self.models:
                 found.append((role, f"expected one of the models presets: {', '.join(self.models)}"))
+                continue
+            # only the presets this run uses: one naming weights another machine has stays valid here
+            missing = self.models[preset][0].missing_weights()
+            if missing and (role == "teacher" or preset != self.teacher):  # one message for teacher == student
+                weights = self.models[preset][0].pretrained
+                found.append((None, f"models.{preset}.pretrained = {weights!r}: {missing} (the {role} preset "
+                                    f"{preset!r}); put the file there, or -S models.{preset}.pretrained=<path> or "
+                                    "=false"))
         if self.dataset not in self.datasets:
             found.append(("dataset", f"expected one of: {', '.join(self.datasets)}"))
             return found

@@ -76,14 +76,28 @@ def test_valid_kwargs_of_every_preset_are_accepted(repo_params) -> None:
     resolve(mutated(params, "models.deit.kwargs.mlp_ratio", 2.0))
 
 
-def test_missing_pretrained_file_names_key_path_and_what_it_should_be(repo_params, tmp_path: Path) -> None:
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_missing_pretrained_file_names_key_path_and_what_it_should_be(repo_params, tmp_path: Path, role) -> None:
+    # (a preset in use: since presets name real weights files, only those of the run are checked)
     _unused(repo_params, "models", "convnext")
     missing = str(tmp_path / "convnext_atto.safetensors")
-    message = error_of(mutated(repo_params, "models.convnext.pretrained", missing))
+    message = error_of(mutated(mutated(repo_params, "models.convnext.pretrained", missing), role, "convnext"))
     assert f"models.convnext.pretrained = {missing!r}: no such file; expected false, true (timm's default " \
            "weights) or the path of an existing .safetensors / .pth / .bin state dict" in message
+    assert f"the {role} preset 'convnext'" in message and "-S models.convnext.pretrained=" in message
     (tmp_path / "convnext_atto.safetensors").write_bytes(b"")  # exists: the file's content is read at build time
+    resolve(mutated(mutated(repo_params, "models.convnext.pretrained", missing), role, "convnext"))
+
+
+def test_missing_pretrained_file_of_an_unused_preset_is_accepted(repo_params, tmp_path: Path) -> None:
+    """A preset naming weights this machine lacks (the projects' presets point under weights/) does
+    not make params.yaml invalid while no role uses it; one message when teacher == student."""
+    _unused(repo_params, "models", "convnext")
+    missing = str(tmp_path / "convnext_atto.safetensors")
     resolve(mutated(repo_params, "models.convnext.pretrained", missing))
+    both = mutated(mutated(mutated(repo_params, "models.convnext.pretrained", missing), "teacher", "convnext"),
+                   "student", "convnext")
+    assert error_of(both).count(f"models.convnext.pretrained = {missing!r}") == 1
 
 
 # ---------------------------------------------------------------- presets not in use, preset names

@@ -89,10 +89,11 @@ def test_pretrained_true_unreachable_fails_fast(monkeypatch: pytest.MonkeyPatch,
 def test_pretrained_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "weights" / "nope.pth"
     with pytest.raises(PretrainedUnavailable) as info:
-        pretrained_kwargs("resnet18", str(missing))
-    assert str(missing) in str(info.value)
-    with pytest.raises(PretrainedUnavailable, match="nope.pth"):
         build_model("resnet18", 10, 3, pretrained=str(missing))
+    assert str(missing) in str(info.value) and "resnet18" in str(info.value)
+    # files go through kdlib.models.adapt only, never timm's silent pretrained_cfg_overlay
+    with pytest.raises(TypeError, match="load_pretrained"):
+        pretrained_kwargs("resnet18", str(missing))
 
 
 def _assert_same_state(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> None:
@@ -249,3 +250,104 @@ def test_kwargs_of_config_built_timm_models_are_not_guessed() -> None:
 
     assert accepted_kwargs("regnetx_002") is None
     assert kwargs_problems("regnetx_002", {"w0": 24}) == []
+
+
+# ---- the projects' presets at their real size ---------------------------------------------------
+# Published parameter counts at 1000 classes (torchvision's model docs for the ResNets, MobileNetV2 and
+# EfficientNet-B0; the ConvNeXt and DeiT papers' 89M / 87M, exact figures of their released models).
+PUBLISHED_PARAMETERS = {
+    "convnext_b_fgvc": 88_591_464, "deit_b384_fgvc": 87_630_032, "resnet50_lskd": 25_557_032,
+    "resnet18_lskd": 11_689_512, "mobilenetv2_lskd": 3_504_872, "efficientnet_b0_lskd": 5_288_548,
+    "resnet34_lshfm": 21_797_672, "resnet18_lshfm": 11_689_512,
+}
+# too slow to run forward on 2 CPU cores at 384 px: building them is the check
+BUILD_ONLY = {"convnext_b_fgvc", "deit_b384_fgvc"}
+
+
+def _preset(name: str):
+    from stages.params import read_params
+    from kdlib.schema import parse_merged
+    from kdlib.models import ModelSpec
+    from kdlib.train import Recipe
+
+    problems: list[str] = []
+    spec, recipe = parse_merged((ModelSpec, Recipe), read_params()["models"][name], f"models.{name}.", problems)
+    assert problems == []
+    return spec, recipe
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_project_presets_build_at_their_real_size(name: str) -> None:
+    from dataclasses import replace
+
+    spec, _ = _preset(name)
+    assert isinstance(spec.pretrained, str) and spec.pretrained.startswith("weights/")
+    torch.manual_seed(0)
+    model = replace(spec, pretrained=False).build(num_classes=1000, in_chans=3)
+    assert count_parameters(model) == PUBLISHED_PARAMETERS[name]
+    if name in BUILD_ONLY:
+        return
+    size = spec.input_size or 224
+    with torch.no_grad():
+        out = replace(spec, pretrained=False).build(num_classes=20, in_chans=3).eval()(torch.randn(1, 3, size, size))
+    assert out.shape == (1, 20) and torch.isfinite(out).all()
+
+
+def test_project_presets_recipes() -> None:
+    """The recipes as the projects ran them (values checked against their scripts, not re-derived)."""
+    convnext, deit = _preset("convnext_b_fgvc"), _preset("deit_b384_fgvc")
+    assert (convnext[0].drop_path, deit[0].drop_path) == (0.8, 0.8)
+    assert (convnext[0].input_size, deit[0].input_size) == (384, 384)
+    assert convnext[0].model_kwargs == {"head_init_scale": 0.001, "drop_path_rate": 0.8}
+    assert (convnext[1].optimizer, convnext[1].lr, convnext[1].weight_decay, convnext[1].epochs) == ("adamw", 5e-5, 1e-8, 60)
+    # DeiT's --lr 5e-5 x batch 16 / 512, rising to its min_lr 1e-5
+    assert (deit[1].lr, deit[1].min_lr, deit[1].batch_size, deit[1].epochs) == (5e-5 * 16 / 512, 1e-5, 16, 60)
+    teacher = _preset("resnet50_lskd")[1]
+    assert (teacher.optimizer, teacher.lr, teacher.weight_decay, teacher.schedule, teacher.step_epochs,
+            teacher.step_gamma, teacher.epochs, teacher.batch_size) == ("sgd", 0.01, 1e-4, "step", 30, 0.1, 90, 256)
+    for student in ("resnet18_lskd", "mobilenetv2_lskd", "efficientnet_b0_lskd"):
+        r = _preset(student)[1]
+        assert (r.lr, r.weight_decay, r.momentum, r.schedule, r.step_epochs, r.epochs) == (0.01, 1e-3, 0.9, "step", 80, 200)
+    for name in ("resnet34_lshfm", "resnet18_lshfm"):
+        spec, r = _preset(name)
+        assert (spec.input_size, r.lr, r.weight_decay, r.batch_size, r.epochs, r.schedule, r.min_lr) == (
+            448, 0.01, 1e-5, 16, 60, "cosine", 0.0)
+
+
+# (teacher, student, dataset, overrides) as the README's reproduction commands run them
+PROJECT_RUNS = [
+    ("convnext_b_fgvc", "deit_b384_fgvc", "cub200_fgvc", {"distill": {"method": "deit_hard"}}),
+    ("convnext_b_fgvc", "deit_b384_fgvc", "cub_dogs", {"distill": {"method": "deit_hard"}}),
+    ("resnet50_lskd", "resnet18_lskd", "cub200", {"teacher_ls": 0.1}),
+    ("resnet50_lskd", "mobilenetv2_lskd", "cub200", {"teacher_ls": 0.0}),
+    ("resnet34_lshfm", "resnet18_lshfm", "voc2007", {"distill": {"method": "lshl2"}}),
+]
+
+
+@pytest.mark.parametrize(("teacher", "student", "dataset", "overrides"), PROJECT_RUNS,
+                         ids=[f"{t}-{s}-{d}" for t, s, d, _ in PROJECT_RUNS])
+def test_project_runs_resolve_once_their_weights_exist(tmp_path: Path, monkeypatch, teacher, student, dataset,
+                                                       overrides) -> None:
+    """Missing weights stop exactly the run that needs them; with the files in weights/ it resolves."""
+    import copy
+
+    from stages.params import ParamError, read_params, resolve
+
+    values = copy.deepcopy(read_params(Path(__file__).resolve().parents[1] / "params.yaml"))
+    values.update(teacher=teacher, student=student, dataset=dataset)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            values[key].update(value)
+        else:
+            values[key] = value
+    monkeypatch.chdir(tmp_path)  # preset paths are relative to the working directory (the repository root)
+    with pytest.raises(ParamError) as info:
+        resolve(values)
+    for preset in (teacher, student):
+        assert f"models.{preset}.pretrained = {values['models'][preset]['pretrained']!r}: no such file" in str(info.value)
+    for preset in (teacher, student):
+        weights = tmp_path / values["models"][preset]["pretrained"]
+        weights.parent.mkdir(exist_ok=True)
+        weights.write_bytes(b"")
+    run = resolve(values)
+    assert (run.teacher.preset, run.student.preset, run.dataset.layout) == (teacher, student, values["datasets"][dataset]["layout"])

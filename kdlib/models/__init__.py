@@ -21,6 +21,8 @@ import timm
 import torch
 from torch import nn
 
+from kdlib.models.adapt import LoadReport, PretrainedMismatch, load_pretrained
+from kdlib.models.adapt import read_state_dict as _read_state_dict
 from kdlib.models.pretrained import PretrainedUnavailable, pretrained_kwargs
 from kdlib.schema import is_float, is_int, is_mapping, is_str, optional, setting
 
@@ -47,13 +49,17 @@ class ModelSpec:
     def problems(self) -> list[tuple[str | None, str]]:
         if self.arch not in known_architectures():
             return [("arch", "not a timm architecture (see timm.list_models())")]
-        found: list[tuple[str | None, str]] = []
+        # whether a `pretrained` file exists is checked for the presets a run uses only
+        # (stages.params.Params.problems): a preset naming weights this machine lacks must not
+        # make the whole params.yaml invalid while it is unused
+        return kwargs_problems(self.arch, self.kwargs, drop_path=bool(self.drop_path))
+
+    def missing_weights(self) -> str | None:
+        """Why ``pretrained`` cannot be loaded on this machine (a path that is not a file), or None."""
         if isinstance(self.pretrained, str) and not Path(self.pretrained).is_file():
-            found.append(("pretrained", "no such file; expected false, true (timm's default weights) or the path "
-                                        "of an existing .safetensors / .pth / .bin state dict (relative to the "
-                                        "repository root)"))
-        found += kwargs_problems(self.arch, self.kwargs, drop_path=bool(self.drop_path))
-        return found
+            return ("no such file; expected false, true (timm's default weights) or the path of an existing "
+                    ".safetensors / .pth / .bin state dict (relative to the repository root)")
+        return None
 
     @property
     def model_kwargs(self) -> dict[str, Any]:
@@ -194,18 +200,21 @@ def build_model(
     """Build ``arch`` with a ``num_classes`` head for ``in_chans`` input channels.
 
     ``kwargs`` go to the timm entry point (``drop_path_rate``, ``img_size``, ``depth``, …).
-    Pretrained heads and stems are adapted by timm when ``num_classes`` / ``in_chans`` differ.
+    ``pretrained``: ``True`` loads timm's default (hub) weights, timm adapting head and stem;
+    a path loads that file through :func:`kdlib.models.adapt.load_pretrained`, which drops a
+    classifier of another class count, adapts the stem to ``in_chans``, resamples ViT position
+    embeddings to the model's grid, logs what it did on ``kdlib.models`` and refuses any other
+    shape mismatch (:class:`PretrainedMismatch`, naming the key and both shapes).
     """
     if arch not in known_architectures():
         raise KeyError(f"unknown architecture {arch!r} (not in timm's registry)")
     if isinstance(pretrained, str):
+        path = Path(pretrained)
+        if not path.is_file():  # before building: a ViT-B takes seconds to initialize
+            raise PretrainedUnavailable(f"pretrained weights file {str(path)!r} for {arch!r} does not exist")
         model = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, pretrained=False, **kwargs)
-        state = read_state_dict(Path(pretrained))
-        own = model.state_dict()
-        if state.keys() == own.keys() and all(state[k].shape == own[k].shape for k in own):
-            model.load_state_dict(state)  # the file fits this task exactly: keep every weight
-            return model
-        # otherwise timm adapts it (new classifier, stem summed/repeated for other channels)
+        load_pretrained(model, path)
+        return model
     return timm.create_model(
         arch,
         num_classes=num_classes,
@@ -216,24 +225,14 @@ def build_model(
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file; unwraps our checkpoints
-    (``state_dict``) and DeiT/ConvNeXt-style ones (``model``)."""
-    if not path.is_file():
-        raise PretrainedUnavailable(f"pretrained weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
+    """The tensors of a weights file (``.safetensors`` or torch), unwrapped from our checkpoints
+    (``state_dict``) and DeiT/ConvNeXt-style ones (``model``), DDP's ``module.`` prefix stripped."""
+    return _read_state_dict(path)[0]
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ModelSpec", "PretrainedUnavailable", "accepted_kwargs", "build_model", "count_parameters",
-           "known_architectures", "kwargs_problems"]
+__all__ = ["LoadReport", "ModelSpec", "PretrainedMismatch", "PretrainedUnavailable", "accepted_kwargs", "build_model",
+           "count_parameters", "known_architectures", "kwargs_problems", "load_pretrained", "read_state_dict"]

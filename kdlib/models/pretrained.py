@@ -1,4 +1,5 @@
-"""Resolving ``pretrained: false | true | <path>`` without ever hanging on the network.
+"""Resolving ``pretrained: false | true`` without ever hanging on the network (a ``<path>`` is
+loaded by :mod:`kdlib.models.adapt`).
 
 ``true`` asks timm for the model's default weights. Offline, huggingface_hub retries a HEAD
 request for about 50 s before failing, so the hub is probed first (DNS + TCP, one second in
@@ -58,19 +59,17 @@ def pretrained_kwargs(arch: str, pretrained: bool | str, reachable: bool | None 
 
     Args:
         arch: timm architecture name.
-        pretrained: ``False`` (random init), ``True`` (timm's default weights) or a path to a
-            ``.safetensors`` / ``.pth`` / ``.bin`` state dict.
+        pretrained: ``False`` (random init) or ``True`` (timm's default weights); a file path
+            is refused (:func:`kdlib.models.adapt.load_pretrained` loads files).
         reachable: override of the hub probe (tests); ``None`` probes.
     """
     if pretrained is False:
         return {"pretrained": False}
     if isinstance(pretrained, str):
-        path = Path(pretrained)
-        if not path.is_file():
-            raise PretrainedUnavailable(
-                f"pretrained weights file {str(path)!r} for {arch!r} does not exist"
-            )
-        return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path.resolve())}}
+        # one loader for files, which reports what it adapted (kdlib.models.adapt); timm's
+        # pretrained_cfg_overlay path would adapt silently and differently (antialiased pos_embed)
+        raise TypeError(f"pretrained={pretrained!r} for {arch!r}: a weights file is loaded by "
+                        "kdlib.models.adapt.load_pretrained (build_model does it), not through timm's kwargs")
     cached = _cached_hub_file(arch)
     if cached is not None:
         return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(cached)}}
