@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kdlib.checkpoint import Checkpoint
 from kdlib.data.transforms import BatchNormalizer
 from kdlib.data.views import AugmentedViews, make_view_seeds
@@ -54,8 +56,9 @@ def build_cache(run: Run, ws: Workspace = Workspace(), progress: bool = True, ou
                                 rank=runtime.rank, world=runtime.world_size)
     if runtime.writes_outputs:
         cache.save(out_dir)
+    peak = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else None
     return {"enabled": True, "images": cache.num_images, "views": cache.num_views, "features": features,
-            "bytes": cache.nbytes, "build_seconds": time.perf_counter() - start}
+            "bytes": cache.nbytes, "build_seconds": time.perf_counter() - start, "peak_cuda_memory_bytes": peak}
 
 
 def main() -> None:
@@ -65,7 +68,8 @@ def main() -> None:
     def work(run: Run, out, runtime: Runtime, resume: ResumeStore | None) -> None:
         summary = build_cache(run, ws, out_dir=out(ws.teacher_cache), runtime=runtime)
         if runtime.writes_outputs:
-            write_json(out(timing), {"build_seconds": round(summary["build_seconds"], 2)})
+            write_json(out(timing), {"build_seconds": round(summary["build_seconds"], 2),
+                                     "peak_cuda_memory_bytes": summary.get("peak_cuda_memory_bytes")})
         if not runtime.is_main:
             return
         if summary["enabled"]:
