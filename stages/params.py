@@ -122,7 +122,15 @@ class Params:
         if cls.needs_features and self.align.epochs and cls.alignment_knobs(self.align.beta) is None:
             found.append((None, f"distill.method = {method!r} mimics features but cannot be aligned (its "
                                 "alignment_knobs() is None: no gamma/beta knobs); set -S align.epochs=0"))
-        if self.teacher_cache.enabled and self.datasets[self.dataset].mixes:
+        data = self.datasets[self.dataset]
+        for role in ("teacher", "student"):
+            spec = self.models[getattr(self, role)][0] if getattr(self, role) in self.models else None
+            size = (spec.input_size or data.image_size) if spec is not None else None
+            if data.preload_size is not None and size is not None and data.preload_size < size:
+                found.append((None, f"datasets.{self.dataset}.preload_size = {data.preload_size}: expected at least "
+                                    f"{size}, the input size of the {role} preset {getattr(self, role)!r} (or null); "
+                                    f"e.g. -S datasets.{self.dataset}.preload_size={size}"))
+        if self.teacher_cache.enabled and data.mixes:
             found.append((None, f"datasets.{self.dataset}: MixUp/CutMix mix pairs of images per batch, and the "
                                 "teacher must see the mixed batch, so its outputs cannot be cached per view; set "
                                 "-S teacher_cache.enabled=false"))

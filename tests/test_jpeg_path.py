@@ -354,3 +354,14 @@ def test_mnist_default_is_unchanged(tmp_path: Path):
         image, target, position = data[i]
         assert image.dtype == torch.uint8 and image.shape == (1, 28, 28)
         assert torch.equal(image[0], torch.from_numpy(pixels.copy())) and target == record.label and position == i
+
+
+def test_preload_size_below_a_used_model_input_size_is_refused_before_any_work() -> None:
+    from stages.params import ParamError, read_params, resolve
+
+    params = read_params()
+    params.update(dataset="cub200", student="deit")
+    params["models"]["deit"]["input_size"] = 288
+    with pytest.raises(ParamError, match=r"datasets.cub200.preload_size = 256: expected at least 288, the input size "
+                                         r"of the student preset 'deit' \(or null\)"):
+        resolve(params)
