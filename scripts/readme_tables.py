@@ -608,6 +608,33 @@ def loader(repo_root: Path, reports: Path | None = None) -> str:
     return _markdown(table, text)
 
 
+@generator("scale", "bench/scale.json")
+def scale(repo_root: Path, reports: Path | None = None) -> str:
+    """``bench/scale.py``: one process against two with the same global batch."""
+    d = _json(_reports(repo_root, reports), "bench/scale.json")
+    names = {"deit": "1-block DeiT (no batch statistics)", "cnn_small": "cnn_small (BatchNorm)"}
+    rows = [[names.get(c["preset"], c["preset"]),
+             *(f"{c['max_abs_difference'][k]:.1e}" for k in ("train/loss", "val/loss", "val/top1", "weights"))]
+            for c in d["one_against_two"]]
+    table = _table(["student", "train loss", "val loss", "val top-1 (pt)", "final weights"],
+                   ["---"] + ["---:"] * 4, rows)
+    return _markdown(table, f"Largest absolute difference over {d['epochs']} epochs, 1 process × batch 16 against "
+                            "2 processes × batch 8 (gloo, CPU).")
+
+
+@generator("resume", "bench/scale.json")
+def resume(repo_root: Path, reports: Path | None = None) -> str:
+    """``bench/scale.py``: the teacher stage killed after epoch 2 and run again."""
+    d = _json(_reports(repo_root, reports), "bench/scale.json")
+    rows = [[str(r["processes"]), f"`{name}`", f"`{v['uninterrupted'][:12]}`", f"`{v['killed_and_resumed'][:12]}`"]
+            for r in d["kill_and_resume"] for name, v in r["md5"].items()]
+    table = _table(["processes", "file", "md5, uninterrupted", "md5, killed after epoch 2 + rerun"],
+                   ["---:", "---", "---", "---"], rows)
+    verdict = "identical" if d["resume_identical"] else "NOT identical"
+    return _markdown(table, f"{max(r['processes'] for r in d['kill_and_resume'])} processes: a worker killed, "
+                            f"torchrun's `--max-restarts` restarted the group. Every file {verdict}.")
+
+
 # --- README blocks ------------------------------------------------------------------------------------
 
 
