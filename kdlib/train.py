@@ -35,7 +35,7 @@ from kdlib.features import prediction_logits
 from kdlib.losses.base import Method
 from kdlib.losses.registry import TeacherOutput
 from kdlib.metrics import EvalResult, evaluate
-from kdlib.resume import ResumeStore, restore_rng
+from kdlib.resume import ResumeStore, ResumeWarning, restore_rng
 from kdlib.runtime import Runtime, has_native_kernels, make_loader
 from kdlib.schema import is_bool, is_float, is_int, one_of, setting
 
@@ -398,6 +398,11 @@ def fit(
     seen, train_seconds, last_val_score, last_epoch, start_epoch = 0, 0.0, 0.0, 0, 1
     reseed(seed + runtime.rank)
     saved = resume.load() if resume is not None else None
+    found = distributed.all_gather_objects(saved[0]["epoch"] if saved is not None else 0)
+    if len(set(found)) > 1:  # e.g. a machine whose store lost a state: resuming apart would diverge
+        warnings.warn(f"the processes found resume states of different epochs ({found}); training from the start",
+                      ResumeWarning, stacklevel=2)
+        saved = None
     if saved is not None:
         state, rng, files = saved
         model.load_state_dict(state["model"])

@@ -46,7 +46,7 @@ class ListLogger:
 
 
 def run_fit(image_dir, out: Path, epochs: int = 2, patience: int = 0, objective=None, teacher=None,
-            logger=None, amp: str = "none", mix=None):
+            logger=None, amp: str = "none", mix=None, resume=None):
     root, records = image_dir
     augment = build_transforms("shift", 16, 16, True, {"shift_px": 2})
     train = IndexedImageDataset(root, [r for r in records if r.split == "train"], 1, augment.sample,
@@ -57,7 +57,7 @@ def run_fit(image_dir, out: Path, epochs: int = 2, patience: int = 0, objective=
     recipe = Recipe(epochs=epochs, batch_size=8, lr=0.05, patience=patience, warmup_epochs=1, amp=amp)
     data = TrainData(train, val, BatchNormalizer([0.5], [0.25]), mix=mix)
     result = fit(model, objective or build_objective("ce"), recipe, data, out, RECORD, seed=0, teacher=teacher,
-                 logger=logger, progress=False)
+                 logger=logger, progress=False, resume=resume)
     return model, result
 
 
@@ -220,3 +220,36 @@ def test_selection_state_dict_round_trip_continues_identically():
         assert first.should_stop == restored.should_stop
         assert restored == first
     assert restored.best_epoch == 5 and restored.should_stop
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingLogger(ListLogger):
+    """Raises while logging epoch ``at``: the states of the epochs before it are saved."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def next_step(self) -> None:
+        if len(self.rows) == self.at:
+            raise Crash
+        super().next_step()
+
+
+def test_a_run_that_crashed_resumes_to_the_same_bytes_and_log(image_dir, tmp_path):
+    from kdlib.resume import ResumeStore
+
+    whole = ListLogger()
+    _, uninterrupted = run_fit(image_dir, tmp_path / "whole", epochs=4, logger=whole)
+    store = ResumeStore(tmp_path / "state", "run key")
+    with pytest.raises(Crash):
+        run_fit(image_dir, tmp_path / "first", epochs=4, logger=CrashingLogger(at=3), resume=store)
+    again = ListLogger()
+    _, resumed = run_fit(image_dir, tmp_path / "second", epochs=4, logger=again, resume=store)
+    assert resumed.resumed_from_epoch == 2 and uninterrupted.resumed_from_epoch == 0
+    assert resumed.history == uninterrupted.history and again.rows == whole.rows  # replayed, none twice
+    for name in ("best.pt", "last.pt"):
+        assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
