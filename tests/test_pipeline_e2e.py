@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvc_repo import run, scratch_repository
+from dvc_repo import built_once, copy_workspace, dvc_env, run, scratch_repository
+
 pytestmark = pytest.mark.slow
+# two work units for pytest-xdist (--dist loadgroup): the fresh run and its forced re-run; the experiments
+FRESH = pytest.mark.xdist_group("pipeline_e2e_fresh")
+EXPERIMENTS = pytest.mark.xdist_group("pipeline_e2e_experiments")
 
 
 def shrink(params: dict) -> dict:
@@ -27,15 +31,30 @@ def shrink(params: dict) -> dict:
     return params
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    work = tmp_path_factory.mktemp("pipeline") / "repo"
-
+def build_trained(work: Path) -> dict:
+    """Copy the repository into ``work`` with tiny parameters, run `dvc repro` from scratch, then
+    `dvc repro` again; the record keeps both outputs for the first test's checks."""
     def small(repo: Path) -> None:
         params = shrink(yaml.safe_load((repo / "params.yaml").read_text()))
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    return work, scratch_repository(work, small)
+    env = scratch_repository(work, small)
+    first = run(["dvc", "repro"], work, env)
+    second = run(["dvc", "repro"], work, env)
+    return {"first_stdout": first.stdout, "second_stdout": second.stdout}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The pipeline reproduced once from scratch, shared by this file's two groups of tests (which
+    pytest-xdist may run on different workers): read-only, each group changes a copy of it."""
+    return built_once(tmp_path_factory, "pipeline-trained", build_trained)
+
+
+@pytest.fixture(scope="module")
+def experiments_workdir(trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A copy of the reproduced pipeline for the `dvc exp run` tests, which run in order on it."""
+    return copy_workspace(trained[0], tmp_path_factory.mktemp("experiments") / "repo"), dvc_env()
 
 
 ROLES = ("teacher", "baseline", "distill")
@@ -72,11 +91,11 @@ def results_without_measurements(work: Path) -> str:
     return (work / "reports/results.md").read_text().split("## Quantized evaluation")[0]
 
 
-def test_repro_produces_every_output_and_is_a_noop_the_second_time(workdir):
-    work, env = workdir
-    first = run(["dvc", "repro"], work, env)
+@FRESH
+def test_repro_produces_every_output_and_is_a_noop_the_second_time(trained):
+    work, record = trained
     for path in declared_outputs(work):
-        assert path.exists(), f"declared output {path.relative_to(work)} missing\n{first.stdout[-3000:]}"
+        assert path.exists(), f"declared output {path.relative_to(work)} missing\n{record['first_stdout'][-3000:]}"
     for role in ROLES:
         evaluation = json.loads((work / f"reports/evaluate/{role}.json").read_text())
         for which in ("best", "last"):
@@ -93,14 +112,17 @@ def test_repro_produces_every_output_and_is_a_noop_the_second_time(workdir):
     assert {row["status"] for role in ("teacher", "baseline", "distill") for row in quantization[role].values()} \
         == {"ok"}, quantization
 
-    second = run(["dvc", "repro"], work, env)
-    assert "Running stage" not in second.stdout, second.stdout
-    assert "up to date" in second.stdout
+    assert "Running stage" in record["first_stdout"]
+    second = record["second_stdout"]
+    assert "Running stage" not in second, second
+    assert "up to date" in second
 
 
-def test_forced_rerun_reproduces_every_output_bit_for_bit(workdir):
-    work, env = workdir
-    before, results = lock_hashes(work), results_without_measurements(work)
+@FRESH
+def test_forced_rerun_reproduces_every_output_bit_for_bit(trained, tmp_path):
+    reproduced, _ = trained
+    before, results = lock_hashes(reproduced), results_without_measurements(reproduced)
+    work, env = copy_workspace(reproduced, tmp_path / "repo"), dvc_env()
     run(["dvc", "repro", "--force"], work, env)
     after = lock_hashes(work)
     assert {"models/teacher", "models/teacher_cache", "models/distill", "reports/figures"} <= set(before)
@@ -108,8 +130,9 @@ def test_forced_rerun_reproduces_every_output_bit_for_bit(workdir):
     assert results == results_without_measurements(work) and "KD gain" in results
 
 
-def test_experiment_with_deit_student_then_metrics_and_plots_diff(workdir):
-    work, env = workdir
+@EXPERIMENTS
+def test_experiment_with_deit_student_then_metrics_and_plots_diff(experiments_workdir):
+    work, env = experiments_workdir
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "baseline results"], work, env)
     # the DeiT student with DeiT's hard distillation-token KD (as in the teacher-architecture study)
@@ -126,13 +149,14 @@ def test_experiment_with_deit_student_then_metrics_and_plots_diff(workdir):
     assert "Validation top-1" in html or "val/top1" in html, plots.stdout
 
 
-def test_feature_distillation_experiments(workdir):
+@EXPERIMENTS
+def test_feature_distillation_experiments(experiments_workdir):
     """`dvc exp run -S distill.method=...`: a feature method runs the align stage and stores its LSH
     bias with the student; a sweep of its knobs reuses the teacher cache, and evaluates and measures
     only the student it changes (evaluate and quantize run once per model)."""
     import torch
 
-    work, env = workdir
+    work, env = experiments_workdir
     first = run(["dvc", "exp", "run", "-S", "student=cnn_small", "-S", "distill.method=lshl2"], work, env).stdout
     assert json.loads((work / "models/align/align.json").read_text())["aligned"] is True
     assert (work / "models/align/last.pt").is_file()
