@@ -14,12 +14,11 @@ repro: setup
 	$(VENV)/dvc repro
 	@cat reports/results.md
 
-# Two workers (most of the slow tests wait on single-threaded process start-up and DVC). --dist
-# loadgroup with the groups tests/conftest.py gives: a file's ordered tests stay together, as under
-# --dist loadfile, but the slowest units start first and each quick benchmark is a unit of its own;
-# --no-loadscope-reorder keeps that order (xdist would sort units by their number of tests).
+# Two workers, one test file each at a time (--dist loadfile keeps a file's ordered tests together):
+# most of the slow tests wait on single-threaded process start-up and DVC. tests/conftest.py puts the
+# slowest files first; --no-loadscope-reorder keeps that order (xdist would sort files by test count).
 test: setup
-	$(VENV)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
+	$(VENV)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	$(VENV)/python bench/pipeline.py

@@ -20,32 +20,22 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-# The work units of `-n 2 --dist loadgroup` (Makefile), longest first. A unit is one file, as
-# under --dist loadfile, unless its tests carry their own xdist_group mark; each quick benchmark
-# is a unit of its own (they share nothing). With two workers the run lasts as long as the later
-# one: started last, one of these (minutes each) would run on alone after everything else ends.
+
+# `-n 2 --dist loadfile --no-loadscope-reorder` (Makefile) hands the workers one file at a time in
+# this order: with two workers the run lasts as long as the later one, and one of these files
+# (minutes each) started last would run on alone after everything else ended. The rest keep the
+# collection's order.
 LONGEST_FIRST = (
-    "pipeline_e2e_fresh",
-    "tests/test_bench.py::test_quick_benchmark_writes_its_result[pipeline]",
-    "pipeline_e2e_experiments",
+    "tests/test_pipeline_e2e.py",  # builds the reproduced pipeline the experiments file copies
+    "tests/test_bench_pipeline.py",
+    "tests/test_pipeline_e2e_experiments.py",
     "tests/test_interrupts.py",
     "tests/test_pipeline_datasets.py",
+    "tests/test_bench.py",
 )
-OWN_UNIT = "tests/test_bench.py::test_quick_benchmark_writes_its_result["
 
 
-def work_unit(item: pytest.Item) -> str:
-    marks = [m.args[0] if m.args else m.kwargs["name"] for m in item.iter_markers("xdist_group")]
-    if marks:
-        return marks[0]
-    return item.nodeid if item.nodeid.startswith(OWN_UNIT) else item.nodeid.split("::")[0]
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if not any(item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(work_unit(item)))
-    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
-    # a stable sort: a file's tests keep their order, and the other units the collection's
-    items.sort(key=lambda item: rank.get(work_unit(item), len(rank)))
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    # a stable sort: each file's tests keep their order
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
