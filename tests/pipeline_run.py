@@ -38,7 +38,7 @@ def build_trained(work: Path) -> dict:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The pipeline reproduced once from scratch, shared by the two end-to-end files (which
-    pytest-xdist may run on different workers): read-only, each group changes a copy of it."""
+    pytest-xdist may run on different workers): read-only, each file changes a copy of it."""
     return built_once(tmp_path_factory, "pipeline-trained", build_trained)
 
 
