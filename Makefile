@@ -15,9 +15,10 @@ repro: setup
 	@cat reports/results.md
 
 # Two workers, one test file each at a time (--dist loadfile keeps a file's ordered tests together):
-# most of the slow tests wait on single-threaded process start-up and DVC.
+# most of the slow tests wait on single-threaded process start-up and DVC. tests/conftest.py puts the
+# slowest files first; --no-loadscope-reorder keeps that order (xdist would sort files by test count).
 test: setup
-	$(VENV)/python -m pytest -q -n 2 --dist loadfile
+	$(VENV)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	$(VENV)/python bench/pipeline.py

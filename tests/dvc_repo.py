@@ -18,6 +18,17 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> s
     return proc
 
 
+def dvc_env() -> dict[str, str]:
+    """This environment, with this venv's ``python`` and ``dvc`` first on PATH and a git identity."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    }
+
+
 def scratch_repository(work: Path, edit: Callable[[Path], None]) -> dict[str, str]:
     """Copy the repository's tracked and unignored files (not dvc.lock) to ``work``, let ``edit``
     change them (e.g. shrink params.yaml), commit them, and return the environment to run `dvc` in."""
@@ -29,14 +40,36 @@ def scratch_repository(work: Path, edit: Callable[[Path], None]) -> dict[str, st
             shutil.copy2(REPO / rel, work / rel)
     (work / "dvc.lock").unlink(missing_ok=True)
     edit(work)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    }
+    env = dvc_env()
     run(["git", "init", "-q"], work, env)
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "fixture"], work, env)
     return env
+
+
+def copy_workspace(src: Path, dst: Path) -> Path:
+    """A copy of a scratch repository ``src`` (git history, DVC cache and run cache, outputs) at
+    ``dst``, to run on from where ``src`` stands. DVC's state database (``.dvc/tmp``) is left
+    behind: it is keyed by inode, so the copy's outputs are hashed afresh."""
+    shutil.copytree(src, dst, symlinks=True, ignore=lambda folder, names: ["tmp"] if folder == str(src / ".dvc") else [])
+    return dst
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], dict]) -> tuple[Path, dict]:
+    """``build(folder)`` run once for the whole test session, pytest-xdist workers included: the
+    first worker to ask builds it under a file lock while the others wait, then all read the JSON
+    record it returned. Callers must treat the folder as read-only (copy it to change it)."""
+    import fcntl
+    import json
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    folder, record = root / name, root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
+            folder.mkdir()
+            record.write_text(json.dumps(build(folder)))
+    return folder, json.loads(record.read_text())
