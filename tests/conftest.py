@@ -30,6 +30,9 @@ LONGEST_FIRST = (
     "tests/test_bench_pipeline.py",
     "tests/test_pipeline_e2e_experiments.py",
     "tests/test_interrupts.py",
+    "tests/test_resume.py",
+    "tests/test_distributed.py",
+    "tests/test_bench_scale.py",
     "tests/test_pipeline_datasets.py",
     "tests/test_bench.py",
 )

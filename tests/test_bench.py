@@ -20,22 +20,26 @@ EXPECTED_KEYS = {
     "kd_cache": {"epoch_s_baseline", "epoch_s_online", "epoch_s_cached", "top1_cached", "top1_online",
                  "cached_minus_online_top1"},
     "methods": {"methods", "teacher_top1", "seeds"},
+    "scale": {"one_against_two", "kill_and_resume", "resume_identical"},  # tests/test_bench_scale.py
+    "gpu": {"cuda", "device", "stages"},  # tests/test_bench_scale.py; on a CPU: --device cpu
 }
 EXTRA_ARGS = {
     "kd_gain": ["--seeds", "0", "1"],
     "kd_cache": ["--seeds", "0"],
     "methods": ["--seeds", "0", "--groups", "cnn", "--methods", "kd", "lshl2"],
+    "gpu": ["--device", "cpu"],
 }
 ROLES = ("teacher", "baseline", "distill")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(set(EXPECTED_KEYS) - {"pipeline"}))  # pipeline: test_bench_pipeline.py
+# pipeline: test_bench_pipeline.py; scale and gpu: test_bench_scale.py (files balance the two test workers)
+@pytest.mark.parametrize("name", sorted(set(EXPECTED_KEYS) - {"pipeline", "scale", "gpu"}))
 def test_quick_benchmark_writes_its_result(name: str, tmp_path: Path) -> None:
     run_quick_benchmark(name, tmp_path)
 
 
-def run_quick_benchmark(name: str, tmp_path: Path) -> None:
+def run_quick_benchmark(name: str, tmp_path: Path) -> dict:
     args = [sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", "--out", str(tmp_path),
             *EXTRA_ARGS.get(name, [])]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -46,6 +50,7 @@ def run_quick_benchmark(name: str, tmp_path: Path) -> None:
     assert "----" in proc.stdout  # the printed table
     if name == "pipeline":
         check_pipeline_result(result)
+    return result
 
 
 def check_pipeline_result(result: dict) -> None:
