@@ -150,8 +150,9 @@ def wrap_student(model: nn.Module, features: bool, device: torch.device, sync_bn
         if device.type != "cuda":
             raise DistributedError("runtime.sync_bn = true: expected false on CPU (torch's SyncBatchNorm only "
                                    "works with CUDA modules)")
+        # replaces the BatchNorm modules inside ``model`` in place, reusing their parameters and
+        # buffers, so the optimizer built on ``model`` still holds the trained tensors
         step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
-        model = step.model  # convert_sync_batchnorm returns new modules: the caller must read them from here
     return nn.parallel.DistributedDataParallel(
         step, device_ids=[device.index] if device.type == "cuda" else None,
         # a frozen backbone (feature alignment) has parameters without gradients; DDP skips those

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -93,7 +94,15 @@ def resume_store(root: Path, stage: str, params: dict[str, Any], runtime: "Runti
     if not enabled:
         return None
     key = stage_key(root, stage, params)
-    return ResumeStore(resume_dir(root, stage, key), key, runtime.rank, runtime.world_size, runtime.writes_outputs)
+    directory = resume_dir(root, stage, key)
+    others = sorted(p.name for p in directory.parent.glob("*") if p.is_dir() and p != directory) \
+        if directory.parent.is_dir() else []
+    if others and runtime.is_main:
+        logging.getLogger(__name__).info(
+            "%s: ignoring the resume states of %d other run(s) of this stage in %s (%s): their command, parameters "
+            "or inputs differ from this run's; delete them when they are of no more use", stage, len(others),
+            directory.parent, ", ".join(others))
+    return ResumeStore(directory, key, runtime.rank, runtime.world_size, runtime.writes_outputs)
 
 
 def clear_resume(root: Path, stage: str, params: dict[str, Any]) -> None:

@@ -181,3 +181,20 @@ def _is_worker(proc_dir: Path, repo: Path) -> bool:
         return module == b"stages.train" and b"--worker" in argv and os.readlink(proc_dir / "cwd") == str(repo)
     except OSError:
         return False
+
+
+def test_states_of_other_runs_of_the_stage_are_named_and_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    from kdlib.runtime import Runtime
+    from stages.params import read_params
+    from stages.resume import resume_store
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("KDLIB_RESUME_DIR", str(tmp_path))
+    other = tmp_path / "teacher" / "0123456789abcdef"
+    ResumeStore(other, "an earlier run").save(1, {})
+    with caplog.at_level("INFO"):
+        store = resume_store(repo, "teacher", read_params(repo / "params.yaml"), Runtime(), enabled=True)
+    assert store is not None and store.directory != other and store.load() is None
+    assert "ignoring the resume states of 1 other run(s) of this stage" in caplog.text and other.name in caplog.text
+    assert (other / "epoch-0001" / "COMPLETE").is_file()
