@@ -64,9 +64,23 @@ def init_process_group(device_type: str, timeout_s: float = 1800.0) -> tuple[tor
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(device), timeout=timedelta(seconds=timeout_s),
+        dist.init_process_group(backend_for(device), store=_attempt_store(rank, world, timeout_s), rank=rank,
+                                world_size=world, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     return device, rank, world, local_rank, local_world
+
+
+def _attempt_store(rank: int, world: int, timeout_s: float) -> dist.Store:
+    """The store ``env://`` would make, in a namespace of this torchrun attempt.
+
+    torchrun's agent serves one store at ``MASTER_ADDR:MASTER_PORT`` for every attempt of a
+    ``--max-restarts`` run; without a per-attempt prefix a restarted process may read the killed
+    group's addresses before its peers overwrite them, and fail to connect (seen here with gloo)."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, port, world, is_master=not agent_serves and rank == 0,
+                          timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"kdlib/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
 def destroy_process_group() -> None:

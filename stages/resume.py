@@ -66,9 +66,13 @@ def _dep_digest(path: Path) -> str:
 
 def stage_key(root: Path, stage: str, params: dict[str, Any], item: str | None = None) -> str:
     """The hash of stage ``stage``'s command, declared parameter values and dependency contents
-    (``item``: the ``foreach`` item of a templated stage)."""
-    pipeline = yaml.safe_load((Path(root) / "dvc.yaml").read_text())
-    body = pipeline["stages"][stage]
+    (``item``: the ``foreach`` item of a templated stage); without a ``dvc.yaml`` at ``root``, of
+    the stage's name and every parameter."""
+    dvc_yaml = Path(root) / "dvc.yaml"
+    if not dvc_yaml.is_file():  # stage scripts run outside a DVC project: every parameter counts
+        blob = json.dumps({"stage": stage, "item": item, "params": params}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+    body = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]
     body = body["do"] if "foreach" in body else body
     fill = {**params, "item": item} if item is not None else params
     declared: dict[str, Any] = {}
