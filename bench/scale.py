@@ -28,7 +28,7 @@ from common import REPO, bench_parser, print_table, write_result
 
 sys.path.insert(0, str(REPO / "tests"))  # the tests' tiny repository: one definition of it
 from train_repo import (copy_repository, kill_group, md5, prepared_repository, run_stage, set_params,  # noqa: E402
-                        start_stage, tsv)
+                        start_stage, tsv, worker_pids)
 
 OUTPUTS = ("models/teacher/best.pt", "models/teacher/last.pt", "models/teacher/manifest.json",
            "reports/teacher/metrics.json")
@@ -66,19 +66,6 @@ def one_against_two(base: Path, preset: str, epochs: int) -> dict:
             "final": {"1": {k: v[-1] for k, v in one.items()}, "2": {k: v[-1] for k, v in two.items()}}}
 
 
-def workers_of(repo: Path) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            module = argv[argv.index(b"-m") + 1] if b"-m" in argv else b""
-            if module == b"stages.train" and b"--worker" in argv and os.readlink(proc / "cwd") == str(repo):
-                found.append(int(proc.name))
-        except (OSError, ValueError):
-            continue
-    return sorted(found)
-
-
 def kill_and_resume(base: Path, work: Path, processes: int, epochs: int) -> dict:
     change = teacher("cnn_small", processes, 16 // processes, epochs)
     reference, killed = copy_repository(base, work / f"ref{processes}"), copy_repository(base, work / f"kill{processes}")
@@ -95,7 +82,7 @@ def kill_and_resume(base: Path, work: Path, processes: int, epochs: int) -> dict
         out = run_stage(killed, "stages.train", "teacher", timeout=1800)
         said = [line for line in out.stderr.splitlines() if "resuming" in line]
     else:
-        os.kill(workers_of(killed)[-1], signal.SIGKILL)  # torchrun restarts the group
+        os.kill(worker_pids(killed)[-1], signal.SIGKILL)  # torchrun restarts the group
         out_text, err = proc.communicate(timeout=1800)
         if proc.returncode:
             raise SystemExit(f"torchrun did not recover: {err[-3000:]}")

@@ -21,7 +21,8 @@ import torch
 
 from kdlib.resume import ResumeError, ResumeStore, ResumeWarning, restore_rng
 from stages.resume import resume_root, stage_key
-from train_repo import copy_repository, kill_group, md5, prepared_repository, run_stage, set_params, start_stage, tsv
+from train_repo import (copy_repository, kill_group, md5, prepared_repository, run_stage, set_params, start_stage,
+                        tsv, worker_pids)
 
 OUTPUTS = ("models/teacher/best.pt", "models/teacher/last.pt", "models/teacher/manifest.json",
            "reports/teacher/metrics.json")
@@ -164,23 +165,13 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_resumes(repo: Path, tmp_pa
 
     proc = start_stage(killed, "stages.train", "teacher")
     wait_for_epoch(killed, 2, proc)
-    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_worker(p, killed)]
+    workers = worker_pids(killed)
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-4000:]
     assert "resuming from epoch" in err
     assert outputs(killed) == outputs(reference)
-
-
-def _is_worker(proc_dir: Path, repo: Path) -> bool:
-    try:
-        argv = (proc_dir / "cmdline").read_bytes().split(b"\0")
-        # a worker is `python -m stages.train ... --worker`; torchrun's own command line ends the same
-        module = argv[argv.index(b"-m") + 1] if b"-m" in argv else b""
-        return module == b"stages.train" and b"--worker" in argv and os.readlink(proc_dir / "cwd") == str(repo)
-    except OSError:
-        return False
 
 
 def test_states_of_other_runs_of_the_stage_are_named_and_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

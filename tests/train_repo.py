@@ -85,3 +85,18 @@ def free_port() -> int:
 
 def tsv(path: Path) -> list[list[str]]:
     return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+def worker_pids(repo: Path) -> list[int]:
+    """The torchrun workers of a training stage running in ``repo`` (``python -u -m stages.train ... --worker``;
+    torchrun's own command line ends the same, but its module is torch.distributed.run)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            module = argv[argv.index(b"-m") + 1] if b"-m" in argv else b""
+            if module == b"stages.train" and b"--worker" in argv and os.readlink(proc / "cwd") == str(repo):
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return sorted(found)
