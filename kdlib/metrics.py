@@ -92,3 +92,31 @@ def evaluate_dataset(model: nn.Module, dataset: Any, mean: Sequence[float], std:
     loader = make_loader(dataset, batch_size, False, 0, Runtime(device))
     normalizer = BatchNormalizer(mean, std).to(device)
     return evaluate(model.to(device), loader, normalizer, device, None, dataset.ignore, ap_mode)
+
+
+def fidelity(teacher_logits: Tensor, student_logits: Tensor) -> dict[str, float]:
+    """How closely a student matches its teacher on the same images (Stanton et al., "Does Knowledge
+    Distillation Really Work?", NeurIPS 2021): not whether either is right, but whether they agree.
+
+    Single-label (``[N, C]`` logits of ``softmax`` models):
+    ``agreement = 100 / N · Σ_i 1[argmax t_i = argmax s_i]`` (%, top-1 agreement) and
+    ``kl = 1 / N · Σ_i Σ_c p_t(c|i) (log p_t(c|i) − log p_s(c|i))`` with ``p = softmax(logits)`` at
+    temperature 1 (nats; the paper's mean KL(teacher ‖ student) on the test set).
+    Multi-label models: :func:`multilabel_fidelity`.
+    """
+    t, s = teacher_logits.double(), student_logits.double()
+    if t.shape != s.shape:
+        raise ValueError(f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in shape")
+    return {"agreement": 100.0 * float((t.argmax(1) == s.argmax(1)).double().mean()),
+            "kl": float((F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(s, 1))).sum(1).mean())}
+
+
+def multilabel_fidelity(teacher_logits: Tensor, student_logits: Tensor) -> dict[str, float]:
+    """:func:`fidelity` for independent sigmoids: agreement of every thresholded (``p > 0.5``) label
+    (%), and ``kl = mean over images and labels of p_t log(p_t/p_s) + (1−p_t) log((1−p_t)/(1−p_s))``."""
+    t, s = teacher_logits.double(), student_logits.double()
+    if t.shape != s.shape:
+        raise ValueError(f"teacher logits {tuple(t.shape)} and student logits {tuple(s.shape)} differ in shape")
+    log_pt, log_1pt, log_ps, log_1ps = F.logsigmoid(t), F.logsigmoid(-t), F.logsigmoid(s), F.logsigmoid(-s)
+    kl = log_pt.exp() * (log_pt - log_ps) + log_1pt.exp() * (log_1pt - log_1ps)
+    return {"agreement": 100.0 * float(((t > 0) == (s > 0)).double().mean()), "kl": float(kl.mean())}

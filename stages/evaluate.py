@@ -2,8 +2,10 @@
 
 The test split is read here and nowhere earlier, so it never picks a checkpoint. Writes
 ``reports/evaluate/<role>.json`` (metrics), ``confusion/<role>.json`` (pairs for DVC's confusion
-template) and ``matrix/<role>.json``; ``dvc.yaml`` runs it once per role (``foreach``), so an
-experiment that changes only the student re-evaluates only the student.
+template) and ``matrix/<role>.json``. A student's row also holds its fidelity to the teacher on the
+test split: top-1 agreement and mean KL(teacher ‖ student) (Stanton et al., NeurIPS 2021).
+``dvc.yaml`` runs it once per role (``foreach``), so an experiment that changes only the student
+re-evaluates only the student.
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from kdlib.checkpoint import Checkpoint
 from kdlib.data.index import DatasetIndex
 from kdlib.io import write_json
-from kdlib.metrics import EvalResult, confusion_matrix, evaluate_dataset
+from kdlib.metrics import EvalResult, confusion_matrix, evaluate_dataset, fidelity, multilabel_fidelity
 from kdlib.models import count_parameters
 from kdlib.runtime import Runtime, seed_everything
 from stages.guard import stage_outputs
@@ -35,15 +38,23 @@ def evaluate_checkpoint(run: Run, index: DatasetIndex, checkpoint: Checkpoint, m
 
 
 def evaluate_role(run: Run, ws: Workspace, role: str, confusion_json: Path, matrix_json: Path) -> dict[str, Any]:
-    """The metrics row of ``role``'s best and last checkpoints; writes the best one's confusion
+    """The metrics row of ``role``'s best and last checkpoints, each student's with its fidelity to
+    the teacher (``teacher_agreement`` %, ``teacher_kl`` nats); writes the best one's confusion
     pairs and matrix."""
     index, row = ws.index(), {}
+    teacher = None if role == "teacher" else evaluate_checkpoint(run, index, Checkpoint.read(ws.teacher_checkpoint),
+                                                                 ws=ws)
     for which in ("best", "last"):
         checkpoint = Checkpoint.read(ws.checkpoint(role, which))
         model = checkpoint.model()
         result = evaluate_checkpoint(run, index, checkpoint, model, ws)
         row[which] = {**{k: round(v, 4) for k, v in result.metrics.items()}, "loss": round(result.loss, 6),
                       "epoch": checkpoint.epoch}
+        if teacher is not None:
+            if not torch.equal(teacher.targets, result.targets):
+                raise RuntimeError("the teacher and the student were evaluated on test images in different orders")
+            agree = (multilabel_fidelity if run.task == "multilabel" else fidelity)(teacher.logits, result.logits)
+            row[which].update(teacher_agreement=round(agree["agreement"], 4), teacher_kl=round(agree["kl"], 6))
         if which == "best":
             row.update(preset=checkpoint.record.preset, arch=checkpoint.record.arch, params=count_parameters(model),
                        checkpoint_bytes=checkpoint.path.stat().st_size)

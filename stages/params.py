@@ -84,6 +84,7 @@ class Params:
     """``params.yaml`` as declared (every preset parsed, used or not)."""
 
     seed: int = setting(is_int(0))
+    teacher_seed: int = setting(is_int(0))
     dataset: str = setting(is_str)
     teacher: str = setting(is_str)
     student: str = setting(is_str)
@@ -160,6 +161,11 @@ class Run:
     @property
     def seed(self) -> int:
         return self.params.seed
+
+    def seed_of(self, role: str) -> int:
+        """The training seed of ``role``: ``teacher_seed`` for the teacher, ``seed`` for the students, so
+        a sweep over student seeds trains one teacher and every seed's baseline/distill pair is paired."""
+        return self.params.teacher_seed if role == "teacher" else self.params.seed
 
     @property
     def task(self) -> str:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from kdlib.io import read_json, write_json, write_text
 from kdlib.quantize.figures import write_quantization_report
-from kdlib.report import plot_accuracy_bars, plot_confusion, plot_training_curves, results_markdown
+from kdlib.report import model_record, plot_accuracy_bars, plot_confusion, plot_training_curves, results_markdown
 from stages.guard import stage_outputs
 from stages.params import ROLES, Run, load_params
 from stages.workspace import Workspace
@@ -47,11 +47,16 @@ def report(run: Run, ws: Workspace, out: Callable[[Path], Path]) -> str:
                                       out(ws.reports / "quantization.csv"), out(ws.reports / "quantize" / "figures"),
                                       training)
     kd_gain = round(evaluation["distill"]["best"][score] - evaluation["baseline"]["best"][score], 4)
+    manifest = read_json(ws.reports / "prepare" / "manifest.json")
+    fp32 = {row["model"]: row for row in quant_rows if row["precision"] == "fp32"}
+    models = {role: model_record(evaluation[role], read_json(ws.reports / role / "metrics.json"),
+                                 read_json(ws.reports / role / "timing.json"), fp32.get(role),
+                                 manifest["splits"]["train"]["count"], score) for role in ROLES}
     write_json(out(ws.reports / "summary.json"), {
         **{role: {"best": evaluation[role]["best"][score], "last": evaluation[role]["last"][score]} for role in ROLES},
-        f"kd_gain_{score}": kd_gain})
+        f"kd_gain_{score}": kd_gain, "score": score, "models": models})
     title = f"{run.params.dataset}, teacher {run.teacher.preset} → student {run.student.preset}"
-    text = results_markdown(title, read_json(ws.reports / "prepare" / "manifest.json"), run.method.name,
+    text = results_markdown(title, manifest, run.method.name,
                             run.method.knobs, run.seed, rows, score, kd_gain, table)
     write_text(out(ws.reports / "results.md"), text)
     return text

@@ -34,7 +34,8 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
     index, model_run = ws.index(), run.model(role)
     train_set = run.dataset.load(index, "train", model_run.input_size, True, *ws.pixel_cache_for(run))
     val_set = run.dataset.load(index, "val", model_run.input_size, False, *ws.pixel_cache_for(run))
-    seed_everything(run.seed)
+    seed = run.seed_of(role)
+    seed_everything(seed)
     runtime = Runtime.from_env(run.params.runtime.device) if runtime is None else runtime
     teacher = view_seeds = None
     if role == "distill":
@@ -50,14 +51,14 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
             setup.view_seeds, setup.record
     else:
         model, objective = model_run.spec.build(index.meta.num_classes, index.meta.channels), run.objective(role)
-        record = ModelRecord.for_model(role, model_run.preset, model_run.spec, index.meta, run.seed, model)
+        record = ModelRecord.for_model(role, model_run.preset, model_run.spec, index.meta, seed, model)
     data = TrainData(train_set, val_set, BatchNormalizer(index.meta.mean, index.meta.std, model_run.recipe.channels_last),
                      view_seeds, build_mix(index.meta.num_classes, run.dataset.mixup, run.dataset.cutmix),
                      run.dataset.ap_mode)
     out_dir = ws.models / role if out_dir is None else out_dir
     if runtime.writes_outputs:
         shutil.rmtree(out_dir, ignore_errors=True)
-    result = fit(model, objective, model_run.recipe, data, out_dir, record, run.seed, teacher, logger, runtime,
+    result = fit(model, objective, model_run.recipe, data, out_dir, record, seed, teacher, logger, runtime,
                  progress, resume=resume, **run.engine)
     return result, count_parameters(model)
 
