@@ -82,8 +82,10 @@ def _license_comment() -> str:
     parts = []
     for script in SCRIPTS:
         notice = (VENDOR_DIR / script.license_file).read_text(encoding="utf-8").strip()
-        if "--" in notice:  # would end or break the HTML comment
-            raise ValueError(f"{VENDOR_DIR / script.license_file}: contains '--'")
+        for marker in ("<!--", "-->", "--!>"):  # what an HTML comment must not contain
+            if marker in notice:
+                raise ValueError(f"{VENDOR_DIR / script.license_file}: contains {marker!r}, "
+                                 "which cannot go in an HTML comment")
         parts.append(f"{script.package} {script.version} (npm registry, build/{script.filename}):\n{notice}")
     return "<!--\n" + "\n\n".join(parts) + "\n-->"
 
@@ -129,7 +131,9 @@ class VegaLiteChart:
 
 @dataclass(frozen=True)
 class HtmlFragment:
-    """HTML placed as given (e.g. a results ``<table>``); the caller escapes its text."""
+    """HTML placed as given (e.g. a results ``<table>``); the caller escapes its text. Anything it
+    would load from elsewhere (``<img src="http...">``, a stylesheet) is blocked by the page's
+    Content-Security-Policy: embed images as :class:`Image` blocks."""
 
     html: str
 
