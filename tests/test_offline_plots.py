@@ -42,19 +42,25 @@ def offline_prefix() -> list[str]:
     return ["unshare", "-n"] if _network_namespace_works() else []
 
 
-def rendered_dom(page: Path, prefix: list[str], tmp_path: Path) -> str:
-    """The DOM of ``page`` after its scripts ran, from headless Chromium with the network off."""
+def rendered(page: Path, prefix: list[str], tmp_path: Path) -> tuple[str, list[str]]:
+    """The DOM of ``page`` after its scripts ran, from headless Chromium with the network off, and
+    the page's console messages (Content-Security-Policy violations among them)."""
     profile = tmp_path / f"chromium-profile-{page.stem}"
     cmd = [*prefix, str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={profile}",
            # without a namespace (not root) these stop any name lookup and any connection instead
            "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+           "--enable-logging=stderr", "--v=0",
            "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0 and "</html>" in proc.stdout, (
         f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    return proc.stdout, [line for line in proc.stderr.splitlines() if ":CONSOLE:" in line]
+
+
+def rendered_dom(page: Path, prefix: list[str], tmp_path: Path) -> str:
+    return rendered(page, prefix, tmp_path)[0]
 
 
 class _Charts(HTMLParser):
@@ -244,7 +250,8 @@ def test_standalone_page_renders_offline(offline_prefix, tmp_path) -> None:
     source = page.read_text(encoding="utf-8")
     assert not re.search(r"<script[^>]*\ssrc\s*=", source)
     assert "<title>LS-KD compatibility study &lt;draft&gt;</title>" in source
-    dom = rendered_dom(page, offline_prefix, tmp_path)
+    dom, console = rendered(page, offline_prefix, tmp_path)
+    assert not [line for line in console if "Content Security Policy" in line], console
     found = charts(dom)
     assert found.views == {"chart-1": 1, "chart-2": 1}, found.views
     assert 'class="chart-error"' not in dom  # where vegaEmbed rejected a spec
@@ -257,6 +264,18 @@ def test_standalone_page_renders_offline(offline_prefix, tmp_path) -> None:
     png_uri = "data:image/png;base64," + base64.b64encode(_png()).decode()
     svg_uri = "data:image/svg+xml;base64," + base64.b64encode(SVG).decode()
     assert found.images == [png_uri, svg_uri]
+
+
+def test_standalone_page_loads_nothing_from_elsewhere(offline_prefix, tmp_path) -> None:
+    """Its Content-Security-Policy blocks what an HTML fragment would fetch, a local file included."""
+    local = tmp_path / "figure.png"
+    local.write_bytes(_png())
+    page = tmp_path / "fetching.html"
+    fragment = f'<img src="{local.as_uri()}"><img src="https://example.org/figure.png">'
+    page.write_text(standalone_page("fetching", [Block("images", HtmlFragment(fragment))]), encoding="utf-8")
+    _, console = rendered(page, offline_prefix, tmp_path)
+    blocked = [line for line in console if "violates the following Content Security Policy" in line]
+    assert len(blocked) == 2 and local.as_uri() in blocked[0] and "example.org" in blocked[1], console
 
 
 def test_standalone_page_is_deterministic() -> None:
