@@ -14,3 +14,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
+# Debian's Chromium, for tests/test_offline_plots.py (plots rendered in a browser with the network off)
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+      || echo "setup.sh: apt-get could not install chromium (see above); tests/test_offline_plots.py will fail" >&2
+  else
+    echo "setup.sh: /usr/bin/chromium is missing and installing it needs root and apt-get;" \
+      "tests/test_offline_plots.py will fail" >&2
+  fi
+fi

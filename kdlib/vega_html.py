@@ -1,0 +1,275 @@
+"""Self-contained HTML with vega-lite charts: no network at view time.
+
+dvc-render 1.0.2 writes ``<script src="https://cdn.jsdelivr.net/npm/vega@5.20.2">`` (and vega-lite
+5.2.0, vega-embed 6.18.2) into every ``dvc plots show`` page, so offline only the PNGs show. The same
+three builds are vendored in ``kdlib/vendor/vega`` (npm tarballs, sha256 pinned below) and inlined
+here into
+
+* the DVC page template (:func:`dvc_template`, committed as ``.dvc/offline_template.html`` and named
+  by ``plots.html_template`` in ``.dvc/config``): dvc-render's ``HTML.embed`` fills ``{plot_divs}``
+  with ``str.replace``, so the braces in the inlined JavaScript are left alone, and the template has
+  no ``{scripts}`` placeholder, so the CDN tags are never written;
+* report pages (:func:`standalone_page`): headings, each over a vega-lite chart, an HTML fragment
+  or an image as a ``data:`` URI. The same blocks give the same bytes (sorted JSON keys, no
+  timestamps), so a page can be a DVC output without churning its hash.
+
+``python -m kdlib.vega_html --write-template PATH`` writes the DVC template.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, Union
+
+VENDOR_DIR = Path(__file__).resolve().parent / "vendor" / "vega"
+
+
+@dataclass(frozen=True)
+class VendoredScript:
+    """One vendored build: its npm package and version, file in ``VENDOR_DIR``, sha256 and licence."""
+
+    package: str
+    version: str
+    filename: str
+    sha256: str
+    license_file: str
+
+
+# The versions dvc-render 1.0.2 loads (dvc_render/vega.py, VegaRenderer.SCRIPTS), in load order:
+# vega-lite needs the global ``vega``, vega-embed both.
+SCRIPTS: tuple[VendoredScript, ...] = (
+    VendoredScript("vega", "5.20.2", "vega.min.js",
+                   "4794d0169cb1f3ebad8117fe98ba5bd652dd725905ec0384e832391dbccb03be", "LICENSE.vega"),
+    VendoredScript("vega-lite", "5.2.0", "vega-lite.min.js",
+                   "d73157451b3978015ab31dacd55ff90d986ab8663fc0abed50f97b3cd90002cb", "LICENSE.vega-lite"),
+    VendoredScript("vega-embed", "6.18.2", "vega-embed.min.js",
+                   "1ba9826431ddc9805e815ad92acc811c819f2bfd32bda2a128b8c4b5070fab5e", "LICENSE.vega-embed"),
+)
+
+# dvc-render's placeholders (dvc_render/html.py); the inlined code must contain none of them, or
+# HTML.embed would replace it.
+DVC_PLACEHOLDERS = ("{plot_divs}", "{scripts}", "{refresh_tag}")
+
+
+def _read_vendored(script: VendoredScript) -> str:
+    path = VENDOR_DIR / script.filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: vendored {script.package} {script.version} is missing "
+                                f"(see {VENDOR_DIR / 'README.md'})")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != script.sha256:
+        raise ValueError(f"{path}: sha256 {digest}, expected {script.sha256} "
+                         f"({script.package} {script.version} from the npm registry)")
+    text = data.decode("utf-8")
+    # Inside <script> the HTML parser ends the element at "</script" and changes state at "<!--";
+    # the pinned builds contain neither, a replaced build might.
+    for marker in ("</script", "<!--", *DVC_PLACEHOLDERS):
+        if marker in text.lower():
+            raise ValueError(f"{path}: contains {marker!r}, which cannot be inlined in a <script> element "
+                             "of a dvc-render template")
+    return text
+
+
+def _license_comment() -> str:
+    """The three BSD-3-Clause notices, which redistribution of the builds must carry."""
+    parts = []
+    for script in SCRIPTS:
+        notice = (VENDOR_DIR / script.license_file).read_text(encoding="utf-8").strip()
+        for marker in ("<!--", "-->", "--!>"):  # what an HTML comment must not contain
+            if marker in notice:
+                raise ValueError(f"{VENDOR_DIR / script.license_file}: contains {marker!r}, "
+                                 "which cannot go in an HTML comment")
+        parts.append(f"{script.package} {script.version} (npm registry, build/{script.filename}):\n{notice}")
+    return "<!--\n" + "\n\n".join(parts) + "\n-->"
+
+
+def inline_scripts() -> str:
+    """``<script>`` elements holding vega, vega-lite and vega-embed, after their licence notices."""
+    scripts = "\n".join(f"<script>\n{_read_vendored(s)}\n</script>" for s in SCRIPTS)
+    return f"{_license_comment()}\n{scripts}"
+
+
+def dvc_template() -> str:
+    """A ``plots.html_template`` for ``dvc plots show``/``diff``: dvc-render's default page
+    (dvc_render/html.py ``PAGE_HTML``) with the libraries inlined in place of ``{scripts}``."""
+    return f"""<!DOCTYPE html>
+<html>
+<head>
+    <meta charset="utf-8">
+    {{refresh_tag}}
+    <title>DVC Plot</title>
+    <!-- Generated by `python -m kdlib.vega_html --write-template`: vega, vega-lite and vega-embed
+         inlined from kdlib/vendor/vega, so that the plots render offline. -->
+{inline_scripts()}
+    <style>
+        table {{
+            border-spacing: 15px;
+        }}
+    </style>
+</head>
+<body>
+    {{plot_divs}}
+</body>
+</html>
+"""
+
+
+@dataclass(frozen=True)
+class VegaLiteChart:
+    """A vega-lite specification (https://vega.github.io/schema/vega-lite/v5.json) with its data
+    inline (``data: {"values": [...]}``): a ``data.url`` would need the network or the file."""
+
+    spec: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class HtmlFragment:
+    """HTML placed as given (e.g. a results ``<table>``); the caller escapes its text. Anything it
+    would load from elsewhere (``<img src="http...">``, a stylesheet) is blocked by the page's
+    Content-Security-Policy: embed images as :class:`Image` blocks."""
+
+    html: str
+
+
+@dataclass(frozen=True)
+class Image:
+    """A PNG or SVG image, embedded as a ``data:`` URI."""
+
+    data: bytes
+    media_type: Literal["image/png", "image/svg+xml"]
+    alt: str = ""
+
+    @classmethod
+    def from_file(cls, path: Path, alt: str = "") -> "Image":
+        """The image at ``path``, typed by its suffix (``.png`` or ``.svg``)."""
+        types = {".png": "image/png", ".svg": "image/svg+xml"}
+        suffix = Path(path).suffix.lower()
+        if suffix not in types:
+            raise ValueError(f"{path}: expected a .png or .svg image, got suffix {suffix!r}")
+        return cls(Path(path).read_bytes(), types[suffix], alt)  # type: ignore[arg-type]
+
+
+Content = Union[VegaLiteChart, HtmlFragment, Image]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One section of a report page: a heading over a chart, an HTML fragment or an image."""
+
+    heading: str
+    content: Content
+
+
+def _no_nonfinite(value: Any, where: str) -> None:
+    """JSON has no NaN or Infinity; json.dumps would write bare NaN, which vega-lite reads as a
+    number it cannot place. Missing values are ``None`` (null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: {value!r} is not a JSON number; use None for a missing value")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _no_nonfinite(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _no_nonfinite(item, f"{where}[{i}]")
+
+
+def _spec_json(spec: Mapping[str, Any], where: str) -> str:
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"{where}: a vega-lite spec must be a mapping, got {type(spec).__name__}")
+    data = spec.get("data")
+    if isinstance(data, Mapping) and "url" in data:
+        raise ValueError(f"{where}: data.url {data['url']!r} needs the network or a file beside the page; "
+                         "put the rows in data.values")
+    _no_nonfinite(spec, where)
+    text = json.dumps(spec, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    # "<" only occurs inside JSON strings, where \u003c means the same; this keeps "</script>" in a
+    # label from ending the element.
+    return text.replace("<", "\\u003c")
+
+
+# vega-embed's export actions (PNG/SVG download) work offline; the editor and source views post to
+# vega.github.io, so they are off.
+EMBED_OPTIONS = {"actions": {"export": True, "source": False, "compiled": False, "editor": False},
+                 "renderer": "svg"}
+
+# The page loads nothing: inline scripts and styles, data: images. vega compiles its expressions
+# with Function(), hence 'unsafe-eval'.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; "
+                           "style-src 'unsafe-inline'; img-src data: blob:")
+
+PAGE_STYLE = """body { font-family: sans-serif; margin: 2em auto; max-width: 72em; padding: 0 1em; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+img { max-width: 100%; }
+.chart-error { color: #b00; white-space: pre-wrap; }"""
+
+
+def _block_html(index: int, block: Block) -> str:
+    heading = f"<h2>{html.escape(block.heading)}</h2>"
+    content = block.content
+    where = f"block {index} ({block.heading!r})"
+    if isinstance(content, VegaLiteChart):
+        element_id = f"chart-{index}"
+        options = json.dumps(EMBED_OPTIONS, sort_keys=True, separators=(",", ":"))
+        # A spec vega-lite rejects shows its error in place rather than leaving an empty box.
+        body = (f'<div class="chart" id="{element_id}"></div>\n<script>\n'
+                f'vegaEmbed("#{element_id}", {_spec_json(content.spec, where)}, {options})'
+                f'.catch(function (error) {{ var box = document.getElementById("{element_id}"); '
+                f'box.className = "chart-error"; box.textContent = "chart failed: " + error; }});\n</script>')
+    elif isinstance(content, HtmlFragment):
+        body = content.html
+    elif isinstance(content, Image):
+        if content.media_type not in ("image/png", "image/svg+xml"):
+            raise ValueError(f"{where}: media_type {content.media_type!r}, expected image/png or image/svg+xml")
+        uri = f"data:{content.media_type};base64,{base64.b64encode(content.data).decode('ascii')}"
+        body = f'<img alt="{html.escape(content.alt)}" src="{uri}">'
+    else:
+        raise TypeError(f"{where}: content must be VegaLiteChart, HtmlFragment or Image, "
+                        f"got {type(content).__name__}")
+    return f'<section>\n{heading}\n{body}\n</section>'
+
+
+def standalone_page(title: str, blocks: Sequence[Block]) -> str:
+    """A complete HTML page with vega, vega-lite and vega-embed inlined that renders with no network
+    (its Content-Security-Policy forbids every fetch): ``title`` as ``<title>`` and ``<h1>``, then each
+    block in order. Deterministic: the same arguments give the same string."""
+    sections = "\n".join(_block_html(i, block) for i, block in enumerate(blocks, start=1))
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">
+<title>{html.escape(title)}</title>
+<style>
+{PAGE_STYLE}
+</style>
+{inline_scripts()}
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+{sections}
+</body>
+</html>
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kdlib.vega_html", description=__doc__.splitlines()[0])
+    parser.add_argument("--write-template", type=Path, required=True, metavar="PATH",
+                        help="write the offline `dvc plots` HTML template (.dvc/offline_template.html)")
+    args = parser.parse_args(argv)
+    # newline="" keeps the bytes identical on every platform, for the test that compares them
+    args.write_template.write_text(dvc_template(), encoding="utf-8", newline="")
+    print(f"wrote {args.write_template} ({args.write_template.stat().st_size:,} bytes)")
+
+
+if __name__ == "__main__":
+    main()
