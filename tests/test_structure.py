@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 STAGE_SCRIPTS = ("check", "prepare", "train", "teacher_cache", "align", "evaluate", "quantize", "report")
 # besides the scripts: parameter loading, paths, the run discipline (staged outputs, signals, parameter
 # checks), the training stages in one process (tests, benchmarks), starting torchrun, and the
-# resume state's place and key
-STAGE_SUPPORT = ("__init__", "params", "workspace", "guard", "pipeline", "launch", "resume")
+# resume state's place and key, and the study driver (queues experiments, reads them back through dvc.api)
+STAGE_SUPPORT = ("__init__", "params", "workspace", "guard", "pipeline", "launch", "resume", "study")
 
 
 def test_stages_holds_only_stage_scripts_parameters_and_paths() -> None:

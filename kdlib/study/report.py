@@ -1,0 +1,98 @@
+"""Writes a study's report folder: ``table.md``, ``table.csv``, ``summary.json``, ``figures/`` and a
+self-contained ``index.html``. The same records give the same bytes (sorted inputs, no clock)."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from kdlib.study import figures
+from kdlib.study.spec import Experiment, Study, override_arg
+from kdlib.study.table import Record, csv_text, main_table, markdown, pivot_table, precision_table, study_rows
+from kdlib.study.zoo import claims
+
+
+def _clean(value: Any) -> Any:
+    """NaN → None, so summary.json is strict JSON."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 6)
+    if isinstance(value, Mapping):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def build_summary(study: Study, records: Sequence[Record], missing: Sequence[Experiment],
+                  overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything the tables are computed from, per seed included, so anyone can recompute them."""
+    rows = study_rows(study, records)
+    summary: dict[str, Any] = {
+        "study": study.name, "title": study.title, "about": study.about, "file": study.path.name,
+        "seeds": sorted({r.experiment.seed for r in records}), "set": study.set, "overrides": dict(overrides),
+        "axes": study.axes, "rows": rows,
+        "missing": [{"experiment": e.name, "cell": e.cell.values, "seed": e.seed} for e in missing]}
+    if study.families and rows:
+        summary["claims"] = claims(rows, study.families, f"{study.path}: families")
+    return _clean(summary)
+
+
+def write_report(study: Study, records: Sequence[Record], missing: Sequence[Experiment],
+                 overrides: Mapping[str, Any], out_dir: Path, page: Any) -> dict[str, Any]:
+    """Write the report into ``out_dir`` (which must be empty or absent); ``page(title, blocks)``
+    renders the self-contained HTML (:func:`kdlib.vega_html.standalone_page`). Returns the summary."""
+    summary = build_summary(study, records, missing, overrides)
+    rows = summary["rows"]
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    text = [f"# {study.title}\n", f"{study.about}\n" if study.about else "",
+            f"Study `{study.name}` (`studies/{study.path.name}`): {len(records)} experiments, seeds "
+            f"{', '.join(map(str, summary['seeds'])) or '—'}.",
+            "Every experiment: " + (" ".join(f"`-S {override_arg(k, v)}`" for k, v in {**study.set,
+                                                                                      **overrides}.items()) or
+                                    "params.yaml as committed") + ".\n"]
+    blocks: list[tuple[str, str, Any]] = []
+    if not rows:
+        text.append("No experiment of this study has finished yet.\n")
+    else:
+        head, body = main_table(study, rows)
+        text += [f"## Per cell: mean ± std over seeds; gain = KD − baseline of the same seed\n",
+                 markdown(head, body),
+                 "p (t): paired t-test of the per-seed gains; p (W): Wilcoxon signed-rank (n ≥ 6); agreement "
+                 "and KL: the student's top-1 agreement with the teacher and mean KL(teacher ‖ student) on the "
+                 "test split (Stanton et al., NeurIPS 2021), best checkpoint.\n"]
+        blocks.append(("Per cell", "table", (head, body)))
+        spec = figures.gain_chart(rows, fig_dir / "gain.png")
+        blocks.append(("Gain over the baseline, 95% CI", "vega", spec))
+        text.append("Figure: `figures/gain.png`.\n")
+        pivot = pivot_table(study, rows)
+        if pivot:
+            text += ["## As the paper's grid: KD score (gain, p)\n", markdown(*pivot)]
+            blocks.append(("As the paper's grid", "table", pivot))
+        if study.precisions:
+            ptable = precision_table(rows, study.axes)
+            text += ["## Per precision (the quantize stage's measurements)\n", markdown(*ptable)]
+            blocks.append(("Per precision", "table", ptable))
+            blocks.append(("Accuracy vs latency", "vega", figures.precision_chart(rows, fig_dir / "precisions.png")))
+            text.append("Figure: `figures/precisions.png`.\n")
+        if "claims" in summary:
+            text.append("## The claims, from the data\n")
+            text += [f"- **{c['question']}** {c['answer']}." for c in summary["claims"]]
+            text.append("")
+            blocks.append(("The claims", "list", [f"{c['question']} {c['answer']}." for c in summary["claims"]]))
+            blocks.append(("Student vs teacher", "vega",
+                           figures.teacher_student_chart(rows, study.families, fig_dir / "teacher_student.png")))
+            text.append("Figure: `figures/teacher_student.png`.\n")
+    if missing:
+        text.append(f"## Not finished ({len(missing)})\n")
+        text += [f"- `{e.name}`: {e.cell.label}, seed {e.seed}" for e in missing]
+        text.append("")
+    (out_dir / "table.md").write_text("\n".join(text))
+    (out_dir / "table.csv").write_text(csv_text(study, rows))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    for png in sorted(fig_dir.glob("*.png")):
+        blocks.append((png.stem, "png", base64.b64encode(png.read_bytes()).decode()))
+    (out_dir / "index.html").write_text(page(study.title, "\n".join(text), blocks))
+    return summary

@@ -1,0 +1,150 @@
+"""Studies: a named grid of parameter overrides × seeds (``studies/<name>.yaml``) run as DVC experiments.
+
+    python -m stages.study list
+    python -m stages.study run NAME [-S key=value]... [--seeds 0,1,2] [-j N] [--no-wait] [--dry-run]
+    python -m stages.study report NAME [-S key=value]... [--seeds 0,1,2]
+
+``run`` checks every experiment's parameters first (as the stages will), then queues the missing
+ones (``dvc exp run --queue -n <name> -S ...``; finished and queued ones are skipped, failed ones are
+queued again), starts ``dvc queue start -j N`` and waits. ``report`` reads the finished experiments
+of the same overrides through ``dvc.api`` and writes ``reports/studies/NAME/`` (kdlib.study.report).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kdlib.study.report import write_report
+from kdlib.study.spec import Experiment, StudyError, apply_overrides, load_study, override_arg, parse_overrides, \
+    study_names
+from kdlib.study.table import Record
+from stages.params import PARAMS_FILE, ParamError, read_params, resolve
+
+STUDIES, REPORTS = Path("studies"), Path("reports") / "studies"
+SUMMARY, QUANTIZATION = "reports/summary.json", "reports/quantization.json"
+PENDING = {"Queued", "Running"}
+
+
+def dvc(*args: str) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["dvc", *args], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def states() -> dict[str, tuple[str | None, str]]:
+    """{experiment name: (state, rev)} of the experiments of HEAD (``dvc.api.exp_show``)."""
+    import dvc.api
+
+    return {row["Experiment"]: (row.get("State"), row["rev"]) for row in dvc.api.exp_show(".")
+            if row.get("Experiment")}
+
+
+def planned(args: argparse.Namespace) -> tuple[Any, list[Experiment], dict[str, Any]]:
+    """The study, its experiments, the -S overrides; every experiment's parameters checked."""
+    study = load_study(STUDIES / f"{args.name}.yaml")
+    overrides = parse_overrides(args.set)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    experiments = study.experiments(overrides, seeds)
+    base = read_params(PARAMS_FILE)
+    for exp in experiments:
+        try:
+            resolve(apply_overrides(base, exp.overrides, f"{study.path} ({exp.cell.label}, seed {exp.seed})"))
+        except ParamError as err:
+            raise StudyError(f"{study.path}: experiment {exp.name} ({exp.cell.label}, seed {exp.seed}): {err}")
+    return study, experiments, overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    study, experiments, _ = planned(args)
+    known = states()
+    todo = [e for e in experiments if e.name not in known or known[e.name][0] == "Failed"]
+    print(f"{study.name}: {len(experiments)} experiments, {len(experiments) - len(todo)} finished or queued, "
+          f"{len(todo)} to queue")
+    for exp in todo:
+        sets = [x for k, v in exp.overrides.items() for x in ("-S", override_arg(k, v))]
+        if args.dry_run:
+            print(f"  dvc exp run --queue -n {exp.name} {' '.join(sets)}")
+            continue
+        if exp.name in known:  # a failed one: its queue entry blocks the name
+            dvc("queue", "remove", exp.name)
+        dvc("exp", "run", "--queue", "-n", exp.name, *sets)
+    if args.dry_run:
+        return 0
+    names = {e.name for e in experiments}
+    if any(e.name not in known or known[e.name][0] in PENDING | {"Failed"} for e in experiments):
+        dvc("queue", "start", "--jobs", str(args.jobs))
+    while not args.no_wait:
+        now = {n: s for n, (s, _) in states().items() if n in names}
+        pending = sum(1 for s in now.values() if s in PENDING)
+        print(f"  {len(names) - pending}/{len(names)} done", flush=True)
+        if not pending:
+            failed = sorted(n for n, s in now.items() if s == "Failed")
+            for name in failed:
+                print(f"  failed: {name} (dvc queue logs {name})", file=sys.stderr)
+            return 1 if failed else 0
+        time.sleep(args.poll)
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    import dvc.api
+
+    study, experiments, overrides = planned(args)
+    known = states()
+    done = [e for e in experiments if e.name in known and known[e.name][0] not in PENDING | {"Failed"}]
+    records = [Record(e, dvc.api.metrics_show(SUMMARY, repo=".", rev=known[e.name][1]),
+                      dvc.api.metrics_show(QUANTIZATION, repo=".", rev=known[e.name][1])) for e in done]
+    missing = [e for e in experiments if e not in done]
+    out = REPORTS / study.name
+    from kdlib.study.page import study_page
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{study.name}-", dir=out.parent))
+    try:
+        write_report(study, records, missing, overrides, staging, study_page)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print((out / "table.md").read_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the studies in studies/")
+    for name in ("run", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("name")
+        p.add_argument("-S", "--set", action="append", default=[], help="key=value for every experiment")
+        p.add_argument("--seeds", help="comma-separated seeds, replacing the study's")
+        if name == "run":
+            p.add_argument("-j", "--jobs", type=int, default=1, help="experiments at once (dvc queue start -j)")
+            p.add_argument("--no-wait", action="store_true", help="queue and start, then return")
+            p.add_argument("--dry-run", action="store_true", help="print the queue commands; queue nothing")
+            p.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for name in study_names(STUDIES):
+            print(f"{name:20s} {load_study(STUDIES / f'{name}.yaml').title}")
+        return 0
+    try:
+        return run(args) if args.command == "run" else report(args)
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""Studies: the statistics on values worked out by hand (closed forms of Student's t with 2 degrees
+of freedom, the exact signed-rank null), fidelity on hand-computed logits, the study file's checks,
+and the table/report from records whose numbers are known."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlib.metrics import fidelity, multilabel_fidelity
+from kdlib.study.page import study_page
+from kdlib.study.report import write_report
+from kdlib.study.spec import Cell, StudyError, apply_overrides, experiment_name, load_study, parse_overrides
+from kdlib.study.stats import correlation, group_difference, paired_difference, spread
+from kdlib.study.table import Record, study_rows
+from kdlib.study.zoo import claims
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_paired_difference_matches_students_t_with_two_degrees_of_freedom() -> None:
+    # d = (1, 2, 3): mean 2, sd 1, t = 2·√3. For 2 df the t CDF is 1/2 + t / (2√(2 + t²)), so the
+    # two-sided p is 1 − t/√(2 + t²) and the 0.975 quantile solves t/√(2 + t²) = 0.95.
+    result = paired_difference([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    t = 2 * math.sqrt(3)
+    q = math.sqrt(2 * 0.95 ** 2 / (1 - 0.95 ** 2))
+    assert (result.n, result.mean, result.std) == (3, 2.0, 1.0)
+    assert result.p_t == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
+    assert result.ci95_low == pytest.approx(2 - q / math.sqrt(3), rel=1e-9)
+    assert result.ci95_high == pytest.approx(2 + q / math.sqrt(3), rel=1e-9)
+    assert result.p_wilcoxon is None  # n < 6
+
+
+def test_wilcoxon_is_the_exact_signed_rank_test_from_six_pairs() -> None:
+    # all six differences positive and distinct: the rank sum is at its extreme, one of 2^6 sign
+    # patterns at each end, so the exact two-sided p is 2 / 64
+    result = paired_difference([1.1, 2.2, 3.3, 4.4, 5.5, 6.6], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    assert result.p_wilcoxon == pytest.approx(2 / 64)
+    assert paired_difference([1.0] * 6, [1.0] * 6).p_wilcoxon == 1.0
+
+
+def test_degenerate_samples_are_said_not_invented() -> None:
+    one = paired_difference([2.0], [1.0])
+    assert one.mean == 1.0 and math.isnan(one.p_t) and math.isnan(one.ci95_low)
+    assert paired_difference([2.0, 3.0], [1.0, 2.0]).p_t == 0.0  # equal non-zero differences: t infinite
+    assert paired_difference([1.0, 2.0], [1.0, 2.0]).p_t == 1.0
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_difference([1.0], [1.0, 2.0])
+    assert spread([4.0]) .std == 0.0 and spread([1.0, 3.0]).std == pytest.approx(math.sqrt(2))
+    assert correlation([1, 2, 3, 4], [2, 4, 6, 8.5]).r > 0.99 and math.isnan(correlation([1, 1, 1], [1, 2, 3]).r)
+    g = group_difference([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])
+    assert g.difference == 2.0 and 0 < g.p_welch < 0.1
+
+
+def test_fidelity_on_hand_computed_logits() -> None:
+    # sample 1: teacher (0, 0) → (.5, .5), student (ln 3, 0) → (.75, .25): both pick class 0,
+    # KL = .5 ln(.5/.75) + .5 ln(.5/.25); sample 2: teacher picks 1, student 0, KL of (.25, .75) ‖ (.75, .25)
+    teacher = torch.tensor([[0.0, 0.0], [0.0, math.log(3)]])
+    student = torch.tensor([[math.log(3), 0.0], [math.log(3), 0.0]])
+    kl1 = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    kl2 = 0.25 * math.log(0.25 / 0.75) + 0.75 * math.log(0.75 / 0.25)
+    result = fidelity(teacher, student)
+    assert result["agreement"] == 50.0 and result["kl"] == pytest.approx((kl1 + kl2) / 2, rel=1e-6)
+    assert fidelity(teacher, teacher)["kl"] == pytest.approx(0.0, abs=1e-12)
+    # one sigmoid: teacher p .5 (not positive), student .75 (positive): disagree; binary KL as kl1
+    ml = multilabel_fidelity(torch.tensor([[0.0]]), torch.tensor([[math.log(3)]]))
+    assert ml["agreement"] == 0.0 and ml["kl"] == pytest.approx(kl1, rel=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        fidelity(teacher, student[:, :1])
+
+
+def write_study(tmp_path: Path, text: str, name: str = "tiny") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_study_files_are_checked_with_the_file_and_key_named(tmp_path: Path) -> None:
+    cases = {
+        "seeds: [0, 0]\ngrid: {}\n": "seeds",
+        "grid: {seed: [1, 2]}\n": "grid.seed",
+        "grid: {student: deit}\n": "grid.student",
+        "colour: red\n": "unknown key 'colour'",
+        "set: {student: deit}\ngrid: {student: [deit]}\n": "also in set",
+        "grid: {student: [deit]}\npivot: {rows: [teacher], columns: student}\n": "pivot",
+        "[1, 2]\n": "expected a mapping",
+    }
+    for text, message in cases.items():
+        with pytest.raises(StudyError, match=message) as info:
+            load_study(write_study(tmp_path, text))
+        assert "tiny.yaml" in str(info.value)
+    with pytest.raises(StudyError, match="lower case"):
+        load_study(write_study(tmp_path, "grid: {}\n", "Bad-Name"))
+    with pytest.raises(StudyError, match="no such study"):
+        load_study(tmp_path / "absent.yaml")
+
+
+def test_experiments_are_named_by_their_overrides(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path, "seeds: [0, 1]\nset: {eval.batch_size: 8}\n"
+                                              "grid: [{student: [deit, cnn_small]}, {student: [deit]}]\n"))
+    assert [c.values for c in study.cells()] == [{"student": "deit"}, {"student": "cnn_small"}]  # union, no repeat
+    exps = study.experiments({"dataset": "mnist"})
+    assert len(exps) == 4 and len({e.name for e in exps}) == 4
+    assert exps[0].overrides == {"eval.batch_size": 8, "student": "deit", "dataset": "mnist", "seed": 0}
+    assert [e.name for e in study.experiments({"dataset": "mnist"})] == [e.name for e in exps]  # stable
+    assert exps[0].name != study.experiments()[0].name  # other overrides, other experiment
+    assert exps[0].name == experiment_name("tiny", {"eval.batch_size": 8, "student": "deit", "dataset": "mnist"}, 0)
+    assert [e.seed for e in study.experiments(seeds=[5])] == [5, 5]
+    with pytest.raises(StudyError, match="axis"):
+        study.experiments({"student": "deit"})
+    with pytest.raises(StudyError, match="--seeds"):
+        study.experiments({"seed": 3})
+    assert parse_overrides(["a.b=[1, 2]", "c=0.1"]) == {"a.b": [1, 2], "c": 0.1}
+    with pytest.raises(StudyError, match="key=value"):
+        parse_overrides(["novalue"])
+    with pytest.raises(StudyError, match="'datasets.nope'"):
+        apply_overrides({"datasets": {"mnist": {}}}, {"datasets.nope.root": "x"}, "here")
+
+
+def test_the_built_in_studies_load_and_every_experiment_is_valid() -> None:
+    from stages.params import read_params, resolve
+
+    base = read_params(REPO / "params.yaml")
+    for path in sorted((REPO / "studies").glob("*.yaml")):
+        study = load_study(path)
+        for exp in study.experiments():
+            resolve(apply_overrides(base, exp.overrides, str(path)))
+
+
+def record(study, cell: dict, seed: int, teacher: float, baseline: float, distill: float,
+           presets: tuple[str, str] = ("resnet18", "cnn_small")) -> Record:
+    exp = next(e for e in study.experiments() if e.cell == Cell(cell) and e.seed == seed)
+
+    def model(preset: str, score: float, agreement: float | None) -> dict:
+        best = {"top1": score, "top5": 99.0}
+        if agreement is not None:
+            best.update(teacher_agreement=agreement, teacher_kl=0.1)
+        return {"preset": preset, "best": best, "last": {"top1": score - 0.5, "top5": 99.0}, "train_seconds": 10.0,
+                "ms_per_step": 2.0, "params": 100, "train_params": 100 + (5 if agreement and preset != "x" else 0),
+                "best_epoch": 3, "last_epoch": 4, "stopped_early": False, "latency_b1_ms": 1.0}
+    summary = {"score": "top1", "models": {"teacher": model(presets[0], teacher, None),
+                                           "baseline": model(presets[1], baseline, 90.0),
+                                           "distill": model(presets[1], distill, 95.0)}}
+    return Record(exp, summary, {"results": {}})
+
+
+def test_rows_tables_and_report_from_known_records(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path, "seeds: [0, 1, 2]\ngrid: {distill.kd.temperature: [2.0, 8.0]}\n"
+                                              "pivot: {rows: [], columns: distill.kd.temperature}\n"))
+    cells = [{"distill.kd.temperature": 2.0}, {"distill.kd.temperature": 8.0}]
+    records = [record(study, cells[0], s, 97.0, 90.0 + s, 91.0 + s + 0.5 * s) for s in (0, 1, 2)]
+    records += [record(study, cells[1], s, 97.0, 90.0 + s, 90.0 + s) for s in (0, 1)]
+    rows = study_rows(study, records[::-1])  # order of arrival does not matter
+    first, second = rows
+    assert first["n"] == 3 and first["seeds"] == [0, 1, 2]
+    assert first["baseline_best"]["mean"] == 91.0 and first["distill_best"]["mean"] == pytest.approx(92.5)
+    assert first["gain_best"]["mean"] == pytest.approx(1.5) and first["gain_best"]["std"] == pytest.approx(0.5)
+    assert first["gain_last"]["mean"] == pytest.approx(1.5) and first["extra_params"] == 0
+    assert second["n"] == 2 and second["gain_best"]["mean"] == 0.0 and second["gain_best"]["p_t"] == 1.0
+    missing = [e for e in study.experiments() if e.cell == Cell(cells[1]) and e.seed == 2]
+
+    def page(title: str, text: str, blocks: list) -> str:  # the real page needs the vendored scripts
+        return title + text + json.dumps([b[:2] for b in blocks])
+    one, two = tmp_path / "one", tmp_path / "two"
+    summary = write_report(study, records, missing, {}, one, page)
+    write_report(study, records[::-1], missing, {}, two, page)
+    for name in ("table.md", "table.csv", "summary.json", "index.html", "figures/gain.png"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    table = (one / "table.md").read_text()
+    assert "+1.50 [" in table and "92.50 ± 1.50" in table and "## Not finished (1)" in table
+    assert summary["rows"][0]["per_seed"][2] == {**summary["rows"][0]["per_seed"][2], "seed": 2,
+                                                 "baseline_best": 92.0, "distill_best": 94.0}
+    header = (one / "table.csv").read_text().splitlines()[0].split(",")
+    assert {"distill.kd.temperature", "gain_best_p_t", "gain_best_ci95_low", "distill_teacher_agreement_mean"} \
+        <= set(header)
+
+
+def test_teacher_zoo_claims_follow_the_data(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path, "seeds: [0, 1, 2]\ngrid: {teacher: [r18, vit], student: [r10]}\n"
+                                              "families: {r18: ResNet, vit: ViT, r10: ResNet}\n"))
+    # the same-family teacher is better and gives +2, the cross-family one +0.5 (with seed noise)
+    recs = [record(study, {"teacher": t, "student": "r10"}, s, tacc, 90.0 + s, 90.0 + s + gain + 0.1 * s,
+                   (t, "r10")) for t, tacc, gain in (("r18", 97.0, 2.0), ("vit", 92.0, 0.5)) for s in (0, 1, 2)]
+    answers = claims(study_rows(study, recs), study.families, "zoo")
+    helps, better, family = answers
+    assert helps["mean"] == pytest.approx(1.35) and helps["answer"].startswith("Yes") and helps["n"] == 6
+    assert better["n"] == 2 and "Not testable" in better["answer"]  # two cells: no correlation test
+    assert family["difference"] == pytest.approx(1.5) and family["p_welch"] < 0.05
+    with pytest.raises(KeyError, match="'vit'"):
+        claims(study_rows(study, recs), {"r18": "ResNet", "r10": "ResNet"}, "zoo")
+
+
+def test_the_page_inlines_its_scripts_and_loads_nothing() -> None:
+    page = study_page("t", "text", [("chart", "vega", {"mark": "point"}), ("a table", "table", (["a"], [["1"]]))])
+    assert "<script src=" not in page and "vegaEmbed" in page and "<td>1</td>" in page
