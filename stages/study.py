@@ -1,8 +1,8 @@
 """Studies: a named grid of parameter overrides × seeds (``studies/<name>.yaml``) run as DVC experiments.
 
     python -m stages.study list
-    python -m stages.study run NAME [-S key=value]... [--seeds 0,1,2] [-j N] [--no-wait] [--dry-run]
-    python -m stages.study report NAME [-S key=value]... [--seeds 0,1,2]
+    python -m stages.study run NAME [-S key=value]... [--seeds 0,1,2] [--only axis=v1,v2] [-j N] [--no-wait] [--dry-run]
+    python -m stages.study report NAME [-S key=value]... [--seeds 0,1,2] [--only axis=v1,v2]
 
 ``run`` checks every experiment's parameters first (as the stages will), then queues the missing
 ones (``dvc exp run --queue -n <name> -S ...``; finished and queued ones are skipped, failed ones are
@@ -32,9 +32,19 @@ SUMMARY, QUANTIZATION = "reports/summary.json", "reports/quantization.json"
 PENDING = {"Queued", "Running"}
 
 
-def dvc(*args: str) -> str:
+def dvc(*args: str, detach: bool = False) -> str:
+    """Run ``dvc ARGS``; ``detach``: its output to a log, not a pipe (``dvc queue start`` leaves a
+    worker behind that inherits the pipe, and reading it would wait for the whole queue)."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if detach:
+        log = Path(".dvc") / "tmp" / "study-queue.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:
+            proc = subprocess.run(["dvc", *args], env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: dvc {' '.join(args)} failed (its output: {log})")
+        return ""
     proc = subprocess.run(["dvc", *args], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
@@ -55,6 +65,13 @@ def planned(args: argparse.Namespace) -> tuple[Any, list[Experiment], dict[str, 
     overrides = parse_overrides(args.set)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     experiments = study.experiments(overrides, seeds)
+    for item in args.only:
+        key, _, values = item.partition("=")
+        wanted = list(parse_overrides([f"{key}=[{values}]"]).values())[0]
+        if key not in study.axes or not all(any(c.values.get(key) == w for c in study.cells()) for w in wanted):
+            raise StudyError(f"{study.path}: --only {item}: expected an axis of the grid ({', '.join(study.axes)}) "
+                             "and some of its values")
+        experiments = [e for e in experiments if any(e.cell.values.get(key) == w for w in wanted)]
     base = read_params(PARAMS_FILE)
     for exp in experiments:
         try:
@@ -82,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     names = {e.name for e in experiments}
     if any(e.name not in known or known[e.name][0] in PENDING | {"Failed"} for e in experiments):
-        dvc("queue", "start", "--jobs", str(args.jobs))
+        dvc("queue", "start", "--jobs", str(args.jobs), detach=True)
     while not args.no_wait:
         now = {n: s for n, (s, _) in states().items() if n in names}
         pending = sum(1 for s in now.values() if s in PENDING)
@@ -129,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("name")
         p.add_argument("-S", "--set", action="append", default=[], help="key=value for every experiment")
         p.add_argument("--seeds", help="comma-separated seeds, replacing the study's")
+        p.add_argument("--only", action="append", default=[], metavar="AXIS=V1,V2",
+                       help="only the cells whose AXIS is one of these values (repeatable)")
         if name == "run":
             p.add_argument("-j", "--jobs", type=int, default=1, help="experiments at once (dvc queue start -j)")
             p.add_argument("--no-wait", action="store_true", help="queue and start, then return")
