@@ -22,9 +22,8 @@ sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
 from common import copy_repo, git_env  # noqa: E402
 from layout_fixtures import LAYOUTS_ALL, MULTILABEL, build_dataset  # noqa: E402
-from rescnn_sweep import experiment_params  # noqa: E402
-
-from stages.params import ParamError, resolve  # noqa: E402
+from kdlib.study.spec import apply_overrides, parse_overrides  # noqa: E402
+from stages.params import ParamError, read_params, resolve  # noqa: E402
 
 
 def smoke_sets(layout: str, overrides: dict) -> list[str]:
@@ -55,7 +54,8 @@ def main() -> None:
             set_args = [x for item in sets for x in ("-S", item)]
             cmd = ["dvc", "exp", "run", "--temp", "-n", f"smoke-{layout}".replace("_", "-"), *set_args]
             if args.dry_run:  # params.yaml of this repository, read only
-                (_, params), = experiment_params(work, set_args)
+                params = apply_overrides(read_params(work / "params.yaml"), parse_overrides(sets), layout,
+                                         add_keys=True)
                 try:
                     resolve(params)
                     print(f"ok       $ {' '.join(cmd)}")

@@ -181,46 +181,6 @@ def default_run_kd(repo_root: Path, reports: Path | None = None) -> str:
             f"{same}, and the cached student trains at {d['cached_vs_baseline']:.2f}× the baseline's epoch time.\n")
 
 
-LS_KD_TAIL = (" — the direction of the LS–KD study's ImageNet table, where its α = 0.1 teacher gives a worse "
-              "ResNet-18 student from T = 2 on (smoothing flattens the non-target logits that a high temperature "
-              "exposes)")
-
-
-@generator("ls_kd_grid", "bench/ls_kd_grid.json", "bench/kd_cache.json")
-def ls_kd_grid(repo_root: Path, reports: Path | None = None) -> str:
-    """The LS–KD study's grid (``scripts/ls_kd_grid.py``), with the kd_cache benchmark's seed spread."""
-    folder = _reports(repo_root, reports)
-    d, cache = _json(folder, "bench/ls_kd_grid.json"), _json(folder, "bench/kd_cache.json")
-    rows = sorted(d["rows"], key=lambda r: (float(r["teacher_ls"]), float(r["temperature"])))
-    label = {"top1": "top-1", "mAP": "mAP"}.get(rows[0]["score"], rows[0]["score"])
-    table = _table(["teacher LS", "T", f"teacher {label}", f"KD student {label}", "KD gain over baseline"],
-                   ["---:"] * 5,
-                   [[f"{r['teacher_ls']:g}", f"{r['temperature']:g}", _f(r["teacher"]), _f(r["distill"]),
-                     _signed(r["kd_gain"])] for r in rows])
-    seed_gains = [c - b for c, b in zip(cache["top1_cached"], cache["top1_baseline"])]
-    baselines = sorted({f"{r['baseline']:.2f}" for r in rows})
-    text = (f"{len(rows)} experiments, {d['wall_seconds'] / 60:.0f} min; baseline student {' / '.join(baselines)}. "
-            f"One seed per cell (the KD gain's seed-to-seed spread is about ±{_stdev(seed_gains):.1f} pt, "
-            "see `bench/kd_cache.py`)")
-    smoothing = sorted({float(r["teacher_ls"]) for r in rows})
-    if len(smoothing) == 2:
-        plain = {float(r["temperature"]): r for r in rows if float(r["teacher_ls"]) == smoothing[0]}
-        smooth = {float(r["temperature"]): r for r in rows if float(r["teacher_ls"]) == smoothing[1]}
-        temps = [t for t in plain if t in smooth]
-        better = (statistics.mean(smooth[t]["teacher"] for t in temps)
-                  - statistics.mean(plain[t]["teacher"] for t in temps))
-        worse = [t for t in temps if smooth[t]["kd_gain"] < plain[t]["kd_gain"]]
-        text += (f": the label-smoothed teacher is the {'more' if better > 0 else 'less'} accurate one "
-                 f"({_signed(better)} pt)")
-        if worse:
-            text += (f" yet the worse teacher at T = {_and([f'{t:g}' for t in worse])}, where its students gain "
-                     f"{_and([_f(smooth[t]['kd_gain']) for t in worse])} pt against "
-                     f"{_and([_f(plain[t]['kd_gain']) for t in worse])}" + LS_KD_TAIL)
-        else:
-            text += " and at least as good a teacher at every T"
-    return _markdown(table, text + ".")
-
-
 DEFAULT_BACKENDS = {"fp32": "PyTorch eager", "bf16": "PyTorch eager", "fp16": "PyTorch eager",
                     "int8_dynamic": "torchao `quantize_` (Linear only)",
                     "int8_static": "torchao PT2E + X86InductorQuantizer, Inductor",
@@ -233,6 +193,31 @@ def _backend(precision: str, row: Mapping[str, Any]) -> str:
         version = re.search(r"onnxruntime ([0-9.]+)", row.get("backend", ""))
         return "ONNX Runtime" + (f" {version.group(1)}" if version else "")
     return DEFAULT_BACKENDS.get(precision, row.get("backend", ""))
+
+
+STUDIES_IN_README = ()  # studies whose reports/studies/<name>/summary.json README quotes
+
+
+def _study(name: str) -> Callable[..., str]:
+    def build(repo_root: Path, reports: Path | None = None) -> str:
+        """``python -m stages.study report NAME``'s main table, from its summary.json."""
+        from types import SimpleNamespace
+
+        from kdlib.study.table import main_table
+
+        d = _json(_reports(repo_root, reports), f"studies/{name}/summary.json")
+        head, body = main_table(SimpleNamespace(axes=d["axes"]), d["rows"])
+        n = sum(r["n"] for r in d["rows"])
+        text = (f"{_count(n).capitalize()} experiments, seeds {_and([str(x) for x in d['seeds']])}"
+                + (f"; {_count(len(d['missing']))} not finished" if d["missing"] else "") + ".")
+        claims = [f"{c['question']} {c['answer']}." for c in d.get("claims", [])]
+        return _markdown(_table(head, ["---"] * len(d["axes"]) + ["---:"] * (len(head) - len(d["axes"])), body),
+                         text, *claims)
+    return build
+
+
+for _name in STUDIES_IN_README:
+    generator(f"study_{_name}", f"studies/{_name}/summary.json")(_study(_name))
 
 
 @generator("quantization", "quantization.json", pending=True)
@@ -270,60 +255,6 @@ def quantization(repo_root: Path, reports: Path | None = None) -> str:
         text = (f"fp8 weights are dequantized at compute: at batch 1 ResNet-18 takes "
                 f"{teacher['fp8']['latency_b1_median_ms']:.1f} ms per image in fp8 against "
                 f"{teacher['fp32']['latency_b1_median_ms']:.1f} ms in fp32.")
-    return _markdown(table, text)
-
-
-@generator("rescnn_sweep", "bench/rescnn_sweep.json")
-def rescnn_sweep(repo_root: Path, reports: Path | None = None) -> str:
-    """The residual-CNN precision study's sweep (``scripts/rescnn_sweep.py``), KD students."""
-    d = _json(_reports(repo_root, reports), "bench/rescnn_sweep.json")
-    by: dict[int, dict[str, Mapping[str, Any]]] = {}
-    for r in d["rows"]:
-        if r.get("role", "distill") == "distill":
-            by.setdefault(int(r["blocks"]), {})[r["precision"]] = r
-
-    def top1(r: Mapping[str, Any] | None) -> str:
-        return _f(r["top1"]) if r and r.get("status") == "ok" else "—"
-
-    def b1(r: Mapping[str, Any] | None) -> str:
-        return f"{r['latency_b1_median_ms']:.3f}" if r and r.get("status") == "ok" else "—"
-
-    def b64(r: Mapping[str, Any] | None) -> str:
-        return f"{1000 / r['throughput_img_s']:.3f}" if r and r.get("status") == "ok" else "—"
-
-    def size(r: Mapping[str, Any] | None) -> str:
-        return _bytes(r["size_bytes"], kib_digits=0) if r and r.get("status") == "ok" else "—"
-
-    rows = []
-    for blocks in sorted(by):
-        p = by[blocks]
-        fp32 = p["fp32"]
-        rows.append([str(blocks), f"{fp32['params']:,}", top1(fp32),
-                     f"{top1(p.get('int8_static'))} / {top1(p.get('onnx_int8'))}", top1(p.get("fp8")),
-                     f"{b1(fp32)} / {b1(p.get('onnx_fp32'))} / {b1(p.get('onnx_int8'))}",
-                     f"{b64(p.get('onnx_fp32'))} / {b64(p.get('int8_static'))} / {b64(p.get('onnx_int8'))}",
-                     f"{size(fp32)} / {size(p.get('onnx_int8'))} / {size(p.get('fp8'))}",
-                     f"{fp32.get('train_seconds') or 0:.0f} s"])
-    table = _table(["blocks", "params", "fp32 top-1", "int8 top-1 (PT2E / ONNX)", "fp8 top-1",
-                    "batch 1 ms: eager fp32 / ONNX fp32 / ONNX int8",
-                    "batch 64 ms/img: ONNX fp32 / PT2E int8 / ONNX int8", "size: fp32 / ONNX int8 / fp8", "training"],
-                   ["---:"] * 9, rows)
-    statuses = re.findall(r"^\s*\S+\s+\S+\s+\S+\s+\S+\s+(\w+)\s*$", d.get("queue_status", ""), re.M)
-    counts = {s: statuses.count(s) for s in dict.fromkeys(statuses) if s != "Status"}
-    status = ("every one `Success`" if set(counts) == {"Success"} else
-              ", ".join(f"{n} `{s}`" for s, n in counts.items()))
-    ok = [p for p in by.values() if all(p.get(k, {}).get("status") == "ok" for k in
-                                          ("fp32", "int8_static", "onnx_fp32", "onnx_int8"))]
-    text = f"{len(by)} experiments, {d['wall_seconds'] / 60:.0f} min, {status}."
-    if ok:
-        lost = max(abs(p[k]["top1"] - p["fp32"]["top1"]) for p in ok for k in ("int8_static", "onnx_int8"))
-        smaller = [p["fp32"]["size_bytes"] / p["onnx_int8"]["size_bytes"] for p in ok]
-        b64_gain = [max(p["int8_static"]["throughput_img_s"], p["onnx_int8"]["throughput_img_s"])
-                    / p["onnx_fp32"]["throughput_img_s"] for p in ok]
-        b1_gain = [p["onnx_fp32"]["latency_b1_median_ms"] / p["onnx_int8"]["latency_b1_median_ms"] for p in ok]
-        text += (f" Every int8 student is within {lost:.2f} pt of its fp32 accuracy and {_range(smaller, 1)}× smaller "
-                 f"(ONNX int8 against the fp32 checkpoint); at batch 64 the faster int8 path is "
-                 f"{_range(b64_gain, 1)}× faster than ONNX fp32, at batch 1 ONNX int8 is {_range(b1_gain, 2)}×.")
     return _markdown(table, text)
 
 
@@ -387,70 +318,6 @@ def kd_cache(repo_root: Path, reports: Path | None = None) -> str:
             f"{d['cache_bytes'] / 2 ** 20:.1f} MiB and {d['cache_build_seconds']:.1f} s to build — the teacher "
             "forwards of one online run, paid once and reused by every sweep over the student's recipe or the "
             "method's knobs.")
-    return _markdown(table, text)
-
-
-@generator("methods", "bench/methods.json")
-def methods(repo_root: Path, reports: Path | None = None) -> str:
-    """``bench/methods.py``: every method against its baseline student, 3 seeds, paired."""
-    d = _json(_reports(repo_root, reports), "bench/methods.json")
-    rows_in = d["methods"]
-    base = {r["student"]: r for r in rows_in if r["method"] == "baseline"}
-    best = max((r for r in rows_in if r["method"] != "baseline"), key=lambda r: r["gain_mean"], default=None)
-    rows = []
-    for r in rows_in:
-        student = f"{r['student']} ({d['deit_epochs']} ep)" if r["student"] == "deit" and d.get("deit_epochs") \
-            else r["student"]
-        gain = "" if r["method"] == "baseline" else _pm(r["gain_mean"], r["gain_std"], signed=True)
-        if r is best:
-            gain = f"**{gain}**"
-        rows.append([student, r["method"] if r["method"] == "baseline" else f"`{r['method']}`",
-                     _pm(r["top1_mean"], r["top1_std"]), gain, f"{r['step_ms']:.1f}",
-                     f"{r['step_ms'] / base[r['student']]['step_ms']:.2f}×", f"{r['extra_params']:,}"])
-    table = _table(["student", "method", "test top-1", "gain vs baseline", "ms/step", "vs baseline", "extra params"],
-                   ["---", "---"] + ["---:"] * 5, rows, tight=True)
-    by = {(r["student"], r["method"]): r for r in rows_in}
-    feat = by.get(("cnn_small", "l2")) or by.get(("cnn_small", "lsh"))
-    lsh = by.get(("cnn_small", "lsh"))
-    deit = base.get("deit")
-    kd = d.get("knobs", {}).get("kd", {})
-    parts = []
-    if feat and lsh:
-        parts.append(
-            "Logit KD is the clear winner for the small CNN; feature mimicking from a 512-d ResNet-18 feature into a "
-            f"64-d student through a {feat['extra_params']:,}-parameter `feat_fc` gains little on 1,000 digits "
-            "(LSHFM's gains are for ImageNet-pretrained students), and the 16,384 LSH hyperplanes (32·D) cost "
-            f"{lsh['step_ms'] / base['cnn_small']['step_ms']:.1f}× per step.")
-    if deit:
-        parts.append(
-            f"A ViT trained from scratch for {d['deit_epochs']} epochs on 1,000 digits is far from converged "
-            f"(±{deit['top1_std']:.0f} pt across seeds); there Hinton KD at T = {kd.get('temperature', 4):g}, "
-            f"α = {kd.get('alpha', 0.9):g} hurts, and DeiT's token distillation, which keeps the class head on "
-            "labels, does not.")
-    parts.append(f"Step times are medians over the {_count(len(d['seeds']))} seeds (one seed's runs overlapped "
-                 "another job).")
-    return _markdown(table, " ".join(parts))
-
-
-@generator("kd_gain", "bench/kd_gain.json", "bench/kd_cache.json")
-def kd_gain(repo_root: Path, reports: Path | None = None) -> str:
-    """``bench/kd_gain.py``: KD minus baseline per seed, paired; the kd_cache run's pairing beside it."""
-    folder = _reports(repo_root, reports)
-    d, cache = _json(folder, "bench/kd_gain.json"), _json(folder, "bench/kd_cache.json")
-    rows = [[str(r["seed"]), _f(r["baseline_top1"]), _f(r["kd_top1"]), _signed(r["gain"])] for r in d["seeds"]]
-    rows.append(["mean ± std", _pm(d["baseline_top1_mean"], d["baseline_top1_std"]),
-                 _pm(d["kd_top1_mean"], d["kd_top1_std"]), f"**{_pm(d['gain_mean'], d['gain_std'], signed=True)}**"])
-    table = _table(["seed", "baseline top-1", "KD top-1", "KD − baseline"], ["---:"] * 4, rows)
-    knobs = d.get("distill") or d.get("kd") or {}
-    method = knobs.get("method", "kd")
-    settings = ", ".join(f"{'T' if k == 'temperature' else 'α' if k == 'alpha' else k} = {v:g}"
-                         for k, v in knobs.items() if k != "method" and isinstance(v, (int, float)))
-    cache_gains = [c - b for c, b in zip(cache["top1_cached"], cache["top1_baseline"])]
-    c_mean, c_std = statistics.mean(cache_gains), _stdev(cache_gains)
-    text = (f"Teacher ({d['teacher']}) {_f(d['teacher_top1'])} %, student {d['student']}, `{method}` ({settings}), "
-            f"{_count(len(d['seeds']))} seeds: KD − baseline = {_pm(d['gain_mean'], d['gain_std'], signed=True)} pt, "
-            f"target {'met' if d['target_met'] else 'not met'}. The `kd_cache` run above is the same pairing: "
-            f"{_pm(c_mean, c_std, signed=True)} pt ({'met' if c_mean >= 1.0 and c_mean > 2 * c_std else 'not met'}).")
     return _markdown(table, text)
 
 

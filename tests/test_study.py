@@ -196,3 +196,25 @@ def test_teacher_zoo_claims_follow_the_data(tmp_path: Path) -> None:
 def test_the_page_inlines_its_scripts_and_loads_nothing() -> None:
     page = study_page("t", "text", [("chart", "vega", {"mark": "point"}), ("a table", "table", (["a"], [["1"]]))])
     assert "<script src=" not in page and "vegaEmbed" in page and "<td>1</td>" in page
+
+
+def test_the_cli_dry_run_lists_what_it_would_queue_and_refuses_bad_input_first(capsys, monkeypatch) -> None:
+    from stages import study
+
+    monkeypatch.chdir(REPO)
+    assert study.main(["run", "ls_kd", "--only", "student=mobilenetv2", "--only", "distill.kd.temperature=1,64",
+                       "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "ls_kd: 12 experiments, 0 finished or queued, 12 to queue" in out  # 2 LS x 2 T x 3 seeds
+    assert out.count("dvc exp run --queue -n ls-kd-") == 12 and "-S teacher_ls=0.1" in out
+    for args, message in [(["-S", "eval.roles=[distill]"], "eval.roles"),  # a removed key, named
+                          (["-S", "distill.kd.alpha=2"], "alpha must be in [0, 1]"),
+                          (["--only", "student=nope"], "--only student=nope"),
+                          (["-S", "teacher_ls=0.1"], "axis")]:
+        assert study.main(["run", "ls_kd", "--dry-run", "--seeds", "0", *args]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and "studies/ls_kd.yaml" in captured.err, captured.err
+        assert "dvc exp run" not in captured.out
+    assert study.main(["list"]) == 0
+    names = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    assert {"kd_gain", "ls_kd", "methods", "rescnn_precisions", "teacher_zoo"} <= names

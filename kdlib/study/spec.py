@@ -118,18 +118,21 @@ def override_arg(key: str, value: Any) -> str:
     return f"{key}={_scalar(value)}"
 
 
-def apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """``params`` with each dotted ``key: value`` set; a key that params.yaml lacks is an error
-    (``dvc exp run -S`` would add it silently)."""
+def apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any], where: str,
+                    add_keys: bool = False) -> dict[str, Any]:
+    """``params`` with each dotted ``key: value`` set, as ``dvc exp run -S`` sets it. A key that
+    params.yaml lacks is an error (``-S`` would add it silently), unless ``add_keys``."""
     out = copy.deepcopy(dict(params))
     for key, value in overrides.items():
         *parents, last = key.split(".")
         node: Any = out
         for depth, name in enumerate(parents):
+            if add_keys and isinstance(node, dict) and node.get(name) is None:
+                node[name] = {}
             if not isinstance(node, dict) or name not in node:
                 raise StudyError(f"{where}: {key}: params.yaml has no {'.'.join(parents[:depth + 1])!r}")
             node = node[name]
-        if not isinstance(node, dict) or last not in node:
+        if not isinstance(node, dict) or (last not in node and not add_keys):
             raise StudyError(f"{where}: {key}: params.yaml has no such key (expected an existing dotted key, "
                              "e.g. distill.kd.temperature)")
         node[last] = value
