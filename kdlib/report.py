@@ -24,18 +24,21 @@ def _human_bytes(n: int) -> str:
 
 def results_table(rows: Sequence[Mapping], columns: Sequence[str] = ("top1", "top5")) -> str:
     """Markdown table; each row has role, preset, arch, params, checkpoint_bytes, best and last
-    (each with the metrics in ``columns`` and epoch). The first column is also shown for last."""
+    (each with the metrics in ``columns`` and epoch; a student's with its teacher_agreement and
+    teacher_kl). The first column is also shown for last."""
     best = " | ".join(f"test {LABELS.get(c, c)} best" for c in columns)
     lines = [
         f"| model | preset (arch) | params | checkpoint | {best} | test {LABELS.get(columns[0], columns[0])} last "
-        "| best / last epoch |",
-        "|---|---|---:|---:|" + "---:|" * (len(columns) + 2),
+        "| best / last epoch | agreement with teacher / KL |",
+        "|---|---|---:|---:|" + "---:|" * (len(columns) + 3),
     ]
     for r in rows:
         values = " | ".join(f"{r['best'][c]:.2f}" for c in columns)
+        fidelity = (f"{r['best']['teacher_agreement']:.2f} % / {r['best']['teacher_kl']:.4f}"
+                    if "teacher_agreement" in r["best"] else "—")
         lines.append(
             f"| {r['role']} | {r['preset']} ({r['arch']}) | {r['params']:,} | {_human_bytes(r['checkpoint_bytes'])} "
-            f"| {values} | {r['last'][columns[0]]:.2f} | {r['best']['epoch']} / {r['last']['epoch']} |"
+            f"| {values} | {r['last'][columns[0]]:.2f} | {r['best']['epoch']} / {r['last']['epoch']} | {fidelity} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -111,7 +114,9 @@ def results_markdown(title: str, manifest: Mapping, method: str, knobs: Mapping,
         f"val {splits['val']['count']}, test {splits['test']['count']} images. "
         f"Distillation: {method} ({', '.join(f'{k} = {v}' for k, v in knobs.items())}); seed {seed}.\n\n"
         + results_table(rows, columns)
-        + f"\nKD gain (distill − baseline, best checkpoints, test {LABELS[score]}): **{kd_gain:+.2f} pt**\n\n"
+        + f"\nKD gain (distill − baseline, best checkpoints, test {LABELS[score]}): **{kd_gain:+.2f} pt**. "
+        "Agreement with teacher: the share of test images where the student's top class is the teacher's; "
+        "KL: mean KL(teacher ‖ student) of the softmax outputs, nats (Stanton et al., NeurIPS 2021).\n\n"
         "Figures: `figures/training_curves.png`, `figures/test_accuracy.png`, `figures/confusion_*.png`.\n"
     )
     if quantization:

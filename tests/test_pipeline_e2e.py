@@ -35,10 +35,46 @@ def test_repro_produces_every_output_and_is_a_noop_the_second_time(trained):
     assert {row["status"] for role in ("teacher", "baseline", "distill") for row in quantization[role].values()} \
         == {"ok"}, quantization
 
+    for role in ("baseline", "distill"):  # a study's record of each model, from the same files
+        evaluation = json.loads((work / f"reports/evaluate/{role}.json").read_text())
+        assert summary["models"][role]["best"] == {k: evaluation["best"][k] for k in (
+            "top1", "top5", "teacher_agreement", "teacher_kl")}
+        assert summary["models"][role]["params"] == evaluation["params"] and summary["models"][role]["ms_per_step"] > 0
+    assert "teacher_agreement" not in json.loads((work / "reports/evaluate/teacher.json").read_text())["best"]
+
     assert "Running stage" in record["first_stdout"]
     second = record["second_stdout"]
     assert "Running stage" not in second, second
     assert "up to date" in second
+
+
+def test_each_students_fidelity_to_the_teacher_is_its_test_agreement_and_kl(trained):
+    """evaluate's teacher_agreement / teacher_kl against the formulas applied here to both models'
+    test logits (numpy, float64): % of equal argmax, and mean sum_c p_t (log p_t - log p_s)."""
+    import numpy as np
+
+    from kdlib.checkpoint import Checkpoint
+    from stages.evaluate import evaluate_checkpoint
+    from stages.params import read_params, resolve
+    from stages.workspace import Workspace
+
+    work, _ = trained
+    ws = Workspace(work)
+    run_ = resolve(read_params(work / "params.yaml"))
+    teacher = evaluate_checkpoint(run_, ws.index(), Checkpoint.read(ws.teacher_checkpoint), ws=ws).logits.double().numpy()
+
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    for role in ("baseline", "distill"):
+        for which in ("best", "last"):
+            student = evaluate_checkpoint(run_, ws.index(), Checkpoint.read(ws.checkpoint(role, which)), ws=ws)
+            s_logits = student.logits.double().numpy()
+            agreement = 100.0 * np.mean(teacher.argmax(1) == s_logits.argmax(1))
+            kl = np.mean((np.exp(log_softmax(teacher)) * (log_softmax(teacher) - log_softmax(s_logits))).sum(1))
+            row = json.loads((work / f"reports/evaluate/{role}.json").read_text())[which]
+            assert row["teacher_agreement"] == pytest.approx(agreement, abs=1e-3), (role, which)
+            assert row["teacher_kl"] == pytest.approx(kl, abs=1e-5), (role, which)
 
 
 def test_forced_rerun_reproduces_every_output_bit_for_bit(trained, tmp_path):

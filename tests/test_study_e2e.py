@@ -1,0 +1,59 @@
+"""A tiny study end to end on a copy of the reproduced tiny pipeline (pipeline_run.trained):
+`python -m stages.study run` queues DVC experiments and skips what is done, `report` reads them
+back through dvc.api into reports/studies/<name>/ (the numbers checked against `dvc exp show
+--json`, a second report byte-identical), and the report's page renders offline in Chromium."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from browser import charts, offline_prefix, rendered_dom  # noqa: F401 (a fixture)
+from dvc_repo import copy_workspace, dvc_env, run
+from pipeline_run import trained  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.slow
+
+TINY = """title: A tiny study
+seeds: [0]
+grid: {distill.kd.temperature: [2.0]}
+"""
+
+
+def study(work, env, *args: str):
+    return run([sys.executable, "-m", "stages.study", *args], work, env)
+
+
+def test_a_tiny_study_runs_skips_what_is_done_and_reports(trained, tmp_path_factory, offline_prefix, tmp_path):
+    work, env = copy_workspace(trained[0], tmp_path_factory.mktemp("study") / "repo"), dvc_env()
+    (work / "studies" / "tiny.yaml").write_text(TINY)
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-qm", "a tiny study"], work, env)
+    assert "1 experiments, 0 finished or queued, 1 to queue" in study(work, env, "run", "tiny", "--poll", "2").stdout
+    again = study(work, env, "run", "tiny", "--seeds", "0,1", "--poll", "2").stdout
+    assert "2 experiments, 1 finished or queued, 1 to queue" in again
+
+    study(work, env, "report", "tiny", "--seeds", "0,1")
+    out = work / "reports" / "studies" / "tiny"
+    summary = json.loads((out / "summary.json").read_text())
+    [row] = summary["rows"]
+    assert row["n"] == 2 and row["seeds"] == [0, 1] and not summary["missing"]
+    # the same numbers through another reader: each experiment's summary.json in `dvc exp show --json`
+    shown = {}
+    for commit in json.loads(run(["dvc", "exp", "show", "--json"], work, env).stdout):
+        for exp in [e for r in commit.get("experiments") or [] for e in r["revs"]]:
+            metrics = exp["data"]["metrics"]["reports/summary.json"]["data"]
+            shown[exp["name"]] = (metrics["baseline"]["best"], metrics["distill"]["best"])
+    pairs = [shown[name] for name in row["experiments"]]
+    assert [(s["baseline_best"], s["distill_best"]) for s in row["per_seed"]] == pairs
+    gains = [d - b for b, d in pairs]
+    assert row["gain_best"]["mean"] == pytest.approx(sum(gains) / 2, abs=1e-6)
+    assert row["distill_teacher_agreement"]["n"] == 2 and 0 <= row["distill_teacher_agreement"]["mean"] <= 100
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    study(work, env, "report", "tiny", "--seeds", "0,1")
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert "| 2.0 | 2 |" in (out / "table.md").read_text()
+    found = charts(rendered_dom(out / "index.html", offline_prefix, tmp_path))
+    assert sum(found.views.values()) == 1, found.views  # the gain chart, drawn with the network off
+    assert len(found.images) == 1  # figures/gain.png, inlined
