@@ -206,7 +206,7 @@ def _study(name: str) -> Callable[..., str]:
         from kdlib.study.table import main_table
 
         d = _json(_reports(repo_root, reports), f"studies/{name}/summary.json")
-        head, body = main_table(SimpleNamespace(axes=d["axes"]), d["rows"])
+        head, body = main_table(SimpleNamespace(axes=d["axes"], families=d.get("claims")), d["rows"])
         n = sum(r["n"] for r in d["rows"])
         text = (f"{_count(n).capitalize()} experiments, seeds {_and([str(x) for x in d['seeds']])}"
                 + (f"; {_count(len(d['missing']))} not finished" if d["missing"] else "") + ".")

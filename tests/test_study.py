@@ -15,7 +15,7 @@ from kdlib.study.page import study_page
 from kdlib.study.report import write_report
 from kdlib.study.spec import Cell, StudyError, apply_overrides, experiment_name, load_study, parse_overrides
 from kdlib.study.stats import correlation, group_difference, paired_difference, spread
-from kdlib.study.table import Record, study_rows
+from kdlib.study.table import Record, main_table, study_rows
 from kdlib.study.zoo import claims
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +184,10 @@ def test_teacher_zoo_claims_follow_the_data(tmp_path: Path) -> None:
     # the same-family teacher is better and gives +2, the cross-family one +0.5 (with seed noise)
     recs = [record(study, {"teacher": t, "student": "r10"}, s, tacc, 90.0 + s, 90.0 + s + gain + 0.1 * s,
                    (t, "r10")) for t, tacc, gain in (("r18", 97.0, 2.0), ("vit", 92.0, 0.5)) for s in (0, 1, 2)]
-    answers = claims(study_rows(study, recs), study.families, "zoo")
+    rows = study_rows(study, recs)
+    head, body = main_table(study, rows)
+    assert head[-2:] == ["teacher: batch-1 ms / MiB", "KD student: batch-1 ms / MiB"] and body[0][-1] == "1.000 / —"
+    answers = claims(rows, study.families, "zoo")
     helps, better, family = answers
     assert helps["mean"] == pytest.approx(1.35) and helps["answer"].startswith("Yes") and helps["n"] == 6
     assert better["n"] == 2 and "Not testable" in better["answer"]  # two cells: no correlation test

@@ -153,6 +153,9 @@ def main_table(study: Study, rows: Sequence[Mapping[str, Any]]) -> tuple[list[st
     head = [*axes, "n", f"teacher {score}", f"baseline {score} best", f"KD {score} best", f"KD {score} last",
             "gain best [95% CI]", "p (t)", "p (W)", "gain last", "agreement KD / base (%)", "KL KD / base",
             "train s (KD)", "ms/step (KD / base)", "extra params"]
+    speed = bool(getattr(study, "families", None))  # the teacher-zoo study compares models' cost too
+    if speed:
+        head += ["teacher: batch-1 ms / MiB", "KD student: batch-1 ms / MiB"]
     out = []
     for r in rows:
         gb, gl = r["gain_best"], r["gain_last"]
@@ -164,6 +167,9 @@ def main_table(study: Study, rows: Sequence[Mapping[str, Any]]) -> tuple[list[st
                     _num(r["distill_train_seconds"], 1),
                     f"{_num(r['distill_ms_per_step'], 1)} / {_num(r['baseline_ms_per_step'], 1)}",
                     "—" if r["extra_params"] is None else f"{r['extra_params']:,}"])
+        if speed:
+            out[-1] += [f"{_num(r[f'{role}_latency_b1_ms'], 3)} / {_num(r[f'{role}_inference_mib'], 0)}"
+                        for role in ("teacher", "distill")]
     return head, out
 
 
