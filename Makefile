@@ -22,6 +22,5 @@ test: setup
 
 bench: setup
 	$(VENV)/python bench/pipeline.py
-	$(VENV)/python bench/kd_gain.py
 	$(VENV)/python bench/throughput.py
 	$(VENV)/python bench/loader.py
