@@ -42,11 +42,24 @@ class ExportError(RuntimeError):
     """The model cannot be exported; the message names the step and the checkpoint."""
 
 
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # per node: the exporting machine's source paths
+
+
 def with_metadata(src: Path, dst: Path, props: dict[str, str]) -> Path:
     """Copy the ONNX file ``src`` to ``dst`` with ``props`` in its ``metadata_props``, replacing
-    earlier ``kdlib.`` entries and keeping any other."""
+    earlier ``kdlib.`` entries and keeping any other, and without the Python stack trace that
+    torch's exporter stores on each node: it names files by absolute path (the checkout, the
+    virtual environment), which a deployed file has no use for and which would make the bytes
+    depend on where the repository lies."""
     onnx, _ = require_onnx()
     model = onnx.load(str(src))
+    for graph in [model.graph, *(f for f in model.functions)]:
+        for node in graph.node:
+            kept_props = [(p.key, p.value) for p in node.metadata_props if p.key != STACK_TRACE_KEY]
+            del node.metadata_props[:]
+            for key, value in kept_props:
+                entry = node.metadata_props.add()
+                entry.key, entry.value = key, value
     kept = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(PREFIX)]
     del model.metadata_props[:]
     for key, value in kept + sorted(props.items()):

@@ -6,13 +6,14 @@ scores of each file). Each ONNX file carries its classes and preprocessing in it
 (:mod:`kdlib.export`, :mod:`kdlib.predict`)."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
-from kdlib.checkpoint import Checkpoint
+from kdlib.checkpoint import Checkpoint, CheckpointError
 from kdlib.data.preprocessing import Preprocessing
 from kdlib.deployed import ModelInfo
-from kdlib.export import describe, export_classifier
+from kdlib.export import ExportError, describe, export_classifier
 from kdlib.quantize.measure import calibration_sample, materialize
 from stages.guard import stage_outputs
 from stages.params import Run, load_params
@@ -40,7 +41,11 @@ def main() -> None:
     folder, start = ws.models / "export", time.perf_counter()
     with stage_outputs("export", folder, ws=ws) as out:
         run = load_params()
-        card = export_student(run, ws, out(folder))
+        try:
+            card = export_student(run, ws, out(folder))
+        except (CheckpointError, ExportError) as err:
+            print(f"error: export: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     for line in describe(card, run.score):
         print(f"export {line}")
     print(f"export: {folder} in {time.perf_counter() - start:.1f} s")
