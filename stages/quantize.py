@@ -9,13 +9,12 @@ RSS is that evaluation's own; calibration uses a seeded sample of the training s
 from __future__ import annotations
 
 import argparse
-import random
 
 import torch
 
 from kdlib.checkpoint import Checkpoint
 from kdlib.io import write_json
-from kdlib.quantize.measure import add_deltas, materialize, measure_precisions
+from kdlib.quantize.measure import add_deltas, calibration_sample, materialize, measure_precisions
 from stages.guard import stage_outputs
 from stages.params import ROLES, Run, load_params
 from stages.workspace import Workspace
@@ -27,7 +26,6 @@ def quantize_role(run: Run, ws: Workspace, role: str) -> list[dict]:
     size = Checkpoint.read(path).record.input_size
     test = run.dataset.load(index, "test", size, False, *ws.pixel_cache_for(run))
     train = run.dataset.load(index, "train", size, False, *ws.pixel_cache_for(run))
-    picks = random.Random(run.seed).sample(range(len(train)), min(settings.calibration_images, len(train)))
     test_set = materialize(test) if run.dataset.preload else test  # decoded once, shared by every job
 
     def show(row: dict) -> None:
@@ -35,7 +33,8 @@ def quantize_role(run: Run, ws: Workspace, role: str) -> list[dict]:
                  else f"{row['status']}: {row.get('reason')}")
         print(f"{role:9s} {row['precision']:13s} {shown}", flush=True)
 
-    rows = measure_precisions(role, path, test_set, materialize(train, sorted(picks)).images, settings,
+    calibration = calibration_sample(train, run.seed, settings.calibration_images)
+    rows = measure_precisions(role, path, test_set, calibration, settings,
                               "cuda" if torch.cuda.is_available() else "cpu", test.ignore, run.dataset.ap_mode, show)
     return add_deltas(rows, run.score)
 

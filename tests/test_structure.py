@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_SCRIPTS = ("check", "prepare", "train", "teacher_cache", "align", "evaluate", "quantize", "report")
+STAGE_SCRIPTS = ("check", "prepare", "train", "teacher_cache", "align", "evaluate", "quantize", "export", "report")
 # besides the scripts: parameter loading, paths, the run discipline (staged outputs, signals, parameter
 # checks), the training stages in one process (tests, benchmarks), starting torchrun, and the
 # resume state's place and key, and the study driver (queues experiments, reads them back through dvc.api)

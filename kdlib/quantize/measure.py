@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import random
 import resource
 import statistics
 import tempfile
@@ -51,6 +52,14 @@ def materialize(dataset: Dataset, indices: list[int] | None = None) -> TensorIma
     images = torch.stack([im for im, _, _ in items])
     targets = torch.stack([torch.as_tensor(t) for _, t, _ in items])
     return TensorImages(images, targets)
+
+
+def calibration_sample(train: Dataset, seed: int, count: int) -> Tensor:
+    """The ``uint8`` training images static int8 calibrates on: ``count`` of them (all when there
+    are fewer) drawn with ``random.Random(seed)``, in index order. The quantize stage measures
+    and the export stage deploys int8 models calibrated on exactly these."""
+    picks = random.Random(seed).sample(range(len(train)), min(count, len(train)))  # type: ignore[arg-type]
+    return materialize(train, sorted(picks)).images
 
 
 def latency_ms(fn: Callable[[Tensor], Tensor], x: Tensor, warmup: int, runs: int) -> tuple[float, float]:
