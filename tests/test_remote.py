@@ -10,7 +10,8 @@ repository standing in for the team's server. Each test then works in a fresh ``
 - an SSH remote on 127.0.0.1 (Debian's sshd, started here with throwaway keys; dvc-ssh);
 - ``dvc exp push`` / ``dvc exp pull`` of two experiments, listed with their metrics by
   ``dvc.api.exp_show``;
-- the first experiment in a fresh clone that pulled nothing.
+- the first experiment in a fresh clone that pulled nothing: it works, and the check stage warns
+  up front which outputs the clone lacks and that ``dvc pull`` brings them.
 """
 from __future__ import annotations
 
@@ -28,10 +29,9 @@ from typing import Iterator
 import pytest
 import yaml
 
-from dvc_repo import copy_workspace, dvc_env, run, scratch_repository
+from dvc_repo import copy_workspace, run, scratch_repository
+from stages.guard import missing_outputs
 from train_repo import free_port, tiny
-
-pytestmark = pytest.mark.slow
 
 STAGES = ("check", "prepare", "baseline")
 SSHD = Path("/usr/sbin/sshd")
@@ -81,11 +81,45 @@ def clone(team: dict, name: str) -> Path:
     return target
 
 
+def test_missing_outputs_are_the_lock_outputs_in_neither_workspace_nor_cache(tmp_path):
+    """stages.guard.missing_outputs, on a hand-written dvc.yaml/dvc.lock: an output present in
+    the workspace or in the cache (here a cache.dir set in .dvc/config.local, as a queued
+    experiment's copy has it) is not missing; a stale lock entry (a stage dvc.yaml no longer has,
+    or a foreach entry of a stage that is no longer a foreach) is skipped, and so are `cache: false`
+    outputs (git carries them; DVC deletes those of the running stage, check's own included)."""
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "make": {"cmd": "x", "outs": ["data/here", "data/cached", "data/gone"],
+                 "metrics": [{"reports/make.json": {"cache": False}}]},
+        "each": {"foreach": ["a", "b"], "do": {"cmd": "y", "outs": ["out/${item}.json"],
+                                              "metrics": [{"reports/${item}.json": {"cache": False}}]}}}}))
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "make": {"cmd": "x", "outs": [{"path": "data/here", "md5": "1" * 32 + ".dir"},
+                                      {"path": "data/cached", "md5": "ab" + "2" * 30},
+                                      {"path": "data/gone", "md5": "3" * 32 + ".dir"},
+                                      {"path": "reports/make.json", "md5": "7" * 32}]},  # in git
+        "each@a": {"cmd": "y", "outs": [{"path": "out/a.json", "md5": "4" * 32},
+                                        {"path": "reports/a.json", "md5": "8" * 32}]},
+        "each": {"cmd": "old", "outs": [{"path": "out", "md5": "5" * 32 + ".dir"}]},  # before foreach
+        "removed": {"cmd": "z", "outs": [{"path": "old/thing", "md5": "6" * 32}]}}}))
+    (tmp_path / "data" / "here").mkdir(parents=True)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config.local").write_text("[cache]\n    dir = ../elsewhere\n")
+    (tmp_path / "elsewhere" / "files" / "md5" / "ab").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "files" / "md5" / "ab" / ("2" * 30)).write_text("cached")
+    assert missing_outputs(tmp_path) == {"make": ["data/gone"], "each@a": ["out/a.json"]}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.json").write_text("{}")
+    assert missing_outputs(tmp_path) == {"make": ["data/gone"]}
+    (tmp_path / "dvc.lock").unlink()  # a pipeline never reproduced: nothing to pull
+    assert missing_outputs(tmp_path) == {}
+
+
 @pytest.fixture(scope="module")
 def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The tiny pipeline reproduced and committed with a default local-directory DVC remote (the
     remote's config is committed first: `dvc exp push` reads it from each experiment's commit) and
-    pushed to a bare git repository ``origin``. The repository ``repo`` is the team member who ran it."""
+    pushed to a bare git repository ``origin``, its outputs with `dvc push`. The repository ``repo`` is
+    the team member who ran it."""
     tmp = tmp_path_factory.mktemp("remote")
     repo, origin, store = tmp / "repo", tmp / "origin.git", tmp / "store"
     repo.mkdir()
@@ -101,16 +135,17 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp, env)
     run(["git", "remote", "add", "origin", str(origin)], repo, env)
     run(["git", "push", "-q", "origin", "main"], repo, env)
+    pushed = run(["dvc", "push"], repo, env)
     yield {"tmp": tmp, "repo": repo, "origin": origin, "store": store, "env": env, "repro_s": repro_s,
-           "outputs": file_md5s(repo, cached_outputs(repo))}
+           "push_stdout": pushed.stdout, "outputs": file_md5s(repo, cached_outputs(repo))}
 
 
+@pytest.mark.slow
 def test_push_then_pull_in_a_fresh_clone_gives_identical_outputs(team):
     repo, env = team["repo"], team["env"]
     assert cached_outputs(repo) == ["data/prepared", "models/baseline", "reports/baseline/plots"]
     assert any(path.startswith("models/baseline/") and path.endswith(".pt") for path in team["outputs"])
-    push = run(["dvc", "push"], repo, env)
-    assert "pushed" in push.stdout, push.stdout
+    assert "pushed" in team["push_stdout"], team["push_stdout"]  # the fixture's `dvc push`
     assert any((team["store"] / "files" / "md5").rglob("*.dir")), "no folder manifest reached the remote"
 
     fresh = clone(team, "clone-local")
@@ -121,6 +156,7 @@ def test_push_then_pull_in_a_fresh_clone_gives_identical_outputs(team):
     assert "up to date" in status.stdout, status.stdout
 
 
+@pytest.mark.slow
 def test_run_cache_restores_an_uncommitted_parameter_set_without_training(team, tmp_path):
     """A team member tries another learning rate without committing it and pushes the run cache
     (`dvc push --run-cache`, then scripts/push_run_cache.py for the objects DVC leaves behind); a
@@ -236,6 +272,7 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
     server.stop()
 
 
+@pytest.mark.slow
 def test_ssh_remote_push_then_pull_in_a_fresh_clone(team, sshd, tmp_path):
     """An SSH remote is added per machine (`--local`: .dvc/config.local, not committed, since the
     key file is each machine's own); push from one clone, pull into another, over sshd."""
@@ -248,7 +285,7 @@ def test_ssh_remote_push_then_pull_in_a_fresh_clone(team, sshd, tmp_path):
         run(["dvc", "remote", "modify", "--local", "ssh", "keyfile", str(sshd.user_key)], repo, env)
 
     pusher = clone(team, "clone-ssh-push")
-    run(["dvc", "pull"], pusher, env)  # from the local-directory remote (first test)
+    run(["dvc", "pull"], pusher, env)  # from the local-directory remote
     add_ssh_remote(pusher)
     push = run(["dvc", "push", "-r", "ssh"], pusher, env)
     assert "pushed" in push.stdout, push.stdout
@@ -262,6 +299,7 @@ def test_ssh_remote_push_then_pull_in_a_fresh_clone(team, sshd, tmp_path):
     assert log.count("Accepted publickey for root from 127.0.0.1") >= 2, log[-3000:]
 
 
+@pytest.mark.slow
 def test_experiments_pushed_then_pulled_into_a_fresh_clone(team):
     """Two experiments (the student's learning rate: check and baseline re-run, a few seconds each)
     go to the git remote with `dvc exp push` (refs/exps plus their cache to the DVC remote); a
@@ -293,3 +331,25 @@ def test_experiments_pushed_then_pulled_into_a_fresh_clone(team):
         assert row[top1_column] == pytest.approx(result["metrics"]["best_val_top1"])
     run(["dvc", "exp", "apply", "lr-fast"], fresh, env)
     assert file_md5s(fresh, ["models/baseline"]) == made["lr-fast"]["models"]
+
+
+@pytest.mark.slow
+def test_first_experiment_in_a_fresh_clone_works_and_says_what_to_pull(team):
+    """A fresh clone has dvc.lock but none of its cached outputs: `dvc exp run prepare -S ...`
+    (check and prepare run, a few seconds) succeeds, and the check stage says up front which outputs
+    are missing and that `dvc pull` brings them; after `dvc pull` it says nothing."""
+    env = team["env"]
+    fresh = clone(team, "clone-first-exp")
+    out = run(["dvc", "exp", "run", "-n", "first", "prepare", "-S", "datasets.mnist.options.val_per_class=3"],
+              fresh, env)
+    assert stages_run(out.stdout) == {"check", "prepare"}, out.stdout
+    said = out.stdout + out.stderr
+    assert "warning: dvc.lock records 3 output(s) that are in neither the workspace nor the DVC cache" in said, said
+    assert "models/baseline" in said and "`dvc pull`" in said
+    assert json.loads((fresh / "reports/prepare/manifest.json").read_text())["splits"]["val"]["count"] == 30
+    assert "first" in run(["dvc", "exp", "list", "--name-only"], fresh, env).stdout
+
+    pulled = clone(team, "clone-pulled")
+    run(["dvc", "pull"], pulled, env)
+    check = run([sys.executable, "-m", "stages.check"], pulled, {**env, "PYTHONPATH": str(pulled)})
+    assert "warning" not in check.stderr and "is valid" in check.stdout, check.stderr
