@@ -3,6 +3,16 @@
 # reinstalls nothing unless requirements.txt or pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# tests/test_remote.py starts its own sshd on 127.0.0.1 to test a real SSH remote (dvc-ssh)
+if [ ! -x /usr/sbin/sshd ]; then
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+    echo "setup.sh: /usr/sbin/sshd is missing and cannot be installed here (needs root and apt-get):" \
+      "install openssh-server, or tests/test_remote.py's SSH test fails" >&2
+  elif ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends openssh-server >/dev/null; then
+    echo "setup.sh: apt-get install openssh-server failed (see above; try apt-get update first):" \
+      "tests/test_remote.py's SSH test will fail" >&2
+  fi
+fi
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

@@ -5,11 +5,17 @@ start). Every other stage names only the keys it reads, so without this one an u
 (``-S student=nosuch``) would reach DVC as "Parameters 'models.nosuch' are missing", and a bad value
 in an unused section would pass until a later run used it. Writes ``reports/check.json``
 (``{"valid": true}``, the same bytes for every valid file, so a passing check never invalidates
-``prepare``)."""
+``prepare``).
+
+It also warns, first thing, when dvc.lock names cached outputs that neither the workspace nor the
+DVC cache holds (a fresh clone before ``dvc pull``): the first experiment there would otherwise
+retrain upstream stages silently, or leave an experiment that ``dvc exp apply`` cannot check out."""
 from __future__ import annotations
 
+import sys
+
 from kdlib.io import write_json
-from stages.guard import stage_outputs
+from stages.guard import missing_outputs, missing_outputs_advice, stage_outputs
 from stages.params import load_params
 from stages.workspace import Workspace
 
@@ -18,6 +24,8 @@ def main() -> None:
     ws = Workspace()
     with stage_outputs("check", ws.reports / "check.json", ws=ws) as out:
         run = load_params()  # exits 2 listing every problem
+        if advice := missing_outputs_advice(missing_outputs(ws.root)):
+            print(advice, file=sys.stderr)  # up front: the stages that lack them would retrain much later
         write_json(out(ws.reports / "check.json"), {"valid": True})
     print(f"check: params.yaml is valid (teacher {run.teacher.preset}, student {run.student.preset}, "
           f"data set {run.params.dataset}, method {run.method.name})")

@@ -224,3 +224,73 @@ class ParamsWatch:
 
     def stop(self) -> None:
         self._stopped.set()
+
+
+def _dvc_cache_dir(root: Path) -> Path:
+    """The project's DVC cache: ``cache.dir`` from .dvc/config.local or .dvc/config (relative to
+    .dvc/, as DVC reads it; a queued experiment's temporary copy names the workspace's cache
+    there), else .dvc/cache."""
+    import configparser
+
+    for name in ("config.local", "config"):
+        config = configparser.ConfigParser(interpolation=None)
+        try:
+            config.read(root / ".dvc" / name)
+        except configparser.Error:
+            continue  # DVC itself reports a broken config
+        if config.has_option("cache", "dir"):
+            return (root / ".dvc" / config.get("cache", "dir").strip("'\"")).resolve()
+    return root / ".dvc" / "cache"
+
+
+def _uncached_paths(stage: dict, item: str) -> set[str]:
+    """The ``cache: false`` outputs a dvc.yaml stage declares (``${item}`` of a foreach filled in)."""
+    paths = set()
+    for kind in ("outs", "metrics", "plots"):
+        for declared in stage.get(kind) or []:
+            if isinstance(declared, dict):
+                path, options = next(iter(declared.items()))
+                if isinstance(options, dict) and options.get("cache") is False:
+                    paths.add(path.replace("${item}", item))
+    return paths
+
+
+def missing_outputs(root: Path = Path(".")) -> dict[str, list[str]]:
+    """The cached outputs that ``dvc.lock`` records for the stages of ``dvc.yaml`` and that are in
+    neither the workspace nor the DVC cache, by stage: what a fresh ``git clone`` lacks until a
+    ``dvc pull``. Entries of stages no longer in dvc.yaml (DVC leaves them in the lock) are
+    skipped, and so are ``cache: false`` outputs: git carries them (and DVC has just deleted those
+    of the stage now running)."""
+    lock_path, pipeline_path = root / "dvc.lock", root / "dvc.yaml"
+    if not lock_path.is_file() or not pipeline_path.is_file():
+        return {}
+    load = lambda path: yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: E731
+    lock, pipeline = load(lock_path) or {}, load(pipeline_path) or {}
+    defined = pipeline.get("stages") or {}
+    objects = _dvc_cache_dir(root) / "files" / "md5"
+    missing: dict[str, list[str]] = {}
+    for name, entry in (lock.get("stages") or {}).items():
+        base, at, item = name.partition("@")
+        if base not in defined or bool(at) != ("foreach" in defined[base] or "matrix" in defined[base]):
+            continue
+        uncached = _uncached_paths(defined[base].get("do", defined[base]), item)
+        for out in entry.get("outs") or []:
+            digest = str(out.get("md5", ""))
+            if not digest or out["path"] in uncached or (root / out["path"]).exists():
+                continue
+            if not (objects / digest[:2] / digest[2:]).is_file():
+                missing.setdefault(name, []).append(out["path"])
+    return missing
+
+
+def missing_outputs_advice(missing: dict[str, list[str]]) -> str:
+    """What to tell the user when ``missing_outputs`` found some (empty when none)."""
+    if not missing:
+        return ""
+    paths = [path for outs in missing.values() for path in outs]
+    shown = ", ".join(paths[:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
+    return (f"warning: dvc.lock records {len(paths)} output(s) that are in neither the workspace nor the DVC cache "
+            f"({shown}; stages {', '.join(missing)}), as in a fresh clone: any stage of this run that needs them "
+            f"runs again, training from scratch, and `dvc exp apply` of a queued or --temp experiment cannot check "
+            f"them out. To reuse the team's results, stop (Ctrl-C) and run `dvc pull` first (a remote: README, "
+            f"Sharing results), or pass --pull to `dvc exp run` / `dvc repro`.")
