@@ -29,6 +29,8 @@ LONGEST_FIRST = (
     "tests/test_pipeline_e2e.py",  # builds the reproduced pipeline the experiments file copies
     "tests/test_bench_pipeline.py",
     "tests/test_pipeline_e2e_experiments.py",
+    "tests/test_remote.py",
+    "tests/test_study_e2e.py",  # copies the reproduced pipeline too
     "tests/test_interrupts.py",
     "tests/test_resume.py",
     "tests/test_distributed.py",
