@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kdlib.study.page import study_page
 from kdlib.study.report import write_report
 from kdlib.study.spec import Experiment, StudyError, apply_overrides, load_study, override_arg, parse_overrides, \
     study_names
@@ -108,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
             failed = sorted(n for n, s in now.items() if s == "Failed")
             for name in failed:
                 print(f"  failed: {name} (dvc queue logs {name})", file=sys.stderr)
-            return 1 if failed else 0
+            for name in sorted(names - set(now)):  # e.g. removed from the queue by hand
+                print(f"  not run: {name} (dvc queue status)", file=sys.stderr)
+            return 1 if failed or names - set(now) else 0
         time.sleep(args.poll)
     return 0
 
@@ -123,8 +126,6 @@ def report(args: argparse.Namespace) -> int:
                       dvc.api.metrics_show(QUANTIZATION, repo=".", rev=known[e.name][1])) for e in done]
     missing = [e for e in experiments if e not in done]
     out = REPORTS / study.name
-    from kdlib.study.page import study_page
-
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{study.name}-", dir=out.parent))
     try:
