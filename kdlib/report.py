@@ -126,28 +126,32 @@ def results_markdown(title: str, manifest: Mapping, method: str, knobs: Mapping,
     return text
 
 
-def model_record(evaluation: Mapping, training: Mapping, timing: Mapping, fp32: Mapping | None, train_images: int,
-                 score: str) -> dict:
-    """What one trained model contributes to a study row (``summary.json``'s ``models.<role>``).
-
-    ``evaluation``: the evaluate stage's row; ``training``: the training stage's metrics.json
-    (``params`` counted while training, so a distilled student's includes what its method adds,
-    e.g. LSHFM's ``feat_fc``); ``timing``: its timing.json; ``fp32``: the quantize stage's fp32 row
-    (latency, memory, size), or None. ``ms_per_step`` is the median epoch's time over its
-    ``ceil(train_images / global_batch)`` optimizer steps.
-    """
-    steps = -(-train_images // max(int(training.get("global_batch") or 1), 1))
-    epochs = timing.get("epoch_seconds") or []
+def model_record(evaluation: Mapping, training: Mapping, score: str) -> dict:
+    """What one trained model contributes to a study row (``summary.json``'s ``models.<role>``): the
+    values a re-run reproduces bit for bit. ``evaluation``: the evaluate stage's row; ``training``: the
+    training stage's metrics.json (``params`` counted while training, so a distilled student's includes
+    what its method adds, e.g. LSHFM's ``feat_fc``). Measured costs: :func:`model_costs`."""
     keys = [score, "top5"] if score == "top1" else [score]
     record = {"preset": evaluation["preset"], "arch": evaluation["arch"], "params": evaluation["params"],
               "train_params": training.get("params"), "checkpoint_bytes": evaluation["checkpoint_bytes"],
               "best_epoch": evaluation["best"]["epoch"], "last_epoch": evaluation["last"]["epoch"],
-              "stopped_early": bool(training.get("stopped_early")), "train_seconds": timing.get("train_seconds"),
-              "ms_per_step": round(1000 * float(np.median(epochs)) / steps, 3) if epochs else None}
+              "stopped_early": bool(training.get("stopped_early"))}
     for which in ("best", "last"):
         row = evaluation[which]
         record[which] = {k: row[k] for k in (*keys, "teacher_agreement", "teacher_kl") if k in row}
-    if fp32 is not None and fp32.get("status") == "ok":
-        record.update(latency_b1_ms=fp32["latency_b1_median_ms"], throughput_img_s=fp32["throughput_img_s"],
-                      inference_mib=fp32["inference_mib"], peak_rss_mib=fp32["peak_rss_mib"])
     return record
+
+
+def model_costs(training: Mapping, timing: Mapping, fp32: Mapping | None, train_images: int) -> dict:
+    """One model's measured costs (``costs.json``'s ``costs.<role>``: wall-clock figures, which vary
+    run to run, kept apart from the reproducible ``summary.json``): training seconds, ms per optimizer
+    step (the median epoch's time over its ``ceil(train_images / global_batch)`` steps) and, from the
+    quantize stage's fp32 row (or None), batch-1 latency, throughput and memory."""
+    steps = -(-train_images // max(int(training.get("global_batch") or 1), 1))
+    epochs = timing.get("epoch_seconds") or []
+    costs = {"train_seconds": timing.get("train_seconds"),
+             "ms_per_step": round(1000 * float(np.median(epochs)) / steps, 3) if epochs else None}
+    if fp32 is not None and fp32.get("status") == "ok":
+        costs.update(latency_b1_ms=fp32["latency_b1_median_ms"], throughput_img_s=fp32["throughput_img_s"],
+                     inference_mib=fp32["inference_mib"], peak_rss_mib=fp32["peak_rss_mib"])
+    return costs

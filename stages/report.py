@@ -1,5 +1,6 @@
 """report: gathers every stage's results into ``reports/results.md``, ``reports/summary.json``
-(the headline metrics and the KD gain), ``reports/quantization.{json,csv}`` and the PNG figures
+(the headline metrics, the KD gain, each model's reproducible record), ``reports/costs.json`` (each
+model's measured training time, ms/step, latency and memory), ``reports/quantization.{json,csv}`` and the PNG figures
 (training curves, accuracy bars, confusion matrices; accuracy vs latency and size in
 ``reports/quantize/figures``, apart, since measured figures vary run to run)."""
 from __future__ import annotations
@@ -11,7 +12,8 @@ import pandas as pd
 
 from kdlib.io import read_json, write_json, write_text
 from kdlib.quantize.figures import write_quantization_report
-from kdlib.report import model_record, plot_accuracy_bars, plot_confusion, plot_training_curves, results_markdown
+from kdlib.report import (model_costs, model_record, plot_accuracy_bars, plot_confusion, plot_training_curves,
+                          results_markdown)
 from stages.guard import stage_outputs
 from stages.params import ROLES, Run, load_params
 from stages.workspace import Workspace
@@ -49,12 +51,14 @@ def report(run: Run, ws: Workspace, out: Callable[[Path], Path]) -> str:
     kd_gain = round(evaluation["distill"]["best"][score] - evaluation["baseline"]["best"][score], 4)
     manifest = read_json(ws.reports / "prepare" / "manifest.json")
     fp32 = {row["model"]: row for row in quant_rows if row["precision"] == "fp32"}
-    models = {role: model_record(evaluation[role], read_json(ws.reports / role / "metrics.json"),
-                                 read_json(ws.reports / role / "timing.json"), fp32.get(role),
-                                 manifest["splits"]["train"]["count"], score) for role in ROLES}
+    training = {role: read_json(ws.reports / role / "metrics.json") for role in ROLES}
     write_json(out(ws.reports / "summary.json"), {
         **{role: {"best": evaluation[role]["best"][score], "last": evaluation[role]["last"][score]} for role in ROLES},
-        f"kd_gain_{score}": kd_gain, "score": score, "models": models})
+        f"kd_gain_{score}": kd_gain, "score": score,
+        "models": {role: model_record(evaluation[role], training[role], score) for role in ROLES}})
+    write_json(out(ws.reports / "costs.json"), {"costs": {role: model_costs(
+        training[role], read_json(ws.reports / role / "timing.json"), fp32.get(role),
+        manifest["splits"]["train"]["count"]) for role in ROLES}})
     title = f"{run.params.dataset}, teacher {run.teacher.preset} → student {run.student.preset}"
     text = results_markdown(title, manifest, run.method.name,
                             run.method.knobs, run.seed, rows, score, kd_gain, table)
@@ -66,7 +70,7 @@ def main() -> None:
     ws = Workspace()
     r = ws.reports
     with stage_outputs("report", r / "figures", r / "quantize" / "figures", r / "results.md", r / "summary.json",
-                       r / "quantization.json", r / "quantization.csv", ws=ws) as out:
+                       r / "costs.json", r / "quantization.json", r / "quantization.csv", ws=ws) as out:
         print(report(load_params(), ws, out))
 
 

@@ -7,7 +7,8 @@
 ``run`` checks every experiment's parameters first (as the stages will), then queues the missing
 ones (``dvc exp run --queue -n <name> -S ...``; finished and queued ones are skipped, failed ones are
 queued again), starts ``dvc queue start -j N`` and waits. ``report`` reads the finished experiments
-of the same overrides through ``dvc.api`` and writes ``reports/studies/NAME/`` (kdlib.study.report).
+of the same overrides through ``dvc.api`` (their summary.json, costs.json and quantization.json) and
+writes ``reports/studies/NAME/`` (kdlib.study.report).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from kdlib.study.table import Record
 from stages.params import PARAMS_FILE, ParamError, read_params, resolve
 
 STUDIES, REPORTS = Path("studies"), Path("reports") / "studies"
-SUMMARY, QUANTIZATION = "reports/summary.json", "reports/quantization.json"
+SUMMARY, COSTS, QUANTIZATION = "reports/summary.json", "reports/costs.json", "reports/quantization.json"
 PENDING = {"Queued", "Running"}
 
 
@@ -122,8 +123,13 @@ def report(args: argparse.Namespace) -> int:
     study, experiments, overrides = planned(args)
     known = states()
     done = [e for e in experiments if e.name in known and known[e.name][0] not in PENDING | {"Failed"}]
-    records = [Record(e, dvc.api.metrics_show(SUMMARY, repo=".", rev=known[e.name][1]),
-                      dvc.api.metrics_show(QUANTIZATION, repo=".", rev=known[e.name][1])) for e in done]
+    def summary(rev: str) -> dict[str, Any]:
+        try:
+            return dvc.api.metrics_show(SUMMARY, COSTS, repo=".", rev=rev)
+        except FileNotFoundError:  # made before costs.json was apart: its summary.json holds the costs
+            return dvc.api.metrics_show(SUMMARY, repo=".", rev=rev)
+    records = [Record(e, summary(known[e.name][1]), dvc.api.metrics_show(QUANTIZATION, repo=".", rev=known[e.name][1]))
+               for e in done]
     missing = [e for e in experiments if e not in done]
     out = REPORTS / study.name
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ def declared_outputs(work: Path) -> list[Path]:
     return paths
 
 
-MEASURED = ("timing.json", "reports/quantization.json", "reports/quantization.csv", "reports/results.md")
+MEASURED = ("timing.json", "reports/costs.json", "reports/quantization.json", "reports/quantization.csv", "reports/results.md")
 
 
 def measured(path: str) -> bool:

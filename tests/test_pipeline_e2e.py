@@ -39,7 +39,9 @@ def test_repro_produces_every_output_and_is_a_noop_the_second_time(trained):
         evaluation = json.loads((work / f"reports/evaluate/{role}.json").read_text())
         assert summary["models"][role]["best"] == {k: evaluation["best"][k] for k in (
             "top1", "top5", "teacher_agreement", "teacher_kl")}
-        assert summary["models"][role]["params"] == evaluation["params"] and summary["models"][role]["ms_per_step"] > 0
+        assert summary["models"][role]["params"] == evaluation["params"]
+        costs = json.loads((work / "reports/costs.json").read_text())["costs"][role]
+        assert costs["ms_per_step"] > 0 and costs["train_seconds"] > 0
     assert "teacher_agreement" not in json.loads((work / "reports/evaluate/teacher.json").read_text())["best"]
 
     assert "Running stage" in record["first_stdout"]
@@ -48,7 +50,7 @@ def test_repro_produces_every_output_and_is_a_noop_the_second_time(trained):
     assert "up to date" in second
 
 
-def test_each_students_fidelity_to_the_teacher_is_its_test_agreement_and_kl(trained):
+def test_each_students_fidelity_to_the_teacher_is_its_test_agreement_and_kl(trained, monkeypatch):
     """evaluate's teacher_agreement / teacher_kl against the formulas applied here to both models'
     test logits (numpy, float64): % of equal argmax, and mean sum_c p_t (log p_t - log p_s)."""
     import numpy as np
@@ -59,6 +61,7 @@ def test_each_students_fidelity_to_the_teacher_is_its_test_agreement_and_kl(trai
     from stages.workspace import Workspace
 
     work, _ = trained
+    monkeypatch.chdir(work)  # the index lists images relative to the repository
     ws = Workspace(work)
     run_ = resolve(read_params(work / "params.yaml"))
     teacher = evaluate_checkpoint(run_, ws.index(), Checkpoint.read(ws.teacher_checkpoint), ws=ws).logits.double().numpy()

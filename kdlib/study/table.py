@@ -27,7 +27,8 @@ ROLES = ("teacher", "baseline", "distill")
 
 @dataclass(frozen=True)
 class Record:
-    """One finished experiment: which it is, and the metrics it wrote."""
+    """One finished experiment: which it is, and the metrics it wrote (``summary``: summary.json and
+    costs.json together)."""
 
     experiment: Experiment
     summary: Mapping[str, Any]
@@ -35,7 +36,10 @@ class Record:
 
 
 def _get(record: Record, role: str, *path: str) -> Any:
-    node: Any = record.summary.get("models", {}).get(role, {})
+    """``summary.json``'s ``models.<role>.<path>``, else ``costs.json``'s ``costs.<role>.<path>``
+    (the experiment's metrics files read together)."""
+    models = record.summary.get("models", {}).get(role, {})
+    node: Any = models if path[0] in models else record.summary.get("costs", {}).get(role, {})
     for key in path:
         node = node.get(key) if isinstance(node, Mapping) else None
     return node
