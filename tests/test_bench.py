@@ -37,7 +37,7 @@ def test_quick_benchmark_writes_its_result(name: str, tmp_path: Path) -> None:
 def run_quick_benchmark(name: str, tmp_path: Path) -> dict:
     args = [sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", "--out", str(tmp_path),
             *EXTRA_ARGS.get(name, [])]
-    # the pipeline bench runs 16 stages from scratch and an experiment: ~9 min on 2 busy cores
+    # the pipeline bench runs 16 stages from scratch, then an experiment: 10.5 min once on 2 busy cores
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=1500 if name == "pipeline" else 600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / f"{name}.json").read_text())
