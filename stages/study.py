@@ -53,12 +53,22 @@ def dvc(*args: str, detach: bool = False) -> str:
     return proc.stdout
 
 
-def states() -> dict[str, tuple[str | None, str]]:
-    """{experiment name: (state, rev)} of the experiments of HEAD (``dvc.api.exp_show``)."""
+def states(attempts: int = 10) -> dict[str, tuple[str | None, str]]:
+    """{experiment name: (state, rev)} of the experiments of HEAD (``dvc.api.exp_show``). While a
+    queued experiment's temporary copy is being made or removed, exp_show can fail on it
+    (NotDvcRepoError: '.dvc/tmp/exps/tmp…/.dvc' does not exist): asked again a moment later."""
     import dvc.api
+    from dvc.exceptions import DvcException
 
-    return {row["Experiment"]: (row.get("State"), row["rev"]) for row in dvc.api.exp_show(".")
-            if row.get("Experiment")}
+    def read() -> dict[str, tuple[str | None, str]]:
+        return {row["Experiment"]: (row.get("State"), row["rev"]) for row in dvc.api.exp_show(".")
+                if row.get("Experiment")}
+    for _ in range(attempts - 1):
+        try:
+            return read()
+        except DvcException:
+            time.sleep(3)
+    return read()
 
 
 def planned(args: argparse.Namespace) -> tuple[Any, list[Experiment], dict[str, Any]]:
