@@ -264,8 +264,7 @@ def missing_outputs(root: Path = Path(".")) -> dict[str, list[str]]:
     lock_path, pipeline_path = root / "dvc.lock", root / "dvc.yaml"
     if not lock_path.is_file() or not pipeline_path.is_file():
         return {}
-    load = lambda path: yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: E731
-    lock, pipeline = load(lock_path) or {}, load(pipeline_path) or {}
+    lock, pipeline = yaml.safe_load(lock_path.read_text()) or {}, yaml.safe_load(pipeline_path.read_text()) or {}
     defined = pipeline.get("stages") or {}
     objects = _dvc_cache_dir(root) / "files" / "md5"
     missing: dict[str, list[str]] = {}
