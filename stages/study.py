@@ -27,11 +27,13 @@ from kdlib.study.report import write_report
 from kdlib.study.spec import Experiment, StudyError, apply_overrides, load_study, override_arg, parse_overrides, \
     study_names
 from kdlib.study.table import Record
+from stages import exp_queue
 from stages.params import PARAMS_FILE, ParamError, read_params, resolve
 
 STUDIES, REPORTS = Path("studies"), Path("reports") / "studies"
 SUMMARY, COSTS, QUANTIZATION = "reports/summary.json", "reports/costs.json", "reports/quantization.json"
 PENDING = {"Queued", "Running"}
+MAX_REQUEUES, MAX_WORKER_STARTS = 2, 5
 
 
 def dvc(*args: str, detach: bool = False) -> str:
@@ -51,24 +53,6 @@ def dvc(*args: str, detach: bool = False) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"error: dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return proc.stdout
-
-
-def states(attempts: int = 10) -> dict[str, tuple[str | None, str]]:
-    """{experiment name: (state, rev)} of the experiments of HEAD (``dvc.api.exp_show``). While a
-    queued experiment's temporary copy is being made or removed, exp_show can fail on it
-    (NotDvcRepoError: '.dvc/tmp/exps/tmp…/.dvc' does not exist): asked again a moment later."""
-    import dvc.api
-    from dvc.exceptions import DvcException
-
-    def read() -> dict[str, tuple[str | None, str]]:
-        return {row["Experiment"]: (row.get("State"), row["rev"]) for row in dvc.api.exp_show(".")
-                if row.get("Experiment")}
-    for _ in range(attempts - 1):
-        try:
-            return read()
-        except DvcException:
-            time.sleep(3)
-    return read()
 
 
 def planned(args: argparse.Namespace) -> tuple[Any, list[Experiment], dict[str, Any]]:
@@ -93,45 +77,82 @@ def planned(args: argparse.Namespace) -> tuple[Any, list[Experiment], dict[str, 
     return study, experiments, overrides
 
 
+def queue(exp: Experiment, known: dict[str, tuple[str | None, str]]) -> None:
+    """Queue ``exp``; a failed or orphaned entry of the same name is cleared first (it blocks the name)."""
+    if known.get(exp.name, (None,))[0] == "Running":
+        dvc("queue", "kill", "--force", exp.name)  # its process is gone; this marks it failed
+    if exp.name in known:
+        dvc("queue", "remove", exp.name)
+    dvc("exp", "run", "--queue", "-n", exp.name, *[x for k, v in exp.overrides.items() for x in ("-S", override_arg(k, v))])
+
+
 def run(args: argparse.Namespace) -> int:
     study, experiments, _ = planned(args)
-    known = states()
-    todo = [e for e in experiments if e.name not in known or known[e.name][0] == "Failed"]
+    known = exp_queue.states()
+    lost = set(exp_queue.orphaned(known))
+    if lost:  # seen twice: a worker may have just collected them and left
+        time.sleep(3)
+        known = exp_queue.states()
+        lost &= set(exp_queue.orphaned(known))
+    todo = [e for e in experiments if e.name not in known or known[e.name][0] == "Failed" or e.name in lost]
     print(f"{study.name}: {len(experiments)} experiments, {len(experiments) - len(todo)} finished or queued, "
-          f"{len(todo)} to queue")
+          f"{len(todo)} to queue" + (f" ({len(lost & {e.name for e in todo})} orphaned: Running, their process and worker gone)"
+                                     if lost & {e.name for e in todo} else ""))
     for exp in todo:
-        sets = [x for k, v in exp.overrides.items() for x in ("-S", override_arg(k, v))]
         if args.dry_run:
-            print(f"  dvc exp run --queue -n {exp.name} {' '.join(sets)}")
-            continue
-        if exp.name in known:  # a failed one: its queue entry blocks the name
-            dvc("queue", "remove", exp.name)
-        dvc("exp", "run", "--queue", "-n", exp.name, *sets)
+            print(f"  dvc exp run --queue -n {exp.name} "
+                  f"{' '.join(x for k, v in exp.overrides.items() for x in ('-S', override_arg(k, v)))}")
+        else:
+            queue(exp, known)
     if args.dry_run:
         return 0
-    names = {e.name for e in experiments}
-    if any(e.name not in known or known[e.name][0] in PENDING | {"Failed"} for e in experiments):
-        dvc("queue", "start", "--jobs", str(args.jobs), detach=True)
-    while not args.no_wait:
-        now = {n: s for n, (s, _) in states().items() if n in names}
+    by_name = {e.name: e for e in experiments}
+    requeued: dict[str, int] = {}
+    lost_for_good: set[str] = set()  # orphaned more than MAX_REQUEUES times: counted as failed
+    starts, idle = 0, 1  # idle: polls in a row that found tasks waiting and no worker
+    suspects: set[str] = set()  # orphaned at the last poll
+    while True:
+        waiting = any(known.get(n, ("Queued",))[0] == "Queued" for n in by_name)
+        idle = idle + 1 if waiting and not exp_queue.worker_alive() else 0
+        # the first start at once; later ones after two polls in a row (a worker writes its
+        # process record a moment after `dvc queue start` returns)
+        if idle >= 2:
+            if starts == MAX_WORKER_STARTS:
+                raise SystemExit(f"error: the queue worker stopped {starts} times with experiments waiting "
+                                 f"(its output: .dvc/tmp/study-queue.log, .dvc/tmp/exps/celery/dvc-exp-worker-1.out)")
+            dvc("queue", "start", "--jobs", str(args.jobs), detach=True)
+            starts, idle = starts + 1, 0
+        if args.no_wait:
+            return 0
+        time.sleep(args.poll)
+        known = exp_queue.states()
+        orphans = set(exp_queue.orphaned(known))
+        lost, suspects = suspects & orphans, orphans
+        for name in sorted(lost & set(by_name)):  # orphaned two polls in a row
+            if requeued.get(name, 0) == MAX_REQUEUES:
+                lost_for_good.add(name)
+                continue
+            print(f"  {name}: Running, but its process and the queue worker are gone; queued again", flush=True)
+            queue(by_name[name], known)
+            requeued[name] = requeued.get(name, 0) + 1
+            known[name] = ("Queued", known[name][1])
+        now = {n: "Failed" if n in lost_for_good else s for n, (s, _) in known.items() if n in by_name}
         pending = sum(1 for s in now.values() if s in PENDING)
-        print(f"  {len(names) - pending}/{len(names)} done", flush=True)
+        print(f"  {len(by_name) - pending}/{len(by_name)} done", flush=True)
         if not pending:
             failed = sorted(n for n, s in now.items() if s == "Failed")
             for name in failed:
                 print(f"  failed: {name} (dvc queue logs {name})", file=sys.stderr)
-            for name in sorted(names - set(now)):  # e.g. removed from the queue by hand
+            for name in sorted(set(by_name) - set(now)):  # e.g. removed from the queue by hand
                 print(f"  not run: {name} (dvc queue status)", file=sys.stderr)
-            return 1 if failed or names - set(now) else 0
-        time.sleep(args.poll)
-    return 0
+            return 1 if failed or set(by_name) - set(now) else 0
 
 
 def report(args: argparse.Namespace) -> int:
     import dvc.api
 
     study, experiments, overrides = planned(args)
-    known = states()
+    known = exp_queue.states()
     done = [e for e in experiments if e.name in known and known[e.name][0] not in PENDING | {"Failed"}]
     def summary(rev: str) -> dict[str, Any]:
         try:
@@ -180,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except exp_queue.QueueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

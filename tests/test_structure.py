@@ -12,8 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 STAGE_SCRIPTS = ("check", "prepare", "train", "teacher_cache", "align", "evaluate", "quantize", "export", "report")
 # besides the scripts: parameter loading, paths, the run discipline (staged outputs, signals, parameter
 # checks), the training stages in one process (tests, benchmarks), starting torchrun, and the
-# resume state's place and key, and the study driver (queues experiments, reads them back through dvc.api)
-STAGE_SUPPORT = ("__init__", "params", "workspace", "guard", "pipeline", "launch", "resume", "study")
+# resume state's place and key, the study driver (queues experiments, reads them back through dvc.api)
+# and what it reads of DVC's queue (experiment states with a time limit, orphaned runs, live workers)
+STAGE_SUPPORT = ("__init__", "params", "workspace", "guard", "pipeline", "launch", "resume", "study", "exp_queue")
 
 
 def test_stages_holds_only_stage_scripts_parameters_and_paths() -> None:

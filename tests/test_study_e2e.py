@@ -5,6 +5,7 @@ back through dvc.api into reports/studies/<name>/ (the numbers checked against `
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -22,7 +23,15 @@ grid: {distill.kd.temperature: [2.0]}
 
 
 def study(work, env, *args: str):
-    return run([sys.executable, "-m", "stages.study", *args], work, env)
+    """``python -m stages.study ARGS``; if it fails or times out, the queue's own logs are in the error.
+    The limit is generous: on a 2-core CI machine the slowest tests run beside this one."""
+    try:
+        return run([sys.executable, "-m", "stages.study", *args], work, env, timeout=2400)
+    except (AssertionError, subprocess.TimeoutExpired) as err:
+        logs = [work / ".dvc" / "tmp" / "study-queue.log", *sorted((work / ".dvc" / "tmp" / "exps").rglob("*.out"))]
+        out = err.output.decode(errors="replace") if isinstance(err, subprocess.TimeoutExpired) and err.output else ""
+        raise AssertionError(f"{err}\n{out[-2000:]}\n" + "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-3000:]}"
+                                                   for p in logs if p.is_file())) from None
 
 
 def test_a_tiny_study_runs_skips_what_is_done_and_reports(trained, tmp_path_factory, offline_prefix, tmp_path):

@@ -1,0 +1,104 @@
+"""What a study needs to know about DVC's experiment queue, read so that a wedged reader or a dead
+worker cannot stall a study for ever.
+
+- ``states`` lists the experiments of HEAD through ``dvc.api.exp_show`` in a child process with a time
+  limit. exp_show reads git objects with pygit2's ``BlobIO``, whose reader waits on an event that its
+  writer thread sets; when that thread dies ("Exception in thread ... (_write_to_queue)") the reader
+  waits for ever. A study's poll hung like that for 15 minutes in CI.
+- ``orphaned`` names the experiments the queue still calls Running whose process and worker are both
+  gone (the machine restarted, the worker was killed): DVC never moves them on, so a study would wait
+  on them for ever.
+- ``worker_alive`` says whether a queue worker process is running, to start one when tasks wait.
+
+The process records are dvc-task's ``ProcessManager`` files that DVC keeps under ``.dvc/tmp/exps``
+(``run/<rev>/<rev>.json`` for an experiment, ``celery/dvc-exp-worker-N.json`` for a worker).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EXPS = Path(".dvc") / "tmp" / "exps"
+STATES_TIMEOUT_S = 120.0
+
+_READ_STATES = (
+    "import json, dvc.api\n"
+    "rows = [[r['Experiment'], r.get('State'), r['rev']] for r in dvc.api.exp_show('.') if r.get('Experiment')]\n"
+    "print(json.dumps(rows))\n"
+)
+
+
+class QueueError(RuntimeError):
+    """DVC's queue could not be read."""
+
+
+def states(attempts: int = 10, timeout_s: float = STATES_TIMEOUT_S, code: str = _READ_STATES,
+           pause_s: float = 3.0) -> dict[str, tuple[str | None, str]]:
+    """{experiment name: (state, short rev)} of the experiments of HEAD. Each attempt runs ``code`` in
+    a fresh interpreter, killed after ``timeout_s``; a failed attempt (a hang, or exp_show failing while
+    a queued experiment's temporary copy is made or removed: NotDvcRepoError on .dvc/tmp/exps/tmp…)
+    is retried ``pause_s`` later. Raises QueueError naming the last failure when every attempt fails."""
+    last = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(pause_s)
+        try:
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            last = f"dvc.api.exp_show did not answer within {timeout_s:g} s"
+            continue
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode == 0 and lines:
+            try:
+                return {name: (state, rev) for name, state, rev in json.loads(lines[-1])}
+            except (ValueError, TypeError) as err:
+                last = f"unreadable answer from dvc.api.exp_show ({err}): {lines[-1][:200]}"
+                continue
+        error = proc.stderr.strip().splitlines()
+        last = f"dvc.api.exp_show exited {proc.returncode}: {error[-1] if error else 'no error output'}"
+    raise QueueError(f"could not list the experiments after {attempts} attempts; the last: {last}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process holds the pid
+        return True
+    return True
+
+
+def _running(info: Path) -> bool:
+    """Whether the dvc-task process record ``info`` describes a process that is still running."""
+    try:
+        record = json.loads(info.read_text())
+    except (OSError, ValueError):
+        return True  # being written: not known to be dead
+    return record.get("returncode") is None and isinstance(record.get("pid"), int) and _alive(record["pid"])
+
+
+def orphaned(known: dict[str, tuple[str | None, str]], root: Path = EXPS) -> list[str]:
+    """The experiments in ``known`` that are Running while no queue worker is: their run record
+    (``run/<rev…>/<rev…>.json``) says the process ended or its pid is gone, and no worker is left to
+    collect the result or mark it failed. (A run that ended while its worker lives is being collected.)
+    One with no record yet is starting, not orphaned."""
+    runs = root / "run"
+    lost = []
+    for name, (state, rev) in known.items():
+        if state != "Running" or not rev:
+            continue
+        records = [d / f"{d.name}.json" for d in runs.glob(f"{rev}*") if (d / f"{d.name}.json").is_file()]
+        if records and not any(_running(r) for r in records):
+            lost.append(name)
+    return sorted(lost) if lost and not worker_alive(root) else []
+
+
+def worker_alive(root: Path = EXPS) -> bool:
+    """Whether any of DVC's queue workers (``celery/dvc-exp-worker-N.json``) is running."""
+    return any(_running(info) for info in (root / "celery").glob("dvc-exp-worker-*.json"))
