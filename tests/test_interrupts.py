@@ -34,7 +34,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
 
 def assert_clean_rerun(report: dict, epochs: int) -> None:
     assert report["stage_pids"], "the training process was not found before the kill"
-    assert report["stage_alive_after_s"][3] is False, "the training process outlived dvc"
+    # it notices within 0.5 s; unwinding takes longer on a loaded machine (over 3 s has been seen
+    # with the whole suite beside it), while an orphan trains on and writes the outputs checked below
+    assert report["stage_exit_s"] is not None and report["stage_exit_s"] < 30, \
+        f"the training process outlived dvc by {report['stage_exit_s']} s (None: still running after 60 s)"
     assert report["final_after_kill"] == [] and report["final_after_orphan"] == []
     assert [f for f in report["staging_after_kill"] if not f.startswith("dvc-runs/")] == []
     rerun = report["rerun"]
