@@ -77,13 +77,17 @@ def planned(args: argparse.Namespace) -> tuple[Any, list[Experiment], dict[str, 
     return study, experiments, overrides
 
 
+def set_args(exp: Experiment) -> list[str]:
+    return [x for k, v in exp.overrides.items() for x in ("-S", override_arg(k, v))]
+
+
 def queue(exp: Experiment, known: dict[str, tuple[str | None, str]]) -> None:
     """Queue ``exp``; a failed or orphaned entry of the same name is cleared first (it blocks the name)."""
     if known.get(exp.name, (None,))[0] == "Running":
         dvc("queue", "kill", "--force", exp.name)  # its process is gone; this marks it failed
     if exp.name in known:
         dvc("queue", "remove", exp.name)
-    dvc("exp", "run", "--queue", "-n", exp.name, *[x for k, v in exp.overrides.items() for x in ("-S", override_arg(k, v))])
+    dvc("exp", "run", "--queue", "-n", exp.name, *set_args(exp))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,8 +104,7 @@ def run(args: argparse.Namespace) -> int:
                                      if lost & {e.name for e in todo} else ""))
     for exp in todo:
         if args.dry_run:
-            print(f"  dvc exp run --queue -n {exp.name} "
-                  f"{' '.join(x for k, v in exp.overrides.items() for x in ('-S', override_arg(k, v)))}")
+            print(f"  dvc exp run --queue -n {exp.name} {' '.join(set_args(exp))}")
         else:
             queue(exp, known)
     if args.dry_run:
