@@ -5,14 +5,17 @@
     python -m stages.study report NAME [-S key=value]... [--seeds 0,1,2] [--only axis=v1,v2]
 
 ``run`` checks every experiment's parameters first (as the stages will), then queues the missing
-ones (``dvc exp run --queue -n <name> -S ...``; finished and queued ones are skipped, failed ones are
-queued again), starts ``dvc queue start -j N`` and waits. ``report`` reads the finished experiments
-of the same overrides through ``dvc.api`` (their summary.json, costs.json and quantization.json) and
-writes ``reports/studies/NAME/`` (kdlib.study.report).
+ones (``dvc exp run --queue -n <name> -S ...``; finished, queued and recorded ones are skipped, failed
+ones are queued again), starts ``dvc queue start -j N`` and waits. ``report`` reads the finished
+experiments of the same overrides through ``dvc.api`` (their summary.json, costs.json and
+quantization.json), and those DVC no longer has from ``reports/studies/NAME/records.json`` (what an
+earlier report stored: a study can be run over several machines or sessions, the report folder
+committed between them), and writes ``reports/studies/NAME/`` (kdlib.study.report).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlib.study.page import study_page
+from kdlib.study.records import RecordsError, load_records
 from kdlib.study.report import write_report
 from kdlib.study.spec import Experiment, StudyError, apply_overrides, load_study, override_arg, parse_overrides, \
     study_names
@@ -77,6 +81,17 @@ def planned(args: argparse.Namespace) -> tuple[Any, list[Experiment], dict[str, 
     return study, experiments, overrides
 
 
+def recorded(study: Any, experiments: list[Experiment]) -> dict[str, Record]:
+    """The experiments an earlier report stored in ``reports/studies/NAME/records.json``."""
+    path = REPORTS / study.name / "records.json"
+    if not path.is_file():
+        return {}
+    try:
+        return load_records(json.loads(path.read_text()), experiments, str(path))
+    except ValueError as err:  # RecordsError, or not JSON
+        raise StudyError(f"{err}" if isinstance(err, RecordsError) else f"{path}: not JSON ({err})")
+
+
 def set_args(exp: Experiment) -> list[str]:
     return [x for k, v in exp.overrides.items() for x in ("-S", override_arg(k, v))]
 
@@ -98,10 +113,14 @@ def run(args: argparse.Namespace) -> int:
         time.sleep(3)
         known = exp_queue.states()
         lost &= set(exp_queue.orphaned(known))
-    todo = [e for e in experiments if e.name not in known or known[e.name][0] == "Failed" or e.name in lost]
+    stored = recorded(study, experiments)
+    todo = [e for e in experiments if e.name not in stored and (
+        e.name not in known or known[e.name][0] == "Failed" or e.name in lost)]
     print(f"{study.name}: {len(experiments)} experiments, {len(experiments) - len(todo)} finished or queued, "
           f"{len(todo)} to queue" + (f" ({len(lost & {e.name for e in todo})} orphaned: Running, their process and worker gone)"
-                                     if lost & {e.name for e in todo} else ""))
+                                     if lost & {e.name for e in todo} else "") +
+          (f"; {len([e for e in experiments if e.name in stored])} of them recorded in "
+           f"{REPORTS / study.name / 'records.json'}" if stored else ""))
     for exp in todo:
         if args.dry_run:
             print(f"  dvc exp run --queue -n {exp.name} {' '.join(set_args(exp))}")
@@ -109,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
             queue(exp, known)
     if args.dry_run:
         return 0
-    by_name = {e.name: e for e in experiments}
+    by_name = {e.name: e for e in experiments if e.name not in stored}
+    if not by_name:
+        return 0
     requeued: dict[str, int] = {}
     lost_for_good: set[str] = set()  # orphaned more than MAX_REQUEUES times: counted as failed
     starts, idle = 0, 1  # idle: polls in a row that found tasks waiting and no worker
@@ -162,9 +183,15 @@ def report(args: argparse.Namespace) -> int:
             return dvc.api.metrics_show(SUMMARY, COSTS, repo=".", rev=rev)
         except FileNotFoundError:  # made before costs.json was apart: its summary.json holds the costs
             return dvc.api.metrics_show(SUMMARY, repo=".", rev=rev)
-    records = [Record(e, summary(known[e.name][1]), dvc.api.metrics_show(QUANTIZATION, repo=".", rev=known[e.name][1]))
-               for e in done]
-    missing = [e for e in experiments if e not in done]
+    def source(rev: str) -> dict[str, str]:
+        commit = subprocess.run(["git", "rev-parse", f"{rev}^"], capture_output=True, text=True)
+        return {"experiment_rev": rev, "commit": commit.stdout.strip() if commit.returncode == 0 else ""}
+    records = [Record(e, summary(known[e.name][1]), dvc.api.metrics_show(QUANTIZATION, repo=".", rev=known[e.name][1]),
+                      source(known[e.name][1])) for e in done]
+    stored = recorded(study, experiments)
+    records += [stored[e.name] for e in experiments if e not in done and e.name in stored]
+    found = {r.experiment.name for r in records}
+    missing = [e for e in experiments if e.name not in found]
     out = REPORTS / study.name
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{study.name}-", dir=out.parent))

@@ -12,6 +12,7 @@ import torch
 
 from kdlib.metrics import fidelity, multilabel_fidelity
 from kdlib.study.page import study_page
+from kdlib.study.records import RecordsError, dump_records, load_records
 from kdlib.study.report import write_report
 from kdlib.study.spec import Cell, StudyError, apply_overrides, experiment_name, load_study, parse_overrides
 from kdlib.study.stats import correlation, group_difference, paired_difference, spread
@@ -176,6 +177,36 @@ def test_rows_tables_and_report_from_known_records(tmp_path: Path) -> None:
     header = (one / "table.csv").read_text().splitlines()[0].split(",")
     assert {"distill.kd.temperature", "gain_best_p_t", "gain_best_ci95_low", "distill_teacher_agreement_mean"} \
         <= set(header)
+
+
+def test_records_json_gives_back_the_same_records_and_refuses_a_foreign_one(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path, "seeds: [0, 1]\ngrid: {distill.kd.temperature: [2.0, 8.0]}\n"))
+    cell = {"distill.kd.temperature": 2.0}
+    records = [Record(r.experiment, r.summary, r.quantization, {"commit": f"{s}" * 40, "experiment_rev": "abc"})
+               for s, r in ((s, record(study, cell, s, 97.0, 90.0 + s, 92.0 + s)) for s in (0, 1))]
+
+    def page(title: str, text: str, blocks: list) -> str:
+        return title + text
+    out = tmp_path / "report"
+    first = write_report(study, records, [], {}, out, page)
+    stored = json.loads((out / "records.json").read_text())
+    back = load_records(stored, study.experiments(), "records.json")
+    assert sorted(back) == sorted(r.experiment.name for r in records)
+    assert [back[r.experiment.name] for r in records] == records  # metrics, cell, seed and source all kept
+    again = tmp_path / "again"
+    assert write_report(study, list(back.values()), [], {}, again, page) == first
+    assert (again / "records.json").read_bytes() == (out / "records.json").read_bytes()
+    assert "Ran on commit `0000000` (1), `1111111` (1)" in (out / "table.md").read_text()
+    # another study's experiments find nothing; a record whose overrides were edited is refused
+    other = load_study(write_study(tmp_path, "seeds: [0]\ngrid: {distill.kd.temperature: [4.0]}\n"))
+    assert load_records(stored, other.experiments(), "records.json") == {}
+    name = records[0].experiment.name
+    stored["experiments"][name]["overrides"]["distill.kd.temperature"] = 3.0
+    with pytest.raises(RecordsError, match=f"records.json: experiments.{name}: its overrides"):
+        load_records(stored, study.experiments(), "records.json")
+    with pytest.raises(RecordsError, match="expected"):
+        load_records({"experiments": []}, study.experiments(), "records.json")
+    assert dump_records([]) == {"format": 1, "experiments": {}}
 
 
 def test_teacher_zoo_claims_follow_the_data(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""Writes a study's report folder: ``table.md``, ``table.csv``, ``summary.json``, ``figures/`` and a
-self-contained ``index.html``. The same records give the same bytes (sorted inputs, no clock)."""
+"""Writes a study's report folder: ``table.md``, ``table.csv``, ``summary.json``, ``records.json`` (the
+experiments' own metrics, :mod:`kdlib.study.records`), ``figures/`` and a self-contained ``index.html``. The same records give the same bytes (sorted inputs, no clock)."""
 from __future__ import annotations
 
 import base64
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from kdlib.study import figures
+from kdlib.study.records import dump_records
 from kdlib.study.spec import Experiment, Study, override_arg
 from kdlib.study.table import Record, csv_text, main_table, markdown, pivot_table, precision_table, study_rows
 from kdlib.study.zoo import claims
@@ -52,7 +53,15 @@ def write_report(study: Study, records: Sequence[Record], missing: Sequence[Expe
             f"{', '.join(map(str, summary['seeds'])) or '—'}.",
             "Every experiment: " + (" ".join(f"`-S {override_arg(k, v)}`" for k, v in {**study.set,
                                                                                       **overrides}.items()) or
-                                    "params.yaml as committed") + ".\n"]
+                                    "params.yaml as committed") + "."]
+    commits: dict[str, int] = {}
+    for r in records:
+        commit = str((r.source or {}).get("commit") or "unknown")[:7]
+        commits[commit] = commits.get(commit, 0) + 1
+    if commits:
+        text.append("Ran on commit " + ", ".join(f"`{c}` ({n})" for c, n in sorted(commits.items())) +
+                    "; every experiment's metrics: `records.json`.")
+    text.append("")
     blocks: list[tuple[str, str, Any]] = []
     if not rows:
         text.append("No experiment of this study has finished yet.\n")
@@ -92,6 +101,7 @@ def write_report(study: Study, records: Sequence[Record], missing: Sequence[Expe
     (out_dir / "table.md").write_text("\n".join(text))
     (out_dir / "table.csv").write_text(csv_text(study, rows))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    (out_dir / "records.json").write_text(json.dumps(dump_records(records), indent=1, sort_keys=True) + "\n")
     for png in sorted(fig_dir.glob("*.png")):
         blocks.append((png.stem, "png", base64.b64encode(png.read_bytes()).decode()))
     (out_dir / "index.html").write_text(page(study.title, "\n".join(text), blocks))

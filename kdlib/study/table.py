@@ -28,11 +28,12 @@ ROLES = ("teacher", "baseline", "distill")
 @dataclass(frozen=True)
 class Record:
     """One finished experiment: which it is, and the metrics it wrote (``summary``: summary.json and
-    costs.json together)."""
+    costs.json together); ``source``: where it came from (the experiment's commit, the commit it ran on)."""
 
     experiment: Experiment
     summary: Mapping[str, Any]
     quantization: Mapping[str, Any] | None = None
+    source: Mapping[str, Any] | None = None
 
 
 def _get(record: Record, role: str, *path: str) -> Any:
