@@ -183,9 +183,9 @@ def report(args: argparse.Namespace) -> int:
             return dvc.api.metrics_show(SUMMARY, COSTS, repo=".", rev=rev)
         except FileNotFoundError:  # made before costs.json was apart: its summary.json holds the costs
             return dvc.api.metrics_show(SUMMARY, repo=".", rev=rev)
-    def source(rev: str) -> dict[str, str]:
-        commit = subprocess.run(["git", "rev-parse", f"{rev}^"], capture_output=True, text=True)
-        return {"experiment_rev": rev, "commit": commit.stdout.strip() if commit.returncode == 0 else ""}
+    def source(rev: str) -> dict[str, str]:  # the experiment's commit and its parent, the commit it ran on
+        shas = subprocess.run(["git", "rev-parse", rev, f"{rev}^"], capture_output=True, text=True).stdout.split()
+        return {"experiment_rev": shas[0], "commit": shas[1]} if len(shas) == 2 else {"experiment_rev": rev}
     records = [Record(e, summary(known[e.name][1]), dvc.api.metrics_show(QUANTIZATION, repo=".", rev=known[e.name][1]),
                       source(known[e.name][1])) for e in done]
     stored = recorded(study, experiments)

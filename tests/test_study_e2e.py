@@ -1,7 +1,8 @@
 """A tiny study end to end on a copy of the reproduced tiny pipeline (pipeline_run.trained):
 `python -m stages.study run` queues DVC experiments and skips what is done, `report` reads them
 back through dvc.api into reports/studies/<name>/ (the numbers checked against `dvc exp show
---json`, a second report byte-identical), and the report's page renders offline in Chromium."""
+--json`, a second report byte-identical, and the same again from records.json once the experiments
+are removed from DVC), and the report's page renders offline in Chromium."""
 from __future__ import annotations
 
 import json
@@ -63,6 +64,14 @@ def test_a_tiny_study_runs_skips_what_is_done_and_reports(trained, tmp_path_fact
     study(work, env, "report", "tiny", "--seeds", "0,1")
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert "| 2.0 | 2 |" in (out / "table.md").read_text()
+    # the experiments gone from DVC (another machine, or a new session): the committed records.json
+    # stands in for them; nothing is queued again and the report is the same
+    run(["dvc", "exp", "remove", "--all-commits"], work, env)
+    assert "2 experiments, 2 finished or queued, 0 to queue; 2 of them recorded" in \
+        study(work, env, "run", "tiny", "--seeds", "0,1", "--poll", "2").stdout
+    assert not [c for c in json.loads(run(["dvc", "exp", "show", "--json"], work, env).stdout) if c.get("experiments")]
+    study(work, env, "report", "tiny", "--seeds", "0,1")
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     found = charts(rendered_dom(out / "index.html", offline_prefix, tmp_path))
     assert sum(found.views.values()) == 1, found.views  # the gain chart, drawn with the network off
     assert len(found.images) == 1  # figures/gain.png, inlined
