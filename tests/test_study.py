@@ -252,3 +252,13 @@ def test_the_cli_dry_run_lists_what_it_would_queue_and_refuses_bad_input_first(c
     assert study.main(["list"]) == 0
     names = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
     assert {"kd_gain", "ls_kd", "methods", "rescnn_precisions", "teacher_zoo"} <= names
+
+
+def test_queue_workers_share_the_cores_unless_the_user_set_threads() -> None:
+    from stages.study import worker_threads
+
+    both = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert worker_threads(2, {}, cores=2) == both and worker_threads(3, {}, cores=2) == both
+    assert worker_threads(2, {}, cores=16) == {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"}
+    assert worker_threads(1, {}, cores=2) == {}  # one experiment at a time: torch's own default
+    assert worker_threads(2, {"OMP_NUM_THREADS": "2"}, cores=2) == {"MKL_NUM_THREADS": "1"}
