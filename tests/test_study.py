@@ -241,6 +241,7 @@ def test_the_cli_dry_run_lists_what_it_would_queue_and_refuses_bad_input_first(c
     out = capsys.readouterr().out
     assert "ls_kd: 12 experiments, 0 finished or queued, 12 to queue" in out  # 2 LS x 2 T x 3 seeds
     assert out.count("dvc exp run --queue -n ls-kd-") == 12 and "-S teacher_ls=0.1" in out
+    assert out.count(" report -S ") == 12  # the tables' stage and its inputs, not the ONNX export
     for args, message in [(["-S", "eval.roles=[distill]"], "eval.roles"),  # a removed key, named
                           (["-S", "distill.kd.alpha=2"], "alpha must be in [0, 1]"),
                           (["--only", "student=nope"], "--only student=nope"),
