@@ -258,6 +258,23 @@ def run_worker(tag: str, root: Path, body: Body) -> None:
         destroy_process_group()
 
 
+def claim_resume(tag: str, root: Path, enabled: bool) -> bool:
+    """Whether this stage process owns its run's resume state (:func:`stages.resume.claim`). When
+    another process owns it, this one and its workers train without resume, and say so."""
+    from stages.guard import PARAMS_FILE
+    from stages.params import read_params
+    from stages.resume import RESUME_OFF_ENV, claim
+
+    if not enabled:
+        return False
+    if claim(root, tag, read_params(root / PARAMS_FILE)):
+        return True
+    os.environ[RESUME_OFF_ENV] = "1"
+    print(f"{tag}: another process is running this stage on the same inputs and holds its resume state; "
+          "this run trains without resume", file=sys.stderr, flush=True)
+    return False
+
+
 def finish(tag: str, root: Path) -> None:
     """After the stage committed: its resume state is of no more use."""
     from stages.guard import PARAMS_FILE
@@ -279,7 +296,9 @@ def stage_main(tag: str, args: argparse.Namespace, module_args: list[str], outpu
 
     if args.worker:
         return run_worker(tag, root, body)
+    run = prepare(load_params(root / "params.yaml"))
+    owner = claim_resume(tag, root, run.params.runtime.resume)
     with stage_outputs(tag, *outputs, ws=Workspace(root), manifests=manifests) as out:
-        run_or_launch(tag, f"stages.{module_args[0]}", module_args[1:], prepare(load_params(root / "params.yaml")),
-                      out, root, body)
-    finish(tag, root)
+        run_or_launch(tag, f"stages.{module_args[0]}", module_args[1:], run, out, root, body)
+    if owner:
+        finish(tag, root)

@@ -8,9 +8,17 @@ under ``.dvc/tmp/exps/``; the repository that copy came from holds the states, s
 same queued experiment finds its own. The key is a hash of the stage's command, of the values of
 the parameters it declares in ``dvc.yaml`` and of the contents of its dependencies: only the
 same run on the same inputs can pick a state up.
+
+Two processes can run the same stage on the same key at once (two queued experiments that both need a
+teacher DVC has not cached yet). Only one may own the state: the other's writes and its clean-up would
+pull the files from under the first ("No such file or directory: .../epoch-0009/files/.best.pt.*.tmp").
+The stage process that takes the state's lock (:func:`claim`, ``flock`` on ``<key>.lock`` beside it)
+owns it; another one trains without resume (``KDLIB_RESUME_OFF``, inherited by its torchrun workers)
+and leaves the state alone.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -29,6 +37,8 @@ if TYPE_CHECKING:
 
 RESUME_DIR = ".kdlib-resume"
 RESUME_ENV = "KDLIB_RESUME_DIR"
+RESUME_OFF_ENV = "KDLIB_RESUME_OFF"  # set by a stage process that could not claim its state
+_claimed: dict[Path, int] = {}  # lock file → descriptor, held until this process exits
 _SKIP = ("__pycache__", ".pyc", ".egg-info")  # what .dvcignore leaves out of folder hashes
 
 
@@ -90,12 +100,31 @@ def resume_dir(root: Path, stage: str, key: str) -> Path:
     return resume_root(root) / stage / key[:16]
 
 
+def claim(root: Path, stage: str, params: dict[str, Any]) -> bool:
+    """Take the lock of this run's resume state for this process (held until it exits). False when
+    another live process holds it: that one is running the same stage on the same inputs."""
+    directory = resume_dir(root, stage, stage_key(root, stage, params))
+    lock = directory.with_name(f"{directory.name}.lock")
+    if lock in _claimed:
+        return True
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _claimed[lock] = fd
+    return True
+
+
 def resume_store(root: Path, stage: str, params: dict[str, Any], runtime: "Runtime", enabled: bool
                  ) -> "ResumeStore | None":
-    """The store of this run of ``stage`` for this process; ``None`` when resume is off."""
+    """The store of this run of ``stage`` for this process; ``None`` when resume is off, or when
+    another stage process owns this run's state (``KDLIB_RESUME_OFF``)."""
     from kdlib.resume import ResumeStore
 
-    if not enabled:
+    if not enabled or os.environ.get(RESUME_OFF_ENV):
         return None
     key = stage_key(root, stage, params)
     directory = resume_dir(root, stage, key)

@@ -11,6 +11,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,8 +23,8 @@ import torch
 
 from kdlib.resume import ResumeError, ResumeStore, ResumeWarning, restore_rng
 from stages.resume import resume_root, stage_key
-from train_repo import (copy_repository, kill_group, md5, prepared_repository, run_stage, set_params, start_stage,
-                        tsv, worker_pids)
+from train_repo import (copy_repository, kill_group, md5, prepared_repository, run_stage, set_params, stage_env,
+                        start_stage, tsv, worker_pids)
 
 OUTPUTS = ("models/teacher/best.pt", "models/teacher/last.pt", "models/teacher/manifest.json",
            "reports/teacher/metrics.json")
@@ -189,3 +191,62 @@ def test_states_of_other_runs_of_the_stage_are_named_and_left_alone(tmp_path: Pa
     assert store is not None and store.directory != other and store.load() is None
     assert "ignoring the resume states of 1 other run(s) of this stage" in caplog.text and other.name in caplog.text
     assert (other / "epoch-0001" / "COMPLETE").is_file()
+
+
+HOLD = ("import sys\nfrom pathlib import Path\nfrom stages.params import read_params\nfrom stages.resume import claim\n"
+        "root = Path(sys.argv[1])\nprint(claim(root, 'teacher', read_params(root / 'params.yaml')), flush=True)\n"
+        "sys.stdin.read()\n")
+
+
+def hold_claim(root: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Another process that claims ``root``'s teacher state and holds it until its stdin closes."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], cwd=root, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "True"
+    return holder
+
+
+def test_a_claimed_state_is_refused_to_a_second_process_until_the_first_ends(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.params import read_params
+    from stages.resume import claim
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("KDLIB_RESUME_DIR", str(tmp_path))
+    params = read_params(repo / "params.yaml")
+    holder = hold_claim(repo, {**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        assert claim(repo, "teacher", params) is False
+    finally:
+        holder.communicate("")
+    assert claim(repo, "teacher", params) is True
+    assert claim(repo, "teacher", params) is True  # this process holds it now
+    assert list(tmp_path.glob("teacher/*.lock"))
+
+
+@pytest.mark.slow
+def test_a_second_run_of_the_same_stage_at_once_trains_without_touching_the_first_ones_state(
+        repo: Path, tmp_path: Path) -> None:
+    # two queued experiments that need the same teacher share the resume folder of the repository they
+    # came from; the one that does not own the state must neither use nor remove it
+    reference = copy_repository(repo, tmp_path / "reference")
+    run_stage(reference, "stages.train", "teacher")
+    second = copy_repository(repo, tmp_path / "second")
+    env = {**stage_env(second), "KDLIB_RESUME_DIR": str(tmp_path / "shared")}
+    holder = hold_claim(second, env)
+    try:
+        from stages.params import read_params
+
+        key = stage_key(second, "teacher", read_params(second / "params.yaml"))
+        owned = tmp_path / "shared" / "teacher" / key[:16]
+        assert owned.with_name(f"{owned.name}.lock").is_file()
+        ResumeStore(owned, key).save(1, {})  # the owner's epoch 1 (no model in it: using it would fail)
+        proc = subprocess.run([sys.executable, "-m", "stages.train", "teacher"], cwd=second, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "holds its resume state; this run trains without resume" in proc.stderr
+        assert "resuming" not in proc.stderr
+        assert outputs(second) == outputs(reference)
+        assert (owned / "epoch-0001" / "COMPLETE").is_file()  # left to its owner
+    finally:
+        holder.communicate("")
