@@ -8,7 +8,7 @@ worker cannot stall a study for ever.
 - ``orphaned`` names the experiments the queue still calls Running whose process and worker are both
   gone (the machine restarted, the worker was killed): DVC never moves them on, so a study would wait
   on them for ever.
-- ``worker_alive`` says whether a queue worker process is running, to start one when tasks wait.
+- ``workers_alive`` counts the queue worker processes that run, to start the missing ones when tasks wait.
 
 The process records are dvc-task's ``ProcessManager`` files that DVC keeps under ``.dvc/tmp/exps``
 (``run/<rev>/<rev>.json`` for an experiment, ``celery/dvc-exp-worker-N.json`` for a worker).
@@ -99,6 +99,13 @@ def orphaned(known: dict[str, tuple[str | None, str]], root: Path = EXPS) -> lis
     return sorted(lost) if lost and not worker_alive(root) else []
 
 
+def workers_alive(root: Path = EXPS) -> int:
+    """How many of DVC's queue workers (``celery/dvc-exp-worker-N.json``) are running. One can die while
+    others live: two workers on kombu's filesystem broker can both take the same message file, and the
+    one that reads it after the other removed it ends ("Unrecoverable error: JSONDecodeError")."""
+    return sum(_running(info) for info in (root / "celery").glob("dvc-exp-worker-*.json"))
+
+
 def worker_alive(root: Path = EXPS) -> bool:
-    """Whether any of DVC's queue workers (``celery/dvc-exp-worker-N.json``) is running."""
-    return any(_running(info) for info in (root / "celery").glob("dvc-exp-worker-*.json"))
+    """Whether any of DVC's queue workers is running."""
+    return workers_alive(root) > 0

@@ -40,7 +40,7 @@ PENDING = {"Queued", "Running"}
 # What an experiment reproduces: the report stage and everything it needs. Not `export` (the ONNX files
 # and their int8 calibration, a minute per experiment on the default data), which no table reads.
 TARGET = "report"
-MAX_REQUEUES, MAX_WORKER_STARTS = 2, 5
+MAX_REQUEUES, MAX_WORKER_STARTS = 2, 10
 
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -152,17 +152,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     requeued: dict[str, int] = {}
     lost_for_good: set[str] = set()  # orphaned more than MAX_REQUEUES times: counted as failed
-    starts, idle = 0, 1  # idle: polls in a row that found tasks waiting and no worker
+    starts, idle = 0, 1  # idle: polls in a row that found tasks waiting and fewer workers than --jobs
     suspects: set[str] = set()  # orphaned at the last poll
     while True:
         waiting = any(known.get(n, ("Queued",))[0] == "Queued" for n in by_name)
-        idle = idle + 1 if waiting and not exp_queue.worker_alive() else 0
+        idle = idle + 1 if waiting and exp_queue.workers_alive() < args.jobs else 0
         # the first start at once; later ones after two polls in a row (a worker writes its
         # process record a moment after `dvc queue start` returns)
         if idle >= 2:
             if starts == MAX_WORKER_STARTS:
-                raise SystemExit(f"error: the queue worker stopped {starts} times with experiments waiting "
-                                 f"(its output: .dvc/tmp/study-queue.log, .dvc/tmp/exps/celery/dvc-exp-worker-1.out)")
+                raise SystemExit(f"error: queue workers stopped {starts} times with experiments waiting "
+                                 f"(their output: .dvc/tmp/study-queue.log, .dvc/tmp/exps/celery/dvc-exp-worker-*.out)")
             dvc("queue", "start", "--jobs", str(args.jobs), detach=True, extra_env=worker_threads(args.jobs))
             starts, idle = starts + 1, 0
         if args.no_wait:

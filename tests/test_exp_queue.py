@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.exp_queue import QueueError, orphaned, states, worker_alive
+from stages.exp_queue import QueueError, orphaned, states, worker_alive, workers_alive
 
 
 def dead_pid() -> int:
@@ -64,4 +64,6 @@ def test_worker_alive_reads_the_workers_process_records(tmp_path: Path) -> None:
     record(tmp_path / "celery" / "dvc-exp-worker-1.json", dead_pid())  # left by a worker that was killed
     assert not worker_alive(tmp_path)
     record(tmp_path / "celery" / "dvc-exp-worker-2.json", os.getpid())
-    assert worker_alive(tmp_path)
+    assert worker_alive(tmp_path) and workers_alive(tmp_path) == 1  # `run -j 2` starts worker 1 again
+    record(tmp_path / "celery" / "dvc-exp-worker-1.json", os.getpid())
+    assert workers_alive(tmp_path) == 2
