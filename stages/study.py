@@ -51,8 +51,8 @@ def worker_threads(jobs: int, environ: Mapping[str, str] = os.environ,
     """Thread limits for queue workers that run ``jobs`` experiments at once: each experiment's torch
     gets ``cores // jobs`` intra-op threads (at least one). By default every process takes one thread per
     core, and OpenMP threads that outnumber the cores spin while they wait: two experiments on two
-    cores, with other work beside them, took 590 s for a baseline that trains in 18 s alone. A limit the
-    user set in the environment is kept; ``jobs`` = 1 sets none."""
+    cores, with other work beside them, took 587.8 s and 599.1 s for a baseline that trains in 18.24 s
+    alone. A limit the user set in the environment is kept; ``jobs`` = 1 sets none."""
     if jobs <= 1:
         return {}
     per = str(max(1, (cores or os.cpu_count() or 1) // jobs))
