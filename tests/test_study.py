@@ -179,6 +179,25 @@ def test_rows_tables_and_report_from_known_records(tmp_path: Path) -> None:
         <= set(header)
 
 
+def test_timings_come_from_the_fastest_seed_and_memory_from_the_median(tmp_path: Path) -> None:
+    # two seeds' baselines trained while other experiments fought for the cores (587.8 s and 599.1 s,
+    # against 44.6 s undisturbed: the methods study's cnn_small baselines); the median would report
+    # a slowed-down run
+    study = load_study(write_study(tmp_path, "seeds: [0, 1, 2]\ngrid: {distill.kd.temperature: [2.0]}\n"))
+    cell = {"distill.kd.temperature": 2.0}
+    records = []
+    for seed, seconds, step_ms, latency, mib in ((0, 587.79, 1334.1, 3.0, 50.0), (1, 599.12, 1385.6, 1.2, 70.0),
+                                                 (2, 44.56, 82.9, 2.0, 60.0)):
+        r = record(study, cell, seed, 97.0, 90.0, 91.0)
+        r.summary["models"]["baseline"].update(train_seconds=seconds, ms_per_step=step_ms, latency_b1_ms=latency,
+                                               inference_mib=mib)
+        records.append(r)
+    row, = study_rows(study, records)
+    assert (row["baseline_train_seconds"], row["baseline_ms_per_step"], row["baseline_latency_b1_ms"]) \
+        == (44.56, 82.9, 1.2)
+    assert row["baseline_inference_mib"] == 60.0 and row["distill_train_seconds"] == 10.0
+
+
 def test_records_json_gives_back_the_same_records_and_refuses_a_foreign_one(tmp_path: Path) -> None:
     study = load_study(write_study(tmp_path, "seeds: [0, 1]\ngrid: {distill.kd.temperature: [2.0, 8.0]}\n"))
     cell = {"distill.kd.temperature": 2.0}

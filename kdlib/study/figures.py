@@ -86,7 +86,7 @@ def precision_chart(rows: Sequence[Mapping[str, Any]], path: Path) -> dict[str, 
         sel = [p for p in points if p["precision"] == precision]
         ax.scatter([p["latency_ms"] for p in sel], [p["score"] for p in sel], color=f"C{i}", label=precision)
     ax.set_xscale("log")
-    ax.set_xlabel("latency, batch 1, median (ms)")
+    ax.set_xlabel("latency, batch 1 (ms): median of the timed runs, fastest seed")
     ax.set_ylabel("test score (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()

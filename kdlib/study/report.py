@@ -71,7 +71,8 @@ def write_report(study: Study, records: Sequence[Record], missing: Sequence[Expe
                  markdown(head, body),
                  "p (t): paired t-test of the per-seed gains; p (W): Wilcoxon signed-rank (n ≥ 6); agreement "
                  "and KL: the student's top-1 agreement with the teacher and mean KL(teacher ‖ student) on the "
-                 "test split (Stanton et al., NeurIPS 2021), best checkpoint.\n"]
+                 "test split (Stanton et al., NeurIPS 2021), best checkpoint. Times (train s, ms/step, "
+                 "batch-1 ms): the fastest seed, since experiments ran beside each other; memory: the median.\n"]
         blocks.append(("Per cell", "table", (head, body)))
         spec = figures.gain_chart(rows, fig_dir / "gain.png")
         blocks.append(("Gain over the baseline, 95% CI", "vega", spec))
