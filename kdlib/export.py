@@ -26,6 +26,7 @@ from kdlib.deployed import FORMAT, PREFIX, ModelInfo
 from kdlib.io import write_json
 from kdlib.metrics import EvalResult, evaluate
 from kdlib.outputs import file_sha256
+from kdlib.predict import BATCH as PREDICT_BATCH
 from kdlib.quantize.base import QuantContext, Skipped
 from kdlib.quantize.onnx_common import OrtModule, export_onnx, require_onnx
 from kdlib.quantize.onnx_int8 import quantize_qdq_int8
@@ -107,6 +108,7 @@ def export_classifier(checkpoint: Checkpoint, out_dir: Path, info: ModelInfo, te
     example = normalize(torch.stack([test_set[i][0] for i in range(2)]))
     batches = [normalize(b) for b in calibration.split(CALIBRATION_BATCH)]
     loader = DataLoader(test_set, batch_size=256, shuffle=False, num_workers=0)
+    file_loader = DataLoader(test_set, batch_size=PREDICT_BATCH, shuffle=False, num_workers=0)  # as predict batches
     reference = evaluate(model, loader, normalize, torch.device("cpu"), None, ignore, ap_mode)
     source = {"checkpoint": source_name or str(checkpoint.path), "checkpoint_sha256": file_sha256(checkpoint.path),
               "role": record.role, "preset": record.preset, "arch": record.arch, "dataset": record.dataset,
@@ -126,7 +128,8 @@ def export_classifier(checkpoint: Checkpoint, out_dir: Path, info: ModelInfo, te
             tagged = ModelInfo(info.task, info.classes, info.preprocessing,
                                {**source, "precision": PRECISIONS[name].split(":")[0]})
             path = with_metadata(raw, out_dir / name, tagged.metadata_props())
-            result = evaluate(OrtModule(path, threads), loader, normalize, torch.device("cpu"), None, ignore, ap_mode)
+            result = evaluate(OrtModule(path, threads), file_loader, normalize, torch.device("cpu"), None, ignore,
+                              ap_mode)
             files[name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size, "precision": PRECISIONS[name],
                            "backend": f"onnxruntime {ort.__version__} CPUExecutionProvider", "test": _scores(result),
                            "agreement_with_pytorch": _agreement(result, reference, info.task)}
