@@ -78,7 +78,7 @@ def main() -> None:
     outputs = reports / f"{role}.json", reports / "confusion" / f"{role}.json", reports / "matrix" / f"{role}.json"
     with stage_outputs(f"evaluate-{role}", *outputs, ws=ws) as out:
         run = load_params()
-        seed_everything(run.seed)
+        seed_everything(run.seed_of(role))
         row = evaluate_role(run, ws, role, *(out(path) for path in outputs[1:]))
         write_json(out(outputs[0]), row)
     print(f"{role:9s} best {run.score} {row['best'][run.score]:.2f}  last {run.score} {row['last'][run.score]:.2f}")

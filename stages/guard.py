@@ -244,14 +244,15 @@ def _dvc_cache_dir(root: Path) -> Path:
 
 
 def _uncached_paths(stage: dict, item: str) -> set[str]:
-    """The ``cache: false`` outputs a dvc.yaml stage declares (``${item}`` of a foreach filled in)."""
+    """The ``cache: false`` outputs a dvc.yaml stage declares (``${item}``, or ``${key}`` of a foreach
+    over a mapping, filled in)."""
     paths = set()
     for kind in ("outs", "metrics", "plots"):
         for declared in stage.get(kind) or []:
             if isinstance(declared, dict):
                 path, options = next(iter(declared.items()))
                 if isinstance(options, dict) and options.get("cache") is False:
-                    paths.add(path.replace("${item}", item))
+                    paths.add(path.replace("${item}", item).replace("${key}", item))
     return paths
 
 

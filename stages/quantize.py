@@ -2,7 +2,8 @@
 its change from fp32, batch-1 latency (median/p95), throughput, peak memory, size on disk, MACs.
 
 Each precision runs in a fresh process (:func:`kdlib.quantize.measure.run_isolated`), so the peak
-RSS is that evaluation's own; calibration uses a seeded sample of the training split. Writes
+RSS is that evaluation's own; calibration uses a sample of the training split seeded by the model's seed
+(``teacher_seed`` for the teacher, so a sweep over student seeds measures one teacher once). Writes
 ``reports/quantize/<role>.json``; ``dvc.yaml`` runs it once per role (``foreach``) and the
 ``report`` stage gathers the rows into ``reports/quantization.{json,csv}`` and the figures.
 """
@@ -33,7 +34,7 @@ def quantize_role(run: Run, ws: Workspace, role: str) -> list[dict]:
                  else f"{row['status']}: {row.get('reason')}")
         print(f"{role:9s} {row['precision']:13s} {shown}", flush=True)
 
-    calibration = calibration_sample(train, run.seed, settings.calibration_images)
+    calibration = calibration_sample(train, run.seed_of(role), settings.calibration_images)
     rows = measure_precisions(role, path, test_set, calibration, settings,
                               "cuda" if torch.cuda.is_available() else "cpu", test.ignore, run.dataset.ap_mode, show)
     return add_deltas(rows, run.score)

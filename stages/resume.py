@@ -83,8 +83,11 @@ def stage_key(root: Path, stage: str, params: dict[str, Any], item: str | None =
         blob = json.dumps({"stage": stage, "item": item, "params": params}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
     body = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]
+    fill = params
+    if "foreach" in body and item is not None:  # a list gives ${item}; a mapping ${key} and ${item.<field>}
+        each = body["foreach"]
+        fill = {**params, "key": item, "item": each[item]} if isinstance(each, dict) else {**params, "item": item}
     body = body["do"] if "foreach" in body else body
-    fill = {**params, "item": item} if item is not None else params
     declared: dict[str, Any] = {}
     for entry in body.get("params", []):
         for name in ([entry] if isinstance(entry, str) else list(entry)):

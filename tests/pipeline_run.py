@@ -59,7 +59,7 @@ def declared_outputs(work: Path) -> list[Path]:
         for item, body in variants:
             for entry in body.get("outs", []) + body.get("metrics", []) + body.get("plots", []):
                 path = entry if isinstance(entry, str) else next(iter(entry))
-                paths.append(work / (path.replace("${item}", item) if item else path))
+                paths.append(work / (path.replace("${item}", item).replace("${key}", item) if item else path))
     return paths
 
 

@@ -56,3 +56,23 @@ def test_feature_distillation_experiments(experiments_workdir):
         assert "Running stage 'quantize@distill'" in output and "Running stage 'evaluate@distill'" in output
         for unchanged in ("quantize@teacher", "evaluate@teacher"):
             assert f"Running stage '{unchanged}'" not in output, output
+
+
+def test_a_student_seed_leaves_the_teachers_stages_unchanged(experiments_workdir):
+    """The teacher trains, evaluates and is measured under ``teacher_seed``: a study over student seeds
+    re-runs the students' stages, never the teacher's (``dvc status`` after ``seed`` changes)."""
+    import yaml
+
+    work, env = experiments_workdir
+    params_file = work / "params.yaml"
+    before = params_file.read_text()
+    try:
+        params = yaml.safe_load(before)
+        params["seed"] = int(params["seed"]) + 1
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        changed = set(json.loads(run(["dvc", "status", "--json"], work, env).stdout))
+    finally:
+        params_file.write_text(before)
+    assert {"baseline", "distill", "evaluate@baseline", "evaluate@distill", "quantize@baseline",
+            "quantize@distill"} <= changed, changed
+    assert not {"teacher", "evaluate@teacher", "quantize@teacher"} & changed, changed

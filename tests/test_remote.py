@@ -91,7 +91,9 @@ def test_missing_outputs_are_the_lock_outputs_in_neither_workspace_nor_cache(tmp
         "make": {"cmd": "x", "outs": ["data/here", "data/cached", "data/gone"],
                  "metrics": [{"reports/make.json": {"cache": False}}]},
         "each": {"foreach": ["a", "b"], "do": {"cmd": "y", "outs": ["out/${item}.json"],
-                                              "metrics": [{"reports/${item}.json": {"cache": False}}]}}}}))
+                                              "metrics": [{"reports/${item}.json": {"cache": False}}]}},
+        "keyed": {"foreach": {"t": {"seed": "teacher_seed"}},  # a foreach over a mapping names its key ${key}
+                  "do": {"cmd": "k", "outs": ["k/${key}.json"], "metrics": [{"reports/k/${key}.json": {"cache": False}}]}}}}))
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
         "make": {"cmd": "x", "outs": [{"path": "data/here", "md5": "1" * 32 + ".dir"},
                                       {"path": "data/cached", "md5": "ab" + "2" * 30},
@@ -100,16 +102,18 @@ def test_missing_outputs_are_the_lock_outputs_in_neither_workspace_nor_cache(tmp
         "each@a": {"cmd": "y", "outs": [{"path": "out/a.json", "md5": "4" * 32},
                                         {"path": "reports/a.json", "md5": "8" * 32}]},
         "each": {"cmd": "old", "outs": [{"path": "out", "md5": "5" * 32 + ".dir"}]},  # before foreach
+        "keyed@t": {"cmd": "k", "outs": [{"path": "k/t.json", "md5": "9" * 32},
+                                         {"path": "reports/k/t.json", "md5": "a" * 32}]},
         "removed": {"cmd": "z", "outs": [{"path": "old/thing", "md5": "6" * 32}]}}}))
     (tmp_path / "data" / "here").mkdir(parents=True)
     (tmp_path / ".dvc").mkdir()
     (tmp_path / ".dvc" / "config.local").write_text("[cache]\n    dir = ../elsewhere\n")
     (tmp_path / "elsewhere" / "files" / "md5" / "ab").mkdir(parents=True)
     (tmp_path / "elsewhere" / "files" / "md5" / "ab" / ("2" * 30)).write_text("cached")
-    assert missing_outputs(tmp_path) == {"make": ["data/gone"], "each@a": ["out/a.json"]}
+    assert missing_outputs(tmp_path) == {"make": ["data/gone"], "each@a": ["out/a.json"], "keyed@t": ["k/t.json"]}
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "a.json").write_text("{}")
-    assert missing_outputs(tmp_path) == {"make": ["data/gone"]}
+    assert missing_outputs(tmp_path) == {"make": ["data/gone"], "keyed@t": ["k/t.json"]}
     (tmp_path / "dvc.lock").unlink()  # a pipeline never reproduced: nothing to pull
     assert missing_outputs(tmp_path) == {}
 

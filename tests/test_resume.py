@@ -96,6 +96,12 @@ def test_the_key_follows_declared_params_and_dependencies_only(tmp_path: Path) -
     models = {**params["models"], params["teacher"]: {**params["models"][params["teacher"]], "lr": 0.123}}
     assert stage_key(repo, "teacher", {**params, "models": models}) != key
     assert stage_key(repo, "baseline", params) != key
+    # a foreach over a mapping (evaluate: the teacher under teacher_seed, the students under seed)
+    teacher, student = stage_key(repo, "evaluate", params, "teacher"), stage_key(repo, "evaluate", params, "baseline")
+    assert stage_key(repo, "evaluate", {**params, "seed": params["seed"] + 1}, "teacher") == teacher
+    assert stage_key(repo, "evaluate", {**params, "teacher_seed": params["teacher_seed"] + 1}, "teacher") != teacher
+    assert stage_key(repo, "evaluate", {**params, "seed": params["seed"] + 1}, "baseline") != student
+    assert stage_key(repo, "evaluate", {**params, "teacher_seed": params["teacher_seed"] + 1}, "baseline") == student
 
 
 def test_a_queued_experiment_keeps_its_state_in_the_repository_it_came_from(tmp_path: Path,
