@@ -7,15 +7,17 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from kdlib.metrics import fidelity, multilabel_fidelity
 from kdlib.study.page import study_page
 from kdlib.study.records import RecordsError, dump_records, load_records
 from kdlib.study.report import write_report
 from kdlib.study.spec import Cell, StudyError, apply_overrides, experiment_name, load_study, parse_overrides
-from kdlib.study.stats import correlation, group_difference, paired_difference, spread
+from kdlib.study.stats import correlation, group_difference, paired_difference, spread, within_correlation
 from kdlib.study.table import Record, main_table, study_rows
 from kdlib.study.zoo import claims
 
@@ -54,6 +56,28 @@ def test_degenerate_samples_are_said_not_invented() -> None:
     assert correlation([1, 2, 3, 4], [2, 4, 6, 8.5]).r > 0.99 and math.isnan(correlation([1, 1, 1], [1, 2, 3]).r)
     g = group_difference([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])
     assert g.difference == 2.0 and 0 < g.p_welch < 0.1
+
+
+def test_the_within_student_correlation_is_the_ancova_slope_test() -> None:
+    """Bakdash & Marusich's repeated-measures correlation equals the t-test of the common slope of
+    y ~ group + x; here that test is computed by least squares, independently of the formula."""
+    groups = [[(97.4, 97.3), (97.4, 97.4), (95.0, 96.1), (93.2, 95.5)],
+              [(97.4, 87.8), (97.4, 88.9), (95.0, 86.0), (93.2, 85.1)],
+              [(96.0, 80.0), (94.0, 79.5)]]
+    points = [(g, x, y) for g, group in enumerate(groups) for x, y in group]
+    design = np.array([[float(x)] + [float(g == k) for k in range(len(groups))] for g, x, _ in points])
+    target = np.array([y for _, _, y in points])
+    coef, rss, *_ = np.linalg.lstsq(design, target, rcond=None)
+    df = len(points) - design.shape[1]
+    se = math.sqrt(float(rss[0]) / df * np.linalg.inv(design.T @ design)[0, 0])
+    p_ancova = 2 * stats.t.sf(abs(coef[0] / se), df)
+    result = within_correlation(groups + [[(91.0, 50.0)]])  # a one-cell student is left out
+    assert result.n == 10 and result.r > 0 and result.p == pytest.approx(p_ancova, rel=1e-9)
+    # Two cells of one student, plus a one-cell student: no degree of freedom is left. Plain Pearson r
+    # on the centred values called this r = -1.00, p = 1.3e-08.
+    partial = [[(97.43, 97.30), (97.36, 97.43)], [(97.58, 87.77)]]
+    assert math.isnan(within_correlation(partial).p)
+    assert correlation([0.035, -0.035, 0.0], [-0.065, 0.065, 0.0]).p < 1e-6  # what the old claim tested
 
 
 def test_fidelity_on_hand_computed_logits() -> None:

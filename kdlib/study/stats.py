@@ -116,6 +116,31 @@ class Correlation:
         return asdict(self)
 
 
+def within_correlation(groups: Sequence[Sequence[tuple[float, float]]]) -> Correlation:
+    """The repeated-measures correlation (Bakdash & Marusich, "Repeated Measures Correlation",
+    Front. Psychol. 2017) of ``(x, y)`` points in groups: Pearson's r of the values centred on their
+    group's means, tested with ``N − k − 1`` degrees of freedom (N points in k groups of two or more;
+    a single-point group says nothing about the slope and is left out):
+    ``t = r·√(df / (1 − r²))``, two-sided. It is the t-test of the common slope of ``y ~ group + x``
+    (ANCOVA). Plain ``pearsonr`` on the centred values would count N − 2 degrees of freedom: with
+    groups of two it finds r = ±1 "significant" from any data."""
+    xs: list[float] = []
+    ys: list[float] = []
+    used = [np.asarray(g, dtype=float) for g in groups if len(g) >= 2]
+    for g in used:
+        xs.extend(g[:, 0] - g[:, 0].mean())
+        ys.extend(g[:, 1] - g[:, 1].mean())
+    a, b = np.asarray(xs), np.asarray(ys)
+    df = a.size - len(used) - 1
+    if df < 1 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return Correlation(int(a.size), math.nan, math.nan)
+    r = float(np.clip(np.sum(a * b) / math.sqrt(np.sum(a * a) * np.sum(b * b)), -1.0, 1.0))
+    if abs(r) == 1.0:
+        return Correlation(int(a.size), r, 0.0)
+    t = r * math.sqrt(df / (1.0 - r * r))
+    return Correlation(int(a.size), r, float(2.0 * stats.t.sf(abs(t), df)))
+
+
 def correlation(x: Sequence[float], y: Sequence[float]) -> Correlation:
     a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:

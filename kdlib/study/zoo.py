@@ -2,9 +2,10 @@
 
 1. Does distillation help? The paired difference distilled − baseline over every (teacher,
    student, seed) of the study (paired t-test).
-2. Does a better teacher give a better student? Pearson's r between the teacher's test score and
-   the distilled student's, over cells, each centred on its student's mean so that the students'
-   own levels do not make the correlation.
+2. Does a better teacher give a better student? The repeated-measures correlation between the
+   teacher's test score and the distilled student's over cells, grouped by student (each centred
+   on its student's means, so that the students' own levels do not make the correlation; N − k − 1
+   degrees of freedom for N cells of k students).
 3. Does a same-family teacher help more? Welch's t-test of the per-seed gains of same-family
    cells against cross-family cells.
 """
@@ -13,9 +14,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 
-from kdlib.study.stats import correlation, group_difference, paired_difference
+from kdlib.study.stats import group_difference, paired_difference, within_correlation
 
 
 def family_of(families: Mapping[str, str], preset: str | None, where: str) -> str:
@@ -38,12 +38,7 @@ def claims(rows: Sequence[Mapping[str, Any]], families: Mapping[str, str], where
                 (same if teacher == student else cross).append(s["distill_best"] - s["baseline_best"])
         by_student[r["distill_preset"]].append((r["teacher_best"]["mean"], r["distill_best"]["mean"]))
     helps = paired_difference(pairs_d, pairs_b)
-    xs, ys = [], []
-    for points in by_student.values():
-        t, s = np.array(points).T
-        xs.extend(t - t.mean())
-        ys.extend(s - s.mean())
-    better = correlation(xs, ys)
+    better = within_correlation(list(by_student.values()))
     family = group_difference(same, cross)
 
     def verdict(p: float, positive: bool) -> str:
@@ -58,8 +53,9 @@ def claims(rows: Sequence[Mapping[str, Any]], families: Mapping[str, str], where
                    f"(teacher, student, seed) pairs, 95% CI [{helps.ci95_low:+.2f}, {helps.ci95_high:+.2f}], "
                    f"paired t-test p = {helps.p_t:.3g}"},
         {"question": "Does a better teacher give a better student?", **better.as_dict(),
-         "answer": f"{verdict(better.p, better.r > 0)}: Pearson r = {better.r:.2f} between teacher and distilled "
-                   f"student score over {better.n} cells (centred per student), p = {better.p:.3g}"},
+         "answer": f"{verdict(better.p, better.r > 0)}: repeated-measures r = {better.r:.2f} between teacher and "
+                   f"distilled student score over {better.n} cells of students with two teachers or more "
+                   f"(centred per student), p = {better.p:.3g}"},
         {"question": "Does a same-family teacher help more?", **family.as_dict(),
          "answer": f"{verdict(family.p_welch, family.difference > 0)}: same-family gain minus cross-family gain "
                    f"{family.difference:+.2f} pt ({family.n_a} vs {family.n_b} runs), Welch t-test "
