@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from kdlib.quantize.base import PRECISIONS, Prepared, QuantContext, Skipped, tensor_dtypes
 from kdlib.schema import is_int, is_str_list, setting
 
+# figures plots (matplotlib, about a second of every stage's start-up on a busy 2-core machine) and
+# registers nothing: the report stage imports it itself
 for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+    if _module.name != "figures":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 
 @dataclass(frozen=True, kw_only=True)
