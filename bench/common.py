@@ -31,15 +31,18 @@ def default_params() -> dict[str, Any]:
 
 def shrink(params: dict[str, Any], per_class: int = 10, epochs: int = 2) -> dict[str, Any]:
     """A copy of ``params`` for a quick run: few images (the MNIST subset the default data set
-    draws), few epochs, one quick precision; validated."""
+    draws), few epochs, two precisions that compile nothing (fp32 and fp8); validated.
+    tests/pipeline_run.py builds its reproduced pipeline with the same function, so a quick
+    ``bench/pipeline.py`` run is a second from-scratch run of those very parameters."""
     small = copy.deepcopy(params)
     small["datasets"]["mnist"].setdefault("options", {}).update(
         train_per_class=per_class, val_per_class=max(per_class // 2, 1), test_per_class=per_class)
     for preset in small["models"].values():
         preset.update(epochs=epochs, warmup_epochs=0)
     small["align"]["epochs"] = min(small["align"]["epochs"], epochs)  # feature methods' alignment
-    # one uncompiled precision: a quick run times the pipeline, bench/quantization.py the precisions
-    small["eval"].update(precisions=["fp32"], warmup_runs=1, timed_runs=5, throughput_runs=1, calibration_images=8)
+    # uncompiled precisions: a quick run times the pipeline, bench/quantization.py the precisions
+    small["eval"].update(precisions=["fp32", "fp8"], warmup_runs=1, timed_runs=3, throughput_runs=1,
+                         calibration_images=8)
     resolve(small)  # raises ParamError listing every problem
     return small
 

@@ -14,12 +14,17 @@ models (that graph re-ran the unchanged teacher's and baseline's evaluate and qu
 seconds from the default run are added to the experiment's to give it); teacher test top-1 >= 97%;
 no-op repro < 2 s.
 
-    python bench/pipeline.py [--quick] [--method lshl2]
+    python bench/pipeline.py [--quick] [--method lshl2] [--keep DIR]
+
+``--quick`` runs the parameters of the test suite's reproduced pipeline (``common.shrink(params, 4, 1)``);
+``--keep DIR`` leaves a copy of the default run's repository at DIR (the tests compare it, output by
+output, with their own from-scratch ``dvc repro`` of the same parameters).
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -72,7 +77,11 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--method", default="lshl2",
                         help="distill.method of the experiment on top of the default run (default: lshl2)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="copy the default run's repository (git, DVC cache, outputs) to DIR, which must not exist")
     args = parser.parse_args()
+    if args.keep is not None and args.keep.exists():
+        parser.error(f"--keep {args.keep} exists: give a path to create")
     env = git_env()
     params = default_params()
     if args.method == params["distill"]["method"]:
@@ -81,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = copy_repo(Path(tmp) / "repo")
         if args.quick:
-            (work / "params.yaml").write_text(yaml.safe_dump(shrink(params), sort_keys=False))
+            (work / "params.yaml").write_text(yaml.safe_dump(shrink(params, per_class=4, epochs=1), sort_keys=False))
         stages = dvc_stages(work)
         seconds = {}
         for stage in stages:
@@ -100,6 +109,9 @@ def main() -> None:
         print(f"no-op repro: {noop_s:.1f} s", flush=True)
         evaluation = {role: json.loads((work / "reports" / "evaluate" / f"{role}.json").read_text()) for role in ROLES}
         summary = json.loads((work / "reports" / "summary.json").read_text())
+        if args.keep is not None:  # DVC's state database (.dvc/tmp) is keyed by inode: the copy hashes afresh
+            shutil.copytree(work, args.keep, symlinks=True,
+                            ignore=lambda folder, names: ["tmp"] if folder == str(work / ".dvc") else [])
 
         # a method experiment on top of the committed default run: only the method's stages run again
         for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "bench: default run"]):

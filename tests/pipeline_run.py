@@ -1,6 +1,6 @@
 """The pipeline reproduced once from scratch with tiny parameters, for the end-to-end tests
-(test_pipeline_e2e.py, test_pipeline_e2e_experiments.py): two files so that pytest-xdist's
---dist loadfile can run the forced re-run and the experiments on different workers."""
+(test_pipeline_e2e.py, test_pipeline_e2e_experiments.py, test_study_e2e.py, test_bench_pipeline.py):
+separate files so that pytest-xdist's --dist loadfile can run them on different workers."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,18 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.common import shrink as bench_shrink
 from dvc_repo import built_once, copy_workspace, dvc_env, run, scratch_repository
 
 
 def shrink(params: dict) -> dict:
-    params["datasets"]["mnist"]["options"].update(train_per_class=4, val_per_class=2, test_per_class=3)
-    # two precisions without compilation keep the quantize stage short; kdlib/quantize has its own tests
-    params["eval"].update(precisions=["fp32", "fp8"], warmup_runs=1, timed_runs=3, throughput_runs=1,
-                          calibration_images=8)
-    for preset in params["models"].values():
-        preset["epochs"] = 1
-        preset["warmup_epochs"] = 0
-    return params
+    """The parameters ``bench/pipeline.py --quick`` runs (test_bench_pipeline.py compares its
+    from-scratch run with this one, output by output): 4 / 2 / 4 MNIST images a class, one epoch,
+    two precisions that compile nothing (kdlib/quantize has its own tests)."""
+    return bench_shrink(params, per_class=4, epochs=1)
 
 
 def build_trained(work: Path) -> dict:

@@ -34,9 +34,9 @@ def test_quick_benchmark_writes_its_result(name: str, tmp_path: Path) -> None:
     run_quick_benchmark(name, tmp_path)
 
 
-def run_quick_benchmark(name: str, tmp_path: Path) -> dict:
+def run_quick_benchmark(name: str, tmp_path: Path, *extra: str) -> dict:
     args = [sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", "--out", str(tmp_path),
-            *EXTRA_ARGS.get(name, [])]
+            *EXTRA_ARGS.get(name, []), *extra]
     # the pipeline bench runs 16 stages from scratch, then an experiment: 10.5 min once on 2 busy cores
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=1500 if name == "pipeline" else 600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,7 +1,8 @@
 """End to end: the real `dvc repro` on a copy of this repository with tiny parameters.
 
 Checks every declared output and metric exists, that a second `dvc repro` does nothing, and that
-a forced re-run (in a copy) reproduces every cached output bit for bit.
+each student's fidelity to the teacher is what its logits give. That a second from-scratch run
+reproduces every cached output bit for bit is in test_bench_pipeline.py.
 """
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import json
 
 import pytest
 
-from dvc_repo import copy_workspace, dvc_env, run
-from pipeline_run import ROLES, declared_outputs, lock_hashes, results_without_measurements, trained  # noqa: F401
+from pipeline_run import ROLES, declared_outputs, trained  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def test_repro_produces_every_output_and_is_a_noop_the_second_time(trained):
         live = json.loads((work / f"reports/{role}/metrics.json").read_text())
         assert {"train", "val", "best_val_top1", "last_val_top1"} <= set(live)
     manifest = json.loads((work / "reports/prepare/manifest.json").read_text())
-    assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [40, 20, 30]
+    assert [manifest["splits"][s]["count"] for s in ("train", "val", "test")] == [40, 20, 40]
     assert "KD gain" in (work / "reports/results.md").read_text()
     summary = json.loads((work / "reports/summary.json").read_text())
     assert summary["kd_gain_top1"] == pytest.approx(summary["distill"]["best"] - summary["baseline"]["best"])
@@ -78,14 +78,3 @@ def test_each_students_fidelity_to_the_teacher_is_its_test_agreement_and_kl(trai
             row = json.loads((work / f"reports/evaluate/{role}.json").read_text())[which]
             assert row["teacher_agreement"] == pytest.approx(agreement, abs=1e-3), (role, which)
             assert row["teacher_kl"] == pytest.approx(kl, abs=1e-5), (role, which)
-
-
-def test_forced_rerun_reproduces_every_output_bit_for_bit(trained, tmp_path):
-    reproduced, _ = trained
-    before, results = lock_hashes(reproduced), results_without_measurements(reproduced)
-    work, env = copy_workspace(reproduced, tmp_path / "repo"), dvc_env()
-    run(["dvc", "repro", "--force"], work, env)
-    after = lock_hashes(work)
-    assert {"models/teacher", "models/teacher_cache", "models/distill", "reports/figures"} <= set(before)
-    assert before == after, {k: (before[k], after.get(k)) for k in before if before[k] != after.get(k)}
-    assert results == results_without_measurements(work) and "KD gain" in results
