@@ -68,6 +68,15 @@ def copy_repo(dst: Path) -> Path:
     return dst
 
 
+def copy_workspace(src: Path, dst: Path) -> Path:
+    """A copy of a repository ``src`` (git history, DVC cache and run cache, outputs) at ``dst``, to
+    run on from where ``src`` stands. DVC's state database (``.dvc/tmp``) is left behind: it is
+    keyed by inode, so the copy's outputs are hashed afresh."""
+    shutil.copytree(src, dst, symlinks=True,
+                    ignore=lambda folder, names: ["tmp"] if folder == str(src / ".dvc") else [])
+    return dst
+
+
 def dvc_stages(repo: Path) -> list[str]:
     """Every stage of ``repo``'s ``dvc.yaml`` as DVC names it, in the file's order (one that
     runs them in turn respects the graph): a ``foreach`` stage is one stage per item,

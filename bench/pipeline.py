@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -32,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import (bench_parser, copy_repo, default_params, dvc_stages, git_env, print_table, shrink, stage_group,
-                    write_result)
+from common import (bench_parser, copy_repo, copy_workspace, default_params, dvc_stages, git_env, print_table,
+                    shrink, stage_group, write_result)
 
 from stages.params import ROLES
 
@@ -109,9 +108,8 @@ def main() -> None:
         print(f"no-op repro: {noop_s:.1f} s", flush=True)
         evaluation = {role: json.loads((work / "reports" / "evaluate" / f"{role}.json").read_text()) for role in ROLES}
         summary = json.loads((work / "reports" / "summary.json").read_text())
-        if args.keep is not None:  # DVC's state database (.dvc/tmp) is keyed by inode: the copy hashes afresh
-            shutil.copytree(work, args.keep, symlinks=True,
-                            ignore=lambda folder, names: ["tmp"] if folder == str(work / ".dvc") else [])
+        if args.keep is not None:
+            copy_workspace(work, args.keep)
 
         # a method experiment on top of the committed default run: only the method's stages run again
         for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "bench: default run"]):

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from bench.common import copy_workspace  # noqa: F401 (the tests' copies of a reproduced repository)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,14 +48,6 @@ def scratch_repository(work: Path, edit: Callable[[Path], None]) -> dict[str, st
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "fixture"], work, env)
     return env
-
-
-def copy_workspace(src: Path, dst: Path) -> Path:
-    """A copy of a scratch repository ``src`` (git history, DVC cache and run cache, outputs) at
-    ``dst``, to run on from where ``src`` stands. DVC's state database (``.dvc/tmp``) is left
-    behind: it is keyed by inode, so the copy's outputs are hashed afresh."""
-    shutil.copytree(src, dst, symlinks=True, ignore=lambda folder, names: ["tmp"] if folder == str(src / ".dvc") else [])
-    return dst
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], dict]) -> tuple[Path, dict]:

@@ -18,7 +18,7 @@ from pipeline_run import trained  # noqa: F401 (the fixture)
 pytestmark = pytest.mark.slow
 
 # The reproduced pipeline's own temperature: seed 0's experiment trains nothing (its stages are the
-# committed run's), seed 1's trains both students; a changed setting costs the same as a changed seed.
+# committed run's), seed 1's trains both students.
 TINY = """title: A tiny study
 seeds: [0]
 grid: {distill.kd.temperature: [4.0]}
