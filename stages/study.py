@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -142,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
            f"{REPORTS / study.name / 'records.json'}" if stored else ""))
     for exp in todo:
         if args.dry_run:
-            print(f"  dvc exp run --queue -n {exp.name} {TARGET} {' '.join(set_args(exp))}")
+            # quoted for a shell: a list value ("[fp32, fp16]") pasted unquoted would split at its spaces
+            print("  " + shlex.join(["dvc", "exp", "run", "--queue", "-n", exp.name, TARGET, *set_args(exp)]))
         else:
             queue(exp, known)
     if args.dry_run:

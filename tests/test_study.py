@@ -293,6 +293,11 @@ def test_the_cli_dry_run_lists_what_it_would_queue_and_refuses_bad_input_first(c
         captured = capsys.readouterr()
         assert message in captured.err and "studies/ls_kd.yaml" in captured.err, captured.err
         assert "dvc exp run" not in captured.out
+    # seed 7: never recorded. Pasted into a shell, the list value stays one argument.
+    assert study.main(["run", "rescnn_precisions", "--dry-run", "--seeds", "7",
+                       "--only", "models.rescnn.kwargs.blocks=4"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert "-S 'eval.precisions=[fp32, fp16, bf16, int8_dynamic, int8_static, fp8]'" in line, line
     assert study.main(["list"]) == 0
     names = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
     assert {"kd_gain", "ls_kd", "methods", "rescnn_precisions", "teacher_zoo"} <= names
