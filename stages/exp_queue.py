@@ -41,10 +41,13 @@ def states(attempts: int = 10, timeout_s: float = STATES_TIMEOUT_S, code: str = 
     """{experiment name: (state, short rev)} of the experiments of HEAD. Each attempt runs ``code`` in
     a fresh interpreter, killed after ``timeout_s``; a failed attempt (a hang, or exp_show failing while
     a queued experiment's temporary copy is made or removed: NotDvcRepoError on .dvc/tmp/exps/tmp…)
-    is retried ``pause_s`` later. Raises QueueError naming the last failure when every attempt fails."""
+    is retried ``pause_s`` later, and said on stderr (all attempts can take ``attempts × timeout_s``).
+    Raises QueueError naming the last failure when every attempt fails."""
     last = ""
     for attempt in range(attempts):
         if attempt:
+            print(f"  listing the experiments, attempt {attempt} of {attempts}: {last}{_hint(last)}; retrying",
+                  file=sys.stderr, flush=True)
             time.sleep(pause_s)
         try:
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
@@ -61,7 +64,14 @@ def states(attempts: int = 10, timeout_s: float = STATES_TIMEOUT_S, code: str = 
                 continue
         error = proc.stderr.strip().splitlines()
         last = f"dvc.api.exp_show exited {proc.returncode}: {error[-1] if error else 'no error output'}"
-    raise QueueError(f"could not list the experiments after {attempts} attempts; the last: {last}")
+    raise QueueError(f"could not list the experiments after {attempts} attempts; the last: {last}{_hint(last)}")
+
+
+def _hint(failure: str) -> str:
+    # seen after a machine restart: a task the queue still calls Running, with no process record, makes
+    # every exp_show wait until it is killed
+    return (" (an experiment `dvc queue status` calls Running that no worker runs does this: "
+            "`dvc queue kill NAME` clears it)") if "did not answer" in failure else ""
 
 
 def _alive(pid: int) -> bool:

@@ -25,9 +25,11 @@ def record(path: Path, pid: int, returncode: int | None = None) -> None:
     path.write_text(json.dumps({"pid": pid, "stdin": None, "stdout": None, "stderr": None, "returncode": returncode}))
 
 
-def test_a_reader_that_hangs_is_killed_and_the_error_says_so() -> None:
-    with pytest.raises(QueueError, match=r"after 2 attempts.*did not answer within 0\.5 s"):
+def test_a_reader_that_hangs_is_killed_and_the_error_says_so(capsys) -> None:
+    with pytest.raises(QueueError, match=r"after 2 attempts.*did not answer within 0\.5 s.*dvc queue kill NAME"):
         states(attempts=2, timeout_s=0.5, code="import time; time.sleep(60)", pause_s=0)
+    # the user waiting on it hears of each failed attempt, not only of the last
+    assert "attempt 1 of 2: dvc.api.exp_show did not answer within 0.5 s (an experiment" in capsys.readouterr().err
 
 
 def test_a_failed_attempt_is_retried(tmp_path: Path) -> None:
