@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 EXPS = Path(".dvc") / "tmp" / "exps"
 STATES_TIMEOUT_S = 120.0
@@ -58,13 +59,28 @@ def states(attempts: int = 10, timeout_s: float = STATES_TIMEOUT_S, code: str = 
         lines = proc.stdout.strip().splitlines()
         if proc.returncode == 0 and lines:
             try:
-                return {name: (state, rev) for name, state, rev in json.loads(lines[-1])}
+                return _one_per_name(json.loads(lines[-1]))
             except (ValueError, TypeError) as err:
                 last = f"unreadable answer from dvc.api.exp_show ({err}): {lines[-1][:200]}"
                 continue
         error = proc.stderr.strip().splitlines()
         last = f"dvc.api.exp_show exited {proc.returncode}: {error[-1] if error else 'no error output'}"
     raise QueueError(f"could not list the experiments after {attempts} attempts; the last: {last}{_hint(last)}")
+
+
+# A name can be listed twice: `dvc queue remove NAME` can leave the Failed task of an orphaned run that
+# `dvc queue kill` ended, next to the task queued again under its name. The newer task is what counts.
+_RANK = {"Failed": 0, "Queued": 1, "Running": 2}
+
+
+def _one_per_name(rows: list[list[Any]]) -> dict[str, tuple[str | None, str]]:
+    """{name: (state, rev)} from exp_show's rows, a name listed more than once taken at its most
+    advanced state (finished > Running > Queued > Failed)."""
+    out: dict[str, tuple[str | None, str]] = {}
+    for name, state, rev in rows:
+        if name not in out or _RANK.get(state, 3) > _RANK.get(out[name][0], 3):
+            out[name] = (state, rev)
+    return out
 
 
 def _hint(failure: str) -> str:

@@ -41,6 +41,15 @@ def test_a_failed_attempt_is_retried(tmp_path: Path) -> None:
     assert states(attempts=2, code=code, pause_s=0) == {"kd-1": ("Success", "abc1234"), "kd-2": ("Queued", "def5678")}
 
 
+def test_a_name_listed_twice_counts_at_its_newest_task() -> None:
+    # seen in a study: the Failed task of a killed orphan stayed beside the task queued again
+    rows = [["a", "Queued", "r2"], ["a", "Failed", "r1"], ["b", "Failed", "r3"], ["b", "Running", "r4"],
+            ["c", None, "r5"], ["c", "Failed", "r6"], ["d", "Failed", "r7"]]
+    code = f"import json; print(json.dumps({rows!r}))"
+    assert states(attempts=1, code=code) == {"a": ("Queued", "r2"), "b": ("Running", "r4"), "c": (None, "r5"),
+                                            "d": ("Failed", "r7")}
+
+
 def test_the_real_reader_outside_a_dvc_repository_ends_with_dvcs_error(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(QueueError, match=r"exp_show exited 1: dvc\.scm\.CloneError: SCM error$"):
