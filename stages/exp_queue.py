@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,7 +65,10 @@ def states(attempts: int = 10, timeout_s: float = STATES_TIMEOUT_S, code: str = 
                 last = f"unreadable answer from dvc.api.exp_show ({err}): {lines[-1][:200]}"
                 continue
         error = proc.stderr.strip().splitlines()
-        last = f"dvc.api.exp_show exited {proc.returncode}: {error[-1] if error else 'no error output'}"
+        failure = f"dvc.api.exp_show exited {proc.returncode}: {error[-1] if error else 'no error output'}"
+        if _ORPHAN_RECORD.search(failure) and failure == last:  # the same missing record twice: not transient
+            raise QueueError(f"could not list the experiments: {failure}{_hint(failure)}")
+        last = failure
     raise QueueError(f"could not list the experiments after {attempts} attempts; the last: {last}{_hint(last)}")
 
 
@@ -83,9 +87,18 @@ def _one_per_name(rows: list[list[Any]]) -> dict[str, tuple[str | None, str]]:
     return out
 
 
+# exp_show reads the process record (.dvc/tmp/exps/run/<rev>/<rev>.run, .json) of every task the queue
+# calls Running; after `dvc queue stop --kill` a task a worker had just taken stayed Running without one
+_ORPHAN_RECORD = re.compile(r"FileNotFoundError.*exps[/\\]run[/\\]([0-9a-f]{7,40})")
+
+
 def _hint(failure: str) -> str:
-    # seen after a machine restart: a task the queue still calls Running, with no process record, makes
-    # every exp_show wait until it is killed
+    # seen after `dvc queue stop --kill` and after a machine restart: a task the queue still calls Running
+    # with no process behind it makes every exp_show fail on its missing record, or wait
+    orphan = _ORPHAN_RECORD.search(failure)
+    if orphan:
+        return (f" (task {orphan.group(1)[:7]} is Running in DVC's queue with no process record: "
+                "`dvc queue status` names it, `dvc queue kill NAME` marks it failed)")
     return (" (an experiment `dvc queue status` calls Running that no worker runs does this: "
             "`dvc queue kill NAME` clears it)") if "did not answer" in failure else ""
 

@@ -41,6 +41,18 @@ def test_a_failed_attempt_is_retried(tmp_path: Path) -> None:
     assert states(attempts=2, code=code, pause_s=0) == {"kd-1": ("Success", "abc1234"), "kd-2": ("Queued", "def5678")}
 
 
+def test_a_running_task_without_its_process_record_stops_the_listing_with_the_fix(tmp_path: Path) -> None:
+    # what exp_show raised after `dvc queue stop --kill` left a task Running: the same error each time
+    calls = tmp_path / "calls"
+    code = (f"import pathlib, sys\np = pathlib.Path({str(calls)!r}); p.write_text(p.read_text() + 'x' if p.exists() else 'x')\n"
+            "sys.exit(\"FileNotFoundError: [Errno 2] No such file or directory: "
+            "'/w/.dvc/tmp/exps/run/e3121bd4f00d/e3121bd4f00d.run'\")\n")
+    with pytest.raises(QueueError, match=r"task e3121bd is Running in DVC's queue with no process record.*"
+                                         r"dvc queue kill NAME"):
+        states(attempts=10, code=code, pause_s=0)
+    assert calls.read_text() == "xx"  # given up after two identical failures, not ten
+
+
 def test_a_name_listed_twice_counts_at_its_newest_task() -> None:
     # seen in a study: the Failed task of a killed orphan stayed beside the task queued again
     rows = [["a", "Queued", "r2"], ["a", "Failed", "r1"], ["b", "Failed", "r3"], ["b", "Running", "r4"],
