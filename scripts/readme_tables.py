@@ -195,7 +195,7 @@ def _backend(precision: str, row: Mapping[str, Any]) -> str:
     return DEFAULT_BACKENDS.get(precision, row.get("backend", ""))
 
 
-STUDIES_IN_README = ("kd_gain", "methods", "teacher_zoo", "rescnn_precisions")  # studies whose reports/studies/<name>/summary.json README quotes
+STUDIES_IN_README = ("kd_gain", "methods", "teacher_zoo", "rescnn_precisions", "ls_kd")  # studies whose reports/studies/<name>/summary.json README quotes
 
 
 def _study(name: str) -> Callable[..., str]:
