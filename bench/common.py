@@ -5,7 +5,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from kdlib.machine import describe as describe_machine  # noqa: E402
 from stages.params import read_params, resolve  # noqa: E402
 
 BENCH_DIR = REPO / "reports" / "bench"
@@ -48,8 +48,8 @@ def shrink(params: dict[str, Any], per_class: int = 10, epochs: int = 2) -> dict
 
 
 def machine() -> dict[str, Any]:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    """What the figures were measured on (the GPU too where one is visible)."""
+    return describe_machine("cuda" if torch.cuda.is_available() else None)
 
 
 def copy_repo(dst: Path) -> Path:

@@ -34,6 +34,8 @@ from kdlib.data.views import AugmentedViews, make_view_seeds
 from kdlib.features import prediction_logits
 from kdlib.losses.base import Method
 from kdlib.losses.registry import TeacherOutput
+from kdlib.machine import describe as describe_machine
+from kdlib.machine import label as machine_label
 from kdlib.metrics import EvalResult, evaluate
 from kdlib.resume import ResumeStore, ResumeWarning, restore_rng
 from kdlib.runtime import Runtime, has_native_kernels, make_loader
@@ -115,6 +117,7 @@ class FitResult:
     lr_rule: str = ""
     resumed_from_epoch: int = 0  # the last epoch a killed run had finished; 0: trained from the start
     peak_cuda_memory_bytes: int | None = None
+    machine: str = ""  # what rank 0 ran on: kdlib.machine.label, e.g. "AMD EPYC, 2 cores"
 
     def summary(self) -> dict[str, Any]:
         """The reproducible figures of the run (what a metrics file holds)."""
@@ -135,7 +138,7 @@ class FitResult:
         out = {"train_seconds": round(self.train_seconds, 2),
                "train_images_per_second": round(self.images_per_second, 1),
                "epoch_seconds": [round(s, 3) for s in self.epoch_seconds],
-               "resumed_from_epoch": self.resumed_from_epoch}
+               "resumed_from_epoch": self.resumed_from_epoch, "machine": self.machine}
         if self.peak_cuda_memory_bytes is not None:
             out["peak_cuda_memory_bytes"] = self.peak_cuda_memory_bytes
         return out
@@ -501,6 +504,7 @@ def fit(
         lr_rule=recipe.lr_rule(global_batch),
         resumed_from_epoch=start_epoch - 1,
         peak_cuda_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+        machine=machine_label(describe_machine(device)),
     )
 
 

@@ -42,7 +42,7 @@ def run_quick_benchmark(name: str, tmp_path: Path, *extra: str) -> dict:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / f"{name}.json").read_text())
     assert EXPECTED_KEYS[name] <= set(result), set(result)
-    assert result["quick"] is True and result["machine"]["cores"]
+    assert result["quick"] is True and result["machine"]["logical_cores"] and result["machine"]["cpu"]
     assert "----" in proc.stdout  # the printed table
     if name == "pipeline":
         check_pipeline_result(result)

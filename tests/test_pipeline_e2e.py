@@ -10,6 +10,8 @@ import json
 
 import pytest
 
+from kdlib.machine import describe as describe_machine
+from kdlib.machine import label as machine_label
 from pipeline_run import ROLES, declared_outputs, trained  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -42,6 +44,7 @@ def test_repro_produces_every_output_and_is_a_noop_the_second_time(trained):
         assert summary["models"][role]["params"] == evaluation["params"]
         costs = json.loads((work / "reports/costs.json").read_text())["costs"][role]
         assert costs["ms_per_step"] > 0 and costs["train_seconds"] > 0
+        assert costs["machine"] == machine_label(describe_machine("cpu"))  # the copy trains here, on the CPU
     assert "teacher_agreement" not in json.loads((work / "reports/evaluate/teacher.json").read_text())["best"]
 
     assert "Running stage" in record["first_stdout"]

@@ -312,3 +312,22 @@ def test_queue_workers_share_the_cores_unless_the_user_set_threads() -> None:
     assert worker_threads(2, {}, cores=16) == {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"}
     assert worker_threads(1, {}, cores=2) == {}  # one experiment at a time: torch's own default
     assert worker_threads(2, {"OMP_NUM_THREADS": "2"}, cores=2) == {"MKL_NUM_THREADS": "1"}
+
+
+def test_report_says_which_machine_each_experiment_trained_on(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path, "seeds: [0, 1, 2]\ngrid: {distill.kd.temperature: [2.0]}\n"))
+    cell = {"distill.kd.temperature": 2.0}
+    epyc, h200 = "AMD EPYC, 2 cores", "NVIDIA H200 (AMD EPYC, 16 cores)"
+    records = []
+    for seed, machines in ((0, (epyc, epyc, epyc)), (1, (h200, epyc, epyc)), (2, None)):
+        r = record(study, cell, seed, 97.0, 90.0, 91.0)
+        summary = dict(r.summary)
+        if machines:  # seed 1: a teacher restored from a GPU machine's run cache
+            summary["costs"] = {role: {"train_seconds": 1.0, "machine": m}
+                                for role, m in zip(("teacher", "baseline", "distill"), machines)}
+        records.append(Record(r.experiment, summary, r.quantization))
+    summary = write_report(study, records, [], {}, tmp_path / "report", lambda title, text, blocks: title)
+    assert summary["machines"] == {"AMD EPYC, 2 cores": 1, "AMD EPYC, 2 cores + NVIDIA H200 (AMD EPYC, 16 cores)": 1,
+                                   "not recorded": 1}
+    assert ("Trained on: AMD EPYC, 2 cores (1); AMD EPYC, 2 cores + NVIDIA H200 (AMD EPYC, 16 cores) (1); "
+            "not recorded (1).") in (tmp_path / "report" / "table.md").read_text()

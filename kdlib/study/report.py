@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from kdlib.machine import NOT_RECORDED
 from kdlib.study import figures
 from kdlib.study.records import dump_records
 from kdlib.study.spec import Experiment, Study, override_arg
@@ -26,6 +27,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def machine_counts(records: Sequence[Record]) -> dict[str, int]:
+    """How many experiments trained on each machine (each model's ``costs.<role>.machine``, a
+    :func:`kdlib.machine.label`, joined with `` + `` where an experiment's models trained on several,
+    e.g. a teacher restored from another machine's run cache), most first."""
+    counts: dict[str, int] = {}
+    for r in records:
+        costs = r.summary.get("costs", {})
+        names = sorted({str(c.get("machine") or NOT_RECORDED) for c in costs.values() if isinstance(c, Mapping)})
+        key = " + ".join(names) or NOT_RECORDED
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def build_summary(study: Study, records: Sequence[Record], missing: Sequence[Experiment],
                   overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Everything the tables are computed from, per seed included, so anyone can recompute them."""
@@ -33,6 +47,7 @@ def build_summary(study: Study, records: Sequence[Record], missing: Sequence[Exp
     summary: dict[str, Any] = {
         "study": study.name, "title": study.title, "about": study.about, "file": study.path.name,
         "seeds": sorted({r.experiment.seed for r in records}), "set": study.set, "overrides": dict(overrides),
+        "machines": machine_counts(records),
         "axes": study.axes, "rows": rows,
         "missing": [{"experiment": e.name, "cell": e.cell.values, "seed": e.seed} for e in missing]}
     if study.families and rows:
@@ -61,6 +76,9 @@ def write_report(study: Study, records: Sequence[Record], missing: Sequence[Expe
     if commits:
         text.append("Ran on commit " + ", ".join(f"`{c}` ({n})" for c, n in sorted(commits.items())) +
                     "; every experiment's metrics: `records.json`.")
+    machines = machine_counts(records)
+    if machines:
+        text.append("Trained on: " + "; ".join(f"{m} ({n})" for m, n in machines.items()) + ".")
     text.append("")
     blocks: list[tuple[str, str, Any]] = []
     if not rows:
