@@ -18,7 +18,7 @@ repro: setup
 # most of the slow tests wait on single-threaded process start-up and DVC. tests/conftest.py puts the
 # slowest files first; --no-loadscope-reorder keeps that order (xdist would sort files by test count).
 test: setup
-	$(VENV)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(VENV)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=12
 
 bench: setup
 	$(VENV)/python bench/pipeline.py
