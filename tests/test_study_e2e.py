@@ -13,6 +13,8 @@ import pytest
 
 from browser import charts, offline_prefix, rendered_dom  # noqa: F401 (a fixture)
 from dvc_repo import copy_workspace, dvc_env, run
+from kdlib.machine import describe as describe_machine
+from kdlib.machine import label as machine_label
 from pipeline_run import trained  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.slow
@@ -66,6 +68,8 @@ def test_a_tiny_study_runs_skips_what_is_done_and_reports(trained, tmp_path_fact
     study(work, env, "report", "tiny", "--seeds", "0,1")
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert "| 4.0 | 2 |" in (out / "table.md").read_text()
+    # seed 0's models come from the reproduced pipeline's run cache, seed 1's trained in the queue: both here
+    assert f"Trained on: {machine_label(describe_machine('cpu'))} (2)." in (out / "table.md").read_text()
     # the experiments gone from DVC (another machine, or a new session): the committed records.json
     # stands in for them; nothing is queued again and the report is the same
     run(["dvc", "exp", "remove", "--all-commits"], work, env)
