@@ -331,3 +331,24 @@ def test_report_says_which_machine_each_experiment_trained_on(tmp_path: Path) ->
                                    "not recorded": 1}
     assert ("Trained on: AMD EPYC, 2 cores (1); AMD EPYC, 2 cores + NVIDIA H200 (AMD EPYC, 16 cores) (1); "
             "not recorded (1).") in (tmp_path / "report" / "table.md").read_text()
+
+
+def test_precision_rows_follow_the_requested_order_whatever_order_the_record_keys_come_in(tmp_path: Path) -> None:
+    """A record read back from records.json has its keys sorted; one from DVC has them as written."""
+    from kdlib.study.table import precision_rows
+    study = load_study(write_study(tmp_path, "seeds: [0, 1]\nset: {eval.precisions: [fp32, int8_static, bf16]}\n"
+                                              "grid: {distill.kd.temperature: [2.0]}\n"))
+    cell = {"distill.kd.temperature": 2.0}
+
+    def measured(precision: str) -> dict:
+        return {"status": "ok", "top1": 90.0, "latency_b1_median_ms": 1.0, "size_bytes": 10, "params": 5}
+    records = []
+    for seed, order in ((0, ("fp32", "int8_static", "bf16", "fp8")), (1, ("bf16", "fp32", "fp8", "int8_static"))):
+        r = record(study, cell, seed, 97.0, 90.0, 91.0)
+        assert r.experiment.overrides["eval.precisions"] == ["fp32", "int8_static", "bf16"]
+        results = {role: {p: measured(p) for p in order} for role in ("baseline", "distill")}
+        records.append(Record(r.experiment, r.summary, {"results": results}))
+    for both in (records, records[::-1]):
+        rows = precision_rows(both)
+        assert [(x["role"], x["precision"]) for x in rows] == [
+            (role, p) for role in ("baseline", "distill") for p in ("fp32", "int8_static", "bf16", "fp8")]

@@ -94,12 +94,16 @@ def cell_row(study: Study, cell_records: Sequence[Record]) -> dict[str, Any]:
 
 
 def precision_rows(cell_records: Sequence[Record]) -> list[dict[str, Any]]:
-    """Per student role × precision over seeds: accuracy, latency, size (the quantize stage's rows)."""
+    """Per student role × precision over seeds: accuracy, latency, size (the quantize stage's rows),
+    precisions in the order the experiments' ``eval.precisions`` asked for them (then by name): the
+    order of a record's keys depends on whether it came from DVC or from ``records.json``."""
     out = []
     results = [(r, (r.quantization or {}).get("results", {})) for r in cell_records]
     roles = [role for role in ("baseline", "distill") if any(role in res for _, res in results)]
+    asked = list(dict.fromkeys(p for r in cell_records for p in r.experiment.overrides.get("eval.precisions") or []))
     for role in roles:
-        precisions = list(dict.fromkeys(p for _, res in results for p in res.get(role, {})))
+        found = {p for _, res in results for p in res.get(role, {})}
+        precisions = [p for p in asked if p in found] + sorted(found - set(asked))
         for precision in precisions:
             rows = [res[role][precision] for _, res in results if precision in res.get(role, {})]
             ok = [x for x in rows if x.get("status") == "ok"]
