@@ -12,9 +12,14 @@ from torch.utils.data import DataLoader
 
 def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int]) -> dict[int, int]:
     """Number of samples whose target is among the top-``k`` logits, for each ``k``
-    (``k`` larger than the number of classes counts every sample)."""
+    (``k`` larger than the number of classes counts every sample).
+
+    Equal logits rank by class index, lowest first: the rule of ``argmax`` (which top-1 agreement and
+    the confusion matrix use) and of ``kdlib.predict``. ``Tensor.topk`` leaves ties in no stated order,
+    and a quantized model's outputs take few distinct values, so ties happen: an int8 student with two
+    classes at exactly the same logit was scored one way here and the other way by ``predict``."""
     max_k = min(max(ks), logits.shape[1])
-    top = logits.topk(max_k, dim=1).indices
+    top = logits.sort(dim=1, descending=True, stable=True).indices[:, :max_k]
     hits = top.eq(targets.view(-1, 1))
     return {k: int(hits[:, : min(k, max_k)].any(dim=1).sum()) for k in ks}
 

@@ -60,3 +60,18 @@ def test_evaluate_on_fixed_logits() -> None:
     assert result.top1 == 40.0 and result.top5 == 100.0
     assert abs(result.loss - float(torch.nn.functional.cross_entropy(LOGITS, TARGETS))) < 1e-6
     assert torch.equal(result.predictions, torch.tensor([2, 3, 0, 1, 3]))
+
+
+def test_equal_logits_rank_by_class_index_as_argmax_does() -> None:
+    # an int8 student's logits for one MNIST test image (classes 3 and 5 exactly equal); Tensor.topk
+    # ranked 5 first, argmax and kdlib.predict's stable argsort pick 3
+    row = torch.tensor([[-1.5248405, -2.3635027, 0.22872606, 1.2198724, -0.83866227,
+                         1.2198724, -1.2961143, 0.64805716, -0.64805716, -0.6099362]])
+    assert int(row.argmax(1)) == 3
+    assert topk_correct(row, torch.tensor([3]), (1, 2)) == {1: 1, 2: 1}
+    assert topk_correct(row, torch.tensor([5]), (1, 2)) == {1: 0, 2: 1}
+    ties = torch.tensor([[0.0, 1.0, 1.0, 1.0], [2.0, 2.0, 0.0, 2.0]])
+    for target, expected in ((1, {1: 1, 2: 1}), (2, {1: 0, 2: 1}), (3, {1: 0, 2: 0})):
+        assert topk_correct(ties[:1], torch.tensor([target]), (1, 2)) == expected
+    assert topk_correct(ties[1:], torch.tensor([0]), (1,)) == {1: 1}
+    assert topk_correct(ties[1:], torch.tensor([3]), (1, 2, 3)) == {1: 0, 2: 0, 3: 1}
