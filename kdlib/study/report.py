@@ -76,9 +76,8 @@ def write_report(study: Study, records: Sequence[Record], missing: Sequence[Expe
     if commits:
         text.append("Ran on commit " + ", ".join(f"`{c}` ({n})" for c, n in sorted(commits.items())) +
                     "; every experiment's metrics: `records.json`.")
-    machines = machine_counts(records)
-    if machines:
-        text.append("Trained on: " + "; ".join(f"{m} ({n})" for m, n in machines.items()) + ".")
+    if summary["machines"]:
+        text.append("Trained on: " + "; ".join(f"{m} ({n})" for m, n in summary["machines"].items()) + ".")
     text.append("")
     blocks: list[tuple[str, str, Any]] = []
     if not rows:
