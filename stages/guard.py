@@ -22,8 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-import yaml
-
+from kdlib import yamlfile
 from kdlib.outputs import STAGING_DIR, StagedOutputs
 from kdlib.process import (Terminated, ancestors, command_line, die_with_parent, process_alive,
                            process_start_time, raise_on_termination, watch_process)
@@ -46,7 +45,7 @@ class ParamsChanged(RuntimeError):
 
 def params_digest(path: Path = PARAMS_FILE) -> tuple[str, Any]:
     """(sha256 of the parsed parameters, the parameters): comments and key order do not count."""
-    values = yaml.safe_load(Path(path).read_text())
+    values = yamlfile.load(path)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest(), values
 
 
@@ -103,8 +102,8 @@ def set_params_mismatches(argv: list[str], values: Any, params_file: Path = PARA
         if not eq or key[:1] in "+~" or any(c in text for c in "(,*") or text.startswith("["):
             continue
         try:
-            wanted = yaml.safe_load(text)
-        except yaml.YAMLError:
+            wanted = yamlfile.scalar(text)
+        except yamlfile.YamlError:
             continue
         present, actual = _lookup(values, key.strip())
         if present and not _same_value(actual, wanted, text):
@@ -178,6 +177,8 @@ def stage_outputs(tag: str, *outputs: Path, ws: "Workspace", manifests: tuple[Pa
         raise SystemExit(stop.exit_code) from None
     except ParamsChanged as err:
         raise SystemExit(_report(err, 3)) from None
+    except yamlfile.YamlError as err:  # params.yaml unreadable (a duplicate key, an alias bomb): before any work
+        raise SystemExit(_report(err, 2)) from None
     finally:
         if watch is not None:
             watch.stop()
@@ -215,7 +216,7 @@ class ParamsWatch:
             self._last = stamp
             try:
                 same = params_digest(self.path)[0] == self.digest
-            except (OSError, yaml.YAMLError):
+            except (OSError, yamlfile.YamlError):
                 continue  # caught mid-write; the next poll or the check at commit decides
             if not same and not self._stopped.is_set():
                 self.changed = True
@@ -265,7 +266,7 @@ def missing_outputs(root: Path = Path(".")) -> dict[str, list[str]]:
     lock_path, pipeline_path = root / "dvc.lock", root / "dvc.yaml"
     if not lock_path.is_file() or not pipeline_path.is_file():
         return {}
-    lock, pipeline = yaml.safe_load(lock_path.read_text()) or {}, yaml.safe_load(pipeline_path.read_text()) or {}
+    lock, pipeline = yamlfile.load(lock_path) or {}, yamlfile.load(pipeline_path) or {}
     defined = pipeline.get("stages") or {}
     objects = _dvc_cache_dir(root) / "files" / "md5"
     missing: dict[str, list[str]] = {}

@@ -14,8 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from kdlib import yamlfile
 from kdlib.data.spec import DatasetSpec
 from kdlib.distill import AlignSettings, CacheSettings
 from kdlib.losses import METHODS, Method, MethodSpec, build_objective, distillation_methods
@@ -240,12 +239,12 @@ def validate(values: Any) -> None:
 def load_params(path: Path = PARAMS_FILE) -> Run:
     """Read and resolve ``params.yaml``; on error print the problems and exit with status 2."""
     try:
-        return resolve(yaml.safe_load(Path(path).read_text()))
-    except (ParamError, yaml.YAMLError, FileNotFoundError) as err:
+        return resolve(yamlfile.load(path))
+    except (ParamError, yamlfile.YamlError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """The raw mapping of ``params.yaml`` (for tests and scripts that edit it)."""
-    return yaml.safe_load(Path(path).read_text())
+    return yamlfile.load(path)

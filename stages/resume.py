@@ -27,8 +27,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
+from kdlib import yamlfile
 from kdlib.outputs import file_sha256
 
 if TYPE_CHECKING:
@@ -82,7 +81,7 @@ def stage_key(root: Path, stage: str, params: dict[str, Any], item: str | None =
     if not dvc_yaml.is_file():  # stage scripts run outside a DVC project: every parameter counts
         blob = json.dumps({"stage": stage, "item": item, "params": params}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
-    body = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]
+    body = yamlfile.load(dvc_yaml)["stages"][stage]
     fill = params
     if "foreach" in body and item is not None:  # a list gives ${item}; a mapping ${key} and ${item.<field>}
         each = body["foreach"]
