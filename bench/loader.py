@@ -8,7 +8,10 @@ one flipped. Rows, each in images/s and images/s per core used:
 * full decode (``load_image``) and reduced DCT-scale decode (``decode_image(min_short_side=...)``)
   for the short side a 224-px crop's 256-px cache needs, for 448 px, and for 150 px (where a
   500×375 JPEG does allow a 1/2 scale); the draft scale each gets;
-* building the pixel cache at short side 256 (one process, and 2 decoding workers);
+* building the pixel cache at short side 256 (one process, and 2 decoding workers); opening the
+  built cache as every stage run does (``open_or_build``: the key, the index and the crc32 of
+  every image's pixels); reading its images (``PixelCache.image``: a copy and its crc32 check,
+  no transform);
 * training samples through the DataLoader (0 and 2 workers) with the ``imagenet`` and ``deit``
   transforms at 224 px: from the 256-px pixel cache, from today's full-size in-memory preload,
   and decoding every epoch;
@@ -194,6 +197,11 @@ def main() -> None:
         build2_s = min(seconds(lambda: open_or_build(d, root, records, CACHE_SIDE, 3, num_workers=2))
                        for d in cache_dirs[1::2])
         row("build pixel cache, 2 workers", 2, count / build2_s, "")
+        verify_s = best_seconds(lambda: open_or_build(cache_dirs[0], root, records, CACHE_SIDE, 3), repeats)
+        row("verify pixel cache (256 px)", 1, count / verify_s, "open_or_build: key, index, crc32 of every image")
+        opened = open_or_build(cache_dirs[0], root, records, CACHE_SIDE, 3)
+        read_s = best_seconds(lambda: [opened.image(i) for i in range(count)], repeats)
+        row("read pixel cache (256 px)", 1, count / read_s, "PixelCache.image: copy + crc32, no transform")
 
         seeds = make_view_seeds(0, count, 1)
         for preset in ("imagenet", "deit"):
@@ -233,6 +241,9 @@ def main() -> None:
     print("reduced/full decode: " + ", ".join(f"{n} px: scale 1/{r['scale']}, {r['speedup']:.2f}x"
                                               for n, r in reduced.items()))
     print(f"decoding is {100 * decode_share:.0f}% of full decode + imagenet transform time")
+    print(f"verifying the 256-px cache at open: {cache.nbytes / verify_s / 2**30:.2f} GiB/s of pixels, "
+          f"{verify_s / build_s:.1%} of its build time; CUB's 11,788 images: "
+          f"{11788 * verify_s / count:.1f} s")
     print(f"memory per image: {cache_mib_per_image:.3f} MiB in the 256-px cache (page cache, shared), "
           f"{full_mib_per_image:.3f} MiB at full size (per process); CUB's 11,788 images: "
           f"{11788 * cache_mib_per_image / 1024:.2f} GiB vs {11788 * full_mib_per_image / 1024:.2f} GiB")
@@ -245,6 +256,7 @@ def main() -> None:
         "images_per_second": rates, "images_per_second_per_core": per_core,
         "reduced_decode": {str(n): r for n, r in reduced.items()},
         "decode_share": decode_share,
+        "verify_gib_per_s": cache.nbytes / verify_s / 2**30,
         "cache_speedup_2_workers": rates["imagenet, pixel cache 256, 2 workers"] / baseline,
         "cache_mib_per_image": cache_mib_per_image, "full_size_mib_per_image": full_mib_per_image,
         "cache_mib": cache.nbytes / 2**20,
