@@ -79,8 +79,15 @@ def one_of(*choices: Any) -> Check:
 
 
 def is_float_list(v: Any) -> str | None:
-    ok = isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-    return None if ok else "a non-empty list of numbers"
+    ok = isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                           and math.isfinite(x) for x in v)
+    return None if ok else "a non-empty list of finite numbers"
+
+
+# Seeds feed numpy's RandomState (which takes [0, 2**32 - 1]) and torch generators after adding an
+# epoch or a rank: a larger one passed validation and then crashed without naming the key.
+SEED_MAX = 2**32 - 1
+is_seed = is_int(0, SEED_MAX)
 
 
 def is_str_list(v: Any) -> str | None:
@@ -90,6 +97,21 @@ def is_str_list(v: Any) -> str | None:
 
 def is_mapping(v: Any) -> str | None:
     return None if isinstance(v, dict) else "a mapping"
+
+
+def non_finite(value: Any, path: str) -> list[str]:
+    """One message per NaN or ±inf anywhere in ``value`` (nested lists and mappings included).
+
+    Checked for every value that :func:`parse` reads, whatever its own check: a NaN passes any
+    comparison-based check (``s <= 0`` is false for NaN), and a NaN std or an infinite lr trains to
+    a NaN model that would otherwise be cached as a result."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{path} = {value!r}: expected a finite number (NaN and infinities are never valid parameters)"]
+    if isinstance(value, dict):
+        return [m for k, v in value.items() for m in non_finite(v, f"{path}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [m for i, v in enumerate(value) for m in non_finite(v, f"{path}[{i}]")]
+    return []
 
 
 # ---- fields -----------------------------------------------------------------------------------
@@ -136,6 +158,12 @@ def _parse_fields(cls: type, values: Mapping[str, Any], where: str, problems: li
         if meta.get("context"):
             continue
         path = f"{where}{f.name}"
+        if f.name in values and meta.get("section") is None and meta.get("presets") is None:
+            bad = non_finite(values[f.name], path)
+            if bad:  # before any check or parser sees it: a NaN slips through comparisons
+                problems.extend(bad)
+                ok = False
+                continue
         if meta.get("parser") is not None:
             if f.name not in values:
                 problems.append(f"{path}: missing section")

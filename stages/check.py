@@ -5,9 +5,11 @@ start). Every other stage names only the keys it reads, so without this one an u
 (``-S student=nosuch``) would reach DVC as "Parameters 'models.nosuch' are missing", and a bad value
 in an unused section would pass until a later run used it. Writes ``reports/check.json``
 (``{"valid": true}``, the same bytes for every valid file, so a passing check never invalidates
-``prepare``). The run's processes are checked here too (``runtime.nproc_per_node`` against the CPU cores
-or GPUs of this machine, SyncBatchNorm on a CPU), so they stop the run with status 2 before any work,
-like every other bad value.
+``prepare``). Two checks that need this machine or a model run here too, so they stop the run with
+status 2 before any work like every other bad value: the run's processes (``runtime.nproc_per_node``
+against the CPU cores or GPUs, SyncBatchNorm on a CPU), and what the models themselves refuse (each
+built on torch's meta device and run once, no weights loaded): an input size, or an alignment with
+no ``feat_fc`` to align.
 
 It also warns, first thing, when dvc.lock names cached outputs that neither the workspace nor the
 DVC cache holds (a fresh clone before ``dvc pull``): the first experiment there would otherwise
@@ -27,11 +29,14 @@ def main() -> None:
     ws = Workspace()
     with stage_outputs("check", ws.reports / "check.json", ws=ws) as out:
         run = load_params()  # exits 2 listing every problem
+        problems = run.model_problems()
         try:  # process and device counts here, not when a training stage starts minutes later
             check_launch(run.params.runtime, connect=lambda host, port, timeout: True)
         except LaunchError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            problems.append(str(err))
+        if problems:
+            print("error: invalid parameters in params.yaml:\n  " + "\n  ".join(problems), file=sys.stderr)
+            raise SystemExit(2)
         if advice := missing_outputs_advice(missing_outputs(ws.root)):
             print(advice, file=sys.stderr)  # up front: the stages that lack them would retrain much later
         write_json(out(ws.reports / "check.json"), {"valid": True})

@@ -18,10 +18,11 @@ from kdlib import yamlfile
 from kdlib.data.spec import DatasetSpec
 from kdlib.distill import AlignSettings, CacheSettings
 from kdlib.losses import METHODS, Method, MethodSpec, build_objective, distillation_methods
-from kdlib.models import ModelSpec
+from kdlib.features import feature_width
+from kdlib.models import ModelSpec, input_problem, meta_model
 from kdlib.quantize import EvalSettings
 from kdlib.runtime import RuntimeSettings
-from kdlib.schema import SchemaError, is_float, is_int, is_str, optional, parse, parse_merged, setting
+from kdlib.schema import SchemaError, is_float, is_int, is_seed, is_str, optional, parse, parse_merged, setting
 from kdlib.train import Recipe
 from stages.guard import PARAMS_FILE
 
@@ -74,7 +75,7 @@ def _methods(values: Any, where: str, problems: list[str]) -> dict[str, Any] | N
 
 @dataclass(frozen=True, kw_only=True)
 class DataSettings:
-    split_seed: int = setting(is_int(0))  # subsets and drawn splits (separate from `seed`)
+    split_seed: int = setting(is_seed)  # subsets and drawn splits (separate from `seed`)
     num_workers: int = setting(is_int(0))  # DataLoader worker processes
 
 
@@ -82,8 +83,8 @@ class DataSettings:
 class Params:
     """``params.yaml`` as declared (every preset parsed, used or not)."""
 
-    seed: int = setting(is_int(0))
-    teacher_seed: int = setting(is_int(0))
+    seed: int = setting(is_seed)
+    teacher_seed: int = setting(is_seed)
     dataset: str = setting(is_str)
     teacher: str = setting(is_str)
     student: str = setting(is_str)
@@ -183,6 +184,38 @@ class Run:
 
     def model(self, role: str) -> ModelRun:
         return self.teacher if role == "teacher" else self.student
+
+    def model_problems(self) -> list[str]:
+        """What the models themselves refuse, found by building each on torch's meta device (no
+        memory, no weights; :func:`kdlib.models.meta_model`): an input size a model does not accept
+        (naming the key that sets it), and an alignment asked for with nothing to align (the student's
+        pooled features already as wide as the teacher's and no forced ``feat_fc``: the align stage
+        would skip LSHFM's stage 1). Run by the check stage, not by every stage: it takes a few
+        tenths of a second."""
+        found, widths, channels = [], {}, self.dataset.channels
+        for role in ("teacher", "student"):
+            run = self.model(role)
+            model = meta_model(run.spec, channels)
+            if model is None:
+                continue
+            problem = input_problem(model, run.spec.arch, channels, run.input_size)
+            if problem is not None:
+                key = (f"models.{run.preset}.input_size" if run.spec.input_size is not None
+                       else f"datasets.{self.params.dataset}.image_size")
+                found.append(f"{key} = {run.input_size} (the {role} preset {run.preset!r}): {problem}; expected an "
+                             "input size the model accepts (a ViT's kwargs.img_size, or kwargs.dynamic_img_size: "
+                             "true, builds it for another size)")
+            elif self.method.cls.needs_features:
+                widths[role] = feature_width(model, channels, run.input_size)
+        method, epochs = self.method.name, self.params.align.epochs
+        forced = self.method.knobs.get("force_feat_fc", self.method.cls.arguments().get("force_feat_fc", False))
+        if len(widths) == 2 and widths["teacher"] == widths["student"] and epochs and not forced:
+            found.append(f"align.epochs = {epochs}: the {self.student.preset!r} student's pooled features are as wide "
+                         f"as the {self.teacher.preset!r} teacher's ({widths['student']}) and distill.{method}."
+                         "force_feat_fc is false, so the student has no feat_fc and the align stage (LSHFM's stage "
+                         f"1) would have nothing to train; expected -S distill.{method}.force_feat_fc=true (LSHFM's "
+                         "VOC and COCO scripts set force_2FC) or -S align.epochs=0")
+        return found
 
     @property
     def align_skip_reason(self) -> str | None:

@@ -126,14 +126,15 @@ def test_duplicate_content_in_two_splits_names_both_paths(tmp_path: Path) -> Non
 
 def test_validate_index_duplicate_names_both_paths() -> None:
     records = [Record("train/a.png", 0, "train", "m1"), Record("val/a.png", 0, "val", "m2"),
-               Record("test/copy_of_a.png", 0, "test", "m1")]
-    meta = DatasetMeta("toy", ".", ["a"], 1, 4, [0.5], [0.25])
+               Record("test/copy_of_a.png", 0, "test", "m1"), Record("train/b.png", 1, "train", "m3")]
+    meta = DatasetMeta("toy", ".", ["a", "b"], 1, 4, [0.5], [0.25])
     with pytest.raises(ValueError, match=re.escape("train/a.png (train) and test/copy_of_a.png (test) have the "
                                                    "same content (md5 m1)")):
         validate_index(DatasetIndex(meta, records))
     # the same bytes twice inside one split leak nothing and are allowed
     validate_index(DatasetIndex(meta, records[:2] + [Record("train/b.png", 0, "train", "m1"),
-                                                     Record("test/c.png", 0, "test", "m3")]))
+                                                     Record("test/c.png", 0, "test", "m3"),
+                                                     Record("train/d.png", 1, "train", "m4")]))
 
 
 @pytest.mark.parametrize(("text", "expected"), [

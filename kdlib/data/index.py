@@ -95,9 +95,15 @@ def _content_disjoint(records: list[Record]) -> None:
 
 def validate_index(index: DatasetIndex) -> None:
     """Check labels, split names, that train/val/test are non-empty and disjoint (by path and
-    by content: a duplicate names both files), and that every class has a training image."""
+    by content: a duplicate names both files), that a single-label data set has two classes or
+    more (a softmax over one class is always right: it "trains" to 100 %), and that every class
+    has a training image."""
     num_classes = index.meta.num_classes
     multilabel = index.meta.task == "multilabel"
+    if num_classes < (1 if multilabel else 2):
+        raise ValueError(f"data set {index.meta.name!r} ({index.meta.root}): {num_classes} class(es) "
+                         f"({', '.join(index.meta.classes) or 'none'}); expected at least "
+                         f"{'one label' if multilabel else 'two classes: a single-label classifier of one class is right whatever it sees'}")
     for r in index.records:
         if r.split not in SPLITS:
             raise ValueError(f"{r.path}: split {r.split!r} is not one of {SPLITS}")

@@ -184,6 +184,36 @@ def kwargs_problems(arch: str, kwargs: dict[str, Any], drop_path: bool = False) 
     return found
 
 
+def meta_model(spec: ModelSpec, in_chans: int) -> nn.Module | None:
+    """``spec``'s model built on torch's ``meta`` device, in eval mode: every shape is computed, no
+    memory is allocated and no weights are loaded (a DeiT-B in ~0.1 s), so checks before any work can
+    ask the model itself what it accepts. None when the model cannot be built there (an initializer
+    that needs real values): the real build will say what is wrong."""
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(spec.arch, num_classes=2, in_chans=in_chans, pretrained=False,
+                                      **spec.model_kwargs)
+    except Exception:  # noqa: BLE001 - not judged here
+        return None
+    return model.eval()
+
+
+def input_problem(model: nn.Module, arch: str, in_chans: int, size: int) -> str | None:
+    """Why ``model`` (from :func:`meta_model`) refuses a ``size`` × ``size`` input, or None.
+
+    The model is run once on a meta tensor, so every constraint it really has is found — a ViT's
+    fixed grid (``Input height (64) doesn't match model (384)``), a CNN that pools a small input down
+    to nothing, a Swin window — not a list of known ones. Without this a DeiT-B-384 student given
+    64-px images trained its teacher first and failed an hour later."""
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, in_chans, size, size, device="meta"))
+    except Exception as err:  # noqa: BLE001 - whatever the model raises is its refusal
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        return f"{arch} refuses {size}×{size} inputs ({type(err).__name__}: {reason})"
+    return None
+
+
 def known_architectures() -> set[str]:
     if not _ARCHITECTURES:  # timm.list_models() takes ~50 ms; presets ask once each
         _ARCHITECTURES.update(timm.list_models())
@@ -235,4 +265,4 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["LoadReport", "ModelSpec", "PretrainedMismatch", "PretrainedUnavailable", "accepted_kwargs", "build_model",
-           "count_parameters", "known_architectures", "kwargs_problems", "load_pretrained", "read_state_dict"]
+           "count_parameters", "input_problem", "known_architectures", "meta_model", "kwargs_problems", "load_pretrained", "read_state_dict"]
