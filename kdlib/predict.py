@@ -7,7 +7,9 @@ without it, from a ``model.json`` beside it that lists the file. Each image is d
 resized exactly as evaluation did (:class:`kdlib.data.preprocessing.Preprocessing`: the same
 functions), and the logits become probabilities by softmax (single-label) or per-class sigmoid
 (multi-label). A missing, corrupt or foreign model, or an unreadable image, is one line naming
-the file and what was expected, and exit status 2.
+the file and what was expected, and exit status 2. Both are untrusted input: the sizes a model's
+metadata sets are bounded (:mod:`kdlib.deployed`), and so is the number of pixels an image may
+decode or be resized to (:data:`MAX_IMAGE_PIXELS`), checked from its header before decoding it.
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ import argparse
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from kdlib.deployed import PREFIX, REQUIRED_KEYS, ModelInfo
 
@@ -29,6 +33,12 @@ MODEL_JSON = "model.json"  # kdlib.export.MODEL_JSON (not imported: that module 
 # int8 kernels may round differently for a different batch shape on some CPUs (one of 70 test images
 # changed class), and model.json's scores must be what this tool gives on the same images.
 BATCH = 64
+# The most pixels an image may have, and the most its evaluation resize may make of it (a 1 x 50,000
+# PNG of a few hundred bytes, its shorter side resized to 256 px, is 256 x 12,800,000 pixels: 9.8 GB
+# in RGB). PIL's default Image.MAX_IMAGE_PIXELS (2**30 // 4 // 3: 256 MiB of RGB), above which PIL
+# only warns, up to twice that; fixed here, so that a caller raising or disabling PIL's limit does
+# not lift this tool's.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 class PredictError(ValueError):
@@ -66,6 +76,11 @@ def _session(path: Path, threads: int | None) -> Any:
     except Exception as err:  # noqa: BLE001 - ORT raises its own pybind types for unreadable files
         raise PredictError(f"{path}: ONNX Runtime cannot load it ({_ort_reason(err)}); expected an ONNX model "
                            "file, e.g. models/export/student_fp32.onnx: it is truncated, corrupt or not ONNX") from None
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none), at most 300 characters."""
+    return (" ".join(str(err).split()) or type(err).__name__)[:300]
 
 
 def _ort_reason(err: Exception) -> str:
@@ -137,17 +152,50 @@ class Predictor:
                                f"[batch, {len(self.info.classes)}], one logit per class name")
 
     def load_image(self, image: Path) -> torch.Tensor:
-        """``image`` as the ``uint8`` tensor evaluation feeds; :class:`PredictError` naming it otherwise."""
+        """``image`` as the ``uint8`` tensor evaluation feeds; :class:`PredictError` naming it otherwise.
+
+        Its size is read from the header first and refused above :data:`MAX_IMAGE_PIXELS`, decoded
+        or after the resize (:meth:`_check_dimensions`); PIL's decompression-bomb warning is an
+        error here whatever the warning filters say, so nothing large is ever decoded."""
         path = Path(image)
         if not path.is_file():
             raise PredictError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'}; expected an "
                                "image file (PNG, JPEG, ...)")
-        try:
-            return self.info.preprocessing.load(path)
-        except (ValueError, OSError) as err:
-            why = str(err).removeprefix(f"cannot decode image {path}: ")
-            raise PredictError(f"{path}: cannot read it as an image ({why}); expected an image file PIL "
-                               "decodes (PNG, JPEG, ...)") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                with Image.open(path) as header:
+                    width, height = header.size
+                self._check_dimensions(path, width, height)
+                return self.info.preprocessing.load(path)
+            except PredictError:
+                raise
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                raise PredictError(f"{path}: refused by PIL as a possible decompression bomb ({_one_line(err)}); "
+                                   f"expected an image of at most {MAX_IMAGE_PIXELS:,} pixels") from None
+            except Exception as err:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError, EOFError,
+                # struct.error, ValueError, IndexError... on a corrupt file: each is the file's fault, not a bug
+                why = _one_line(err).removeprefix(f"cannot decode image {path}: ")
+                raise PredictError(f"{path}: cannot read it as an image ({why}); expected an image file PIL "
+                                   "decodes (PNG, JPEG, ...)") from None
+
+    def _check_dimensions(self, path: Path, width: int, height: int) -> None:
+        """Refuse a ``width x height`` image whose decode, or whose evaluation resize (shorter side
+        to ``resize_short_side``, the longer in proportion), would exceed :data:`MAX_IMAGE_PIXELS`."""
+        pixels = width * height
+        if pixels > MAX_IMAGE_PIXELS or min(width, height) < 1:
+            raise PredictError(f"{path}: {width}x{height} pixels ({pixels:,}); expected an image of 1 to "
+                               f"{MAX_IMAGE_PIXELS:,} pixels (kdlib.predict.MAX_IMAGE_PIXELS)")
+        pre = self.info.preprocessing
+        if (width, height) == (pre.input_size, pre.input_size) and not pre.resize_at_input_size:
+            return  # used as it is
+        side, short, long = pre.resize_short_side, min(width, height), max(width, height)
+        resized = side * int(side * long / short)
+        if resized > MAX_IMAGE_PIXELS:
+            raise PredictError(f"{path}: {width}x{height} pixels; resizing its shorter side to {side} px, as the "
+                               f"model's preprocessing does, makes {resized:,} pixels; expected an image whose "
+                               f"longer side is at most {MAX_IMAGE_PIXELS // side // side:,} times its shorter "
+                               f"(at most {MAX_IMAGE_PIXELS:,} pixels after the resize)")
 
     def logits(self, images: torch.Tensor) -> np.ndarray:
         """Logits of a ``uint8`` NCHW batch, run :data:`BATCH` images at a time in order."""
