@@ -7,7 +7,10 @@ precision: QDQ, per-channel int8 weights, uint8 activations, MinMax calibration)
 seeded training images (:func:`kdlib.quantize.measure.calibration_sample`), so they are the files
 the quantize stage measures. Each gets the model's classes, task and evaluation preprocessing in
 its ``metadata_props`` (:class:`kdlib.deployed.ModelInfo`); ``model.json`` adds each file's sha256
-and size and its test scores next to the PyTorch checkpoint's, so a user sees what int8 costs.
+and size and its test scores next to the PyTorch checkpoint's, so a user sees what int8 costs; a
+file losing more than :data:`kdlib.quantize.measure.ACCURACY_LOSS_MARGIN_PT` against the PyTorch
+model is flagged there (``loss_vs_pytorch``, with the likely cause: an int8 file on a CPU without
+VNNI) and in the stage's printed lines (:func:`describe`).
 Every byte written is a function of the checkpoint, the images and the library versions (no
 time stamps, no timings), so a re-run reproduces the folder exactly.
 """
@@ -22,12 +25,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from kdlib.checkpoint import Checkpoint
-from kdlib.deployed import FORMAT, PREFIX, ModelInfo
+from kdlib.deployed import FORMAT, INPUT_SIZE_RANGE, PREFIX, ModelInfo
 from kdlib.io import write_json
 from kdlib.metrics import EvalResult, evaluate
 from kdlib.outputs import file_sha256
 from kdlib.predict import BATCH as PREDICT_BATCH
 from kdlib.quantize.base import QuantContext, Skipped
+from kdlib.quantize.measure import accuracy_loss, cpu_int8_support
 from kdlib.quantize.onnx_common import OrtModule, export_onnx, require_onnx
 from kdlib.quantize.onnx_int8 import quantize_qdq_int8
 
@@ -97,6 +101,10 @@ def export_classifier(checkpoint: Checkpoint, out_dir: Path, info: ModelInfo, te
     if info.preprocessing.input_size != record.input_size or info.preprocessing.channels != record.in_chans:
         raise ExportError(f"{checkpoint.path}: the model takes {record.in_chans}x{record.input_size}px input but "
                           f"the preprocessing makes {info.preprocessing.channels}x{info.preprocessing.input_size}px")
+    low, high = INPUT_SIZE_RANGE
+    if not low <= record.input_size <= high:  # kdlib.predict refuses such a file: do not write one
+        raise ExportError(f"{checkpoint.path}: input_size {record.input_size}; kdlib.predict takes models of "
+                          f"{low} to {high} px (kdlib.deployed.INPUT_SIZE_RANGE)")
     if len(info.classes) != record.num_classes:
         raise ExportError(f"{checkpoint.path}: {record.num_classes} outputs but {len(info.classes)} class names")
     if len(test_set) < 2:  # type: ignore[arg-type]
@@ -113,6 +121,8 @@ def export_classifier(checkpoint: Checkpoint, out_dir: Path, info: ModelInfo, te
     source = {"checkpoint": source_name or str(checkpoint.path), "checkpoint_sha256": file_sha256(checkpoint.path),
               "role": record.role, "preset": record.preset, "arch": record.arch, "dataset": record.dataset,
               "seed": record.seed, "epoch": checkpoint.epoch, "val_score": round(checkpoint.val_score, 4)}
+    score = "mAP" if info.task == "multilabel" else "top1"  # what headlines a model (stages.params.Run.score)
+    cpu = cpu_int8_support()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
@@ -132,7 +142,10 @@ def export_classifier(checkpoint: Checkpoint, out_dir: Path, info: ModelInfo, te
                               ap_mode)
             files[name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size, "precision": PRECISIONS[name],
                            "backend": f"onnxruntime {ort.__version__} CPUExecutionProvider", "test": _scores(result),
-                           "agreement_with_pytorch": _agreement(result, reference, info.task)}
+                           "agreement_with_pytorch": _agreement(result, reference, info.task),
+                           # a function of the scores; the likely cause (the CPU's VNNI) is added only when flagged
+                           "loss_vs_pytorch": accuracy_loss(result.metrics[score] - reference.metrics[score], score,
+                                                            PRECISIONS[name].split(":")[0], cpu)}
     files[INT8_FILE]["calibration_images"] = len(calibration)
     card = {
         "format": FORMAT,
@@ -151,7 +164,18 @@ def export_classifier(checkpoint: Checkpoint, out_dir: Path, info: ModelInfo, te
 
 
 def describe(card: dict[str, Any], score: str) -> Sequence[str]:
-    """One line per exported file: size, test score and the change from the PyTorch model."""
+    """One line per exported file: size, test score and the change from the PyTorch model; a file
+    that loses more than the margin (``loss_vs_pytorch.flagged``) is marked ``⚠`` and followed by
+    a line saying so and what likely causes it."""
     reference = card["test"]["pytorch_fp32"][score]
-    return [f"{name:18s} {entry['bytes'] / 1024:8.1f} KiB  test {score} {entry['test'][score]:.2f} "
-            f"({entry['test'][score] - reference:+.2f} vs PyTorch fp32)" for name, entry in card["files"].items()]
+    lines = []
+    for name, entry in card["files"].items():
+        delta = entry["test"][score] - reference
+        loss = entry.get("loss_vs_pytorch") or {}
+        lines.append(f"{name:18s} {entry['bytes'] / 1024:8.1f} KiB  test {score} {entry['test'][score]:.2f} "
+                     f"({'⚠ ' if loss.get('flagged') else ''}{delta:+.2f} vs PyTorch fp32)")
+        if loss.get("flagged"):
+            lines.append(f"⚠ {name} loses {-delta:.2f} pt of test {score} against the PyTorch model, more than the "
+                         f"{loss['margin_pt']:g} pt margin (kdlib.quantize.measure.ACCURACY_LOSS_MARGIN_PT): "
+                         f"{loss['likely_cause']}")
+    return lines

@@ -146,7 +146,8 @@ def model_costs(training: Mapping, timing: Mapping, fp32: Mapping | None, train_
     """One model's measured costs (``costs.json``'s ``costs.<role>``: wall-clock figures, which vary
     run to run, kept apart from the reproducible ``summary.json``): training seconds, ms per optimizer
     step (the median epoch's time over its ``ceil(train_images / global_batch)`` steps) and, from the
-    quantize stage's fp32 row (or None), batch-1 latency, throughput and memory; ``machine``: what
+    quantize stage's fp32 row (or None), batch-1 latency (with ``latency_b1_noisy`` and its spread
+    where the row has them), throughput and memory; ``machine``: what
     the training ran on (:func:`kdlib.machine.label`, from ``timing``), where it was recorded."""
     steps = -(-train_images // max(int(training.get("global_batch") or 1), 1))
     epochs = timing.get("epoch_seconds") or []
@@ -155,6 +156,8 @@ def model_costs(training: Mapping, timing: Mapping, fp32: Mapping | None, train_
     if fp32 is not None and fp32.get("status") == "ok":
         costs.update(latency_b1_ms=fp32["latency_b1_median_ms"], throughput_img_s=fp32["throughput_img_s"],
                      inference_mib=fp32["inference_mib"], peak_rss_mib=fp32["peak_rss_mib"])
+        if "latency_b1_noisy" in fp32:  # a latency timed on a busy machine says so here too
+            costs.update(latency_b1_noisy=fp32["latency_b1_noisy"], latency_b1_spread=fp32["latency_b1_spread"])
     if timing.get("machine"):
         costs["machine"] = str(timing["machine"])
     return costs

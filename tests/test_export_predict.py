@@ -94,6 +94,11 @@ def test_model_json_records_the_files_their_metadata_and_the_source(exported) ->
     assert card["preprocessing"]["mean"] == [0.1307] and card["preprocessing"]["std"] == [0.3081]
     assert card["preprocessing"]["resize_at_input_size"] is False  # MNIST is stored at 28 px: evaluation never resizes
     assert card["files"][INT8_FILE]["calibration_images"] == 48
+    for name in (FP32_FILE, INT8_FILE):  # each file's loss against PyTorch, flagged beyond the margin
+        loss, delta = card["files"][name]["loss_vs_pytorch"], card["files"][name]["test"]["top1"] - \
+            card["test"]["pytorch_fp32"]["top1"]
+        assert loss["score"] == "top1" and loss["margin_pt"] == 1.0 and loss["delta"] == pytest.approx(delta, abs=1e-3)
+        assert loss["flagged"] == (loss["delta"] < -1.0) and ("likely_cause" in loss) == loss["flagged"]
 
     for name in (FP32_FILE, INT8_FILE):  # each file describes itself
         props = {p.key: p.value for p in onnx.load(str(folder / name)).metadata_props}

@@ -190,6 +190,7 @@ def test_deltas_pareto_and_table() -> None:
     ]
     add_deltas(rows, "top1")
     assert rows[1]["delta_top1"] == -0.5 and rows[1]["size_ratio"] == 4.0 and rows[1]["speedup_b1"] == 4.0
+    assert rows[1]["accuracy_loss_flagged"] is False and rows[1]["accuracy_loss_margin_pt"] == 1.0  # within 1 pt
     assert pareto_front([(1.0, 97.0), (0.25, 96.5), (2.0, 90.0)]) == [1, 0]
     table = quantization_table(rows, "top1", {"s": 12.0})
     assert "skipped: no kernel" in table and "-0.50" in table and "12 s" in table
@@ -229,5 +230,10 @@ def test_inference_memory_counts_the_model_not_the_process(tmp_path) -> None:
                                    throughput_batch=4, warmup=1, timed_runs=2, throughput_runs=1))
         assert row["status"] == "ok", row
         assert 0 < row["inference_mib"] <= row["peak_rss_mib"] - row["rss_start_mib"] + 1
+        # the latency's spread, re-timed at most LATENCY_ATTEMPTS times, and the CPU's int8 capability
+        assert 1 <= row["latency_b1_attempts"] <= 3 and row["latency_b1_spread"] >= 1.0
+        assert row["latency_b1_noisy"] == (row["latency_b1_spread"] > row["latency_b1_spread_bound"])
+        assert row["latency_b1_median_ms"] <= row["latency_b1_p90_ms"] <= row["latency_b1_p95_ms"]
+        assert set(row["cpu"]) == {"torch_capability", "vnni", "vnni_flags"}
         memory[arch] = row["inference_mib"]
     assert memory["resnet18"] - memory["cnn_small"] > 30  # ResNet-18's fp32 weights are 42.7 MiB

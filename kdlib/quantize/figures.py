@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from kdlib.quantize.measure import ACCURACY_LOSS_MARGIN_PT, LATENCY_SPREAD_BOUND, loss_cause  # noqa: E402
 from kdlib.report import LABELS, PNG_META, _human_bytes  # noqa: E402
 
 MARKERS = "osD^v<>pP*Xh"
@@ -39,7 +40,9 @@ def plot_accuracy_vs(rows: Sequence[Mapping[str, Any]], x_key: str, xlabel: str,
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for r in rows:
-        ax.scatter(r[x_key], r[score], color=colors[models.index(r["model"]) % len(colors)],
+        color = colors[models.index(r["model"]) % len(colors)]
+        hollow = x_key.startswith("latency_b1") and r.get("latency_b1_noisy")  # a busy machine's figure
+        ax.scatter(r[x_key], r[score], edgecolors=color, facecolors="none" if hollow else color,
                    marker=MARKERS[precisions.index(r["precision"]) % len(MARKERS)], s=40, zorder=3)
     points = [(r[x_key], r[score]) for r in rows]
     front = pareto_front(points)
@@ -53,6 +56,8 @@ def plot_accuracy_vs(rows: Sequence[Mapping[str, Any]], x_key: str, xlabel: str,
         ax.scatter([], [], color=colors[models.index(m) % len(colors)], label=m)
     for p in precisions:
         ax.scatter([], [], color="gray", marker=MARKERS[precisions.index(p) % len(MARKERS)], label=p)
+    if x_key.startswith("latency_b1") and any(r.get("latency_b1_noisy") for r in rows):
+        ax.scatter([], [], edgecolors="gray", facecolors="none", label="hollow: noisy latency")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"test {LABELS.get(score, score)} (%)")
@@ -90,13 +95,69 @@ def _memory(row: Mapping[str, Any]) -> str:
         f"— / {row['peak_rss_mib']:.0f} MiB"
 
 
+def accuracy_flagged(row: Mapping[str, Any], score: str) -> bool:
+    """Whether ``row`` loses more than the margin against its fp32 row: its own flag, or (a row
+    measured before rows carried one) its delta against :data:`ACCURACY_LOSS_MARGIN_PT`."""
+    delta = row.get(f"delta_{score}")
+    if "accuracy_loss_flagged" in row:
+        return bool(row["accuracy_loss_flagged"])
+    return delta is not None and delta < -ACCURACY_LOSS_MARGIN_PT
+
+
+def delta_cell(row: Mapping[str, Any], score: str) -> str:
+    """The Δ vs fp32 of ``row``, marked ``⚠`` when it loses more than the margin."""
+    delta = row.get(f"delta_{score}", 0.0)
+    return f"⚠ {delta:+.2f}" if accuracy_flagged(row, score) else f"{delta:+.2f}"
+
+
+def latency_cell(row: Mapping[str, Any]) -> str:
+    """``median / p95`` batch-1 latency of ``row``; a noisy one (``latency_b1_noisy``) marked with
+    its spread, not shown as a plain figure."""
+    text = f"{row['latency_b1_median_ms']:.3f} / {row['latency_b1_p95_ms']:.3f}"
+    if row.get("latency_b1_noisy"):
+        return f"⚠ {text} (noisy: p90/median {row['latency_b1_spread']:.1f}×)"
+    return text
+
+
+def table_notes(rows: Sequence[Mapping[str, Any]], score: str) -> str:
+    """The footnotes the table's ``⚠`` marks need: what each means and its likely cause (the CPU
+    capability for int8), one line per distinct cause; empty when nothing is marked."""
+    label = LABELS.get(score, score)
+    notes = []
+    causes: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("status") == "ok" and accuracy_flagged(r, score):
+            cause = r.get("accuracy_loss_cause") or loss_cause(r["precision"], r.get("cpu"))
+            causes.setdefault(cause, []).append(f"{r['model']} {r['precision']}")
+    for cause, which in causes.items():
+        margin = next((r.get("accuracy_loss_margin_pt") for r in rows if r.get("accuracy_loss_margin_pt")),
+                      ACCURACY_LOSS_MARGIN_PT)
+        verb = "loses" if len(which) == 1 else "lose"
+        notes.append(f"⚠ Δ: {', '.join(which)} {verb} more than {margin:g} pt of test {label} against the same "
+                     f"model in fp32 (kdlib.quantize.measure.ACCURACY_LOSS_MARGIN_PT): not noise. Likely cause: "
+                     f"{cause}.")
+    noisy = [r for r in rows if r.get("status") == "ok" and r.get("latency_b1_noisy")]
+    if noisy:
+        worst = max(r["latency_b1_spread"] for r in noisy)
+        bound = noisy[0].get("latency_b1_spread_bound", LATENCY_SPREAD_BOUND)
+        which = ", ".join(f"{r['model']} {r['precision']}" for r in noisy)
+        notes.append(f"⚠ noisy latency: {which}: in each of "
+                     f"{max(r.get('latency_b1_attempts', 1) for r in noisy)} timings the 90th percentile of the "
+                     f"batch-1 calls was more than {bound:g}× their median (up to {worst:.1f}×): the machine was "
+                     "busy and these medians are not the model's latency; re-measure on an idle machine "
+                     "(`dvc repro --force quantize@<role>`) before comparing them.")
+    return "".join(f"\n{note}\n" for note in notes)
+
+
 def quantization_table(rows: Sequence[Mapping[str, Any]], score: str = "top1",
                        training_seconds: Mapping[str, float] | None = None) -> str:
     """Markdown: model, params, precision, accuracy (Δ vs fp32), latency, throughput, size, memory,
     MACs, training time (the residual-CNN precision study's summary with the deployment columns
     added). Memory: what loading the checkpoint, converting it (export, calibration, compilation
     where the precision needs them) and running it at batch 1 and the throughput batch added to
-    the process's peak RSS (``inference_mib``), then the whole evaluation process's peak."""
+    the process's peak RSS (``inference_mib``), then the whole evaluation process's peak.
+    A Δ losing more than the margin and a noisy latency are marked ``⚠`` and explained in
+    footnotes below the table (:func:`table_notes`)."""
     label = LABELS.get(score, score)
     lines = [f"| model | params | MACs | precision | backend | test {label} | Δ vs fp32 | latency b1 median / p95 (ms) "
              "| img/s (batch) | size | × smaller | memory: model / process peak | training time |",
@@ -111,16 +172,16 @@ def quantization_table(rows: Sequence[Mapping[str, Any]], score: str = "top1",
             continue
         lines.append(
             f"| {r['model']} | {r['params']:,} | {r['macs'] / 1e6:,.1f} M | {r['precision']} | {r['backend']} | "
-            f"{r[score]:.2f} | {r.get(f'delta_{score}', 0.0):+.2f} | "
-            f"{r['latency_b1_median_ms']:.3f} / {r['latency_b1_p95_ms']:.3f} | "
+            f"{r[score]:.2f} | {delta_cell(r, score)} | {latency_cell(r)} | "
             f"{r['throughput_img_s']:,.0f} ({r['throughput_batch']}) | {_human_bytes(r['size_bytes'])} | "
             f"{r.get('size_ratio', 1.0):.2f} | {_memory(r)} | {trained_text} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + table_notes(rows, score)
 
 
 CSV_COLUMNS = ["model", "precision", "status", "backend", "top1", "top5", "mAP", "delta_top1", "delta_mAP",
-               "latency_b1_median_ms", "latency_b1_p95_ms", "throughput_img_s", "size_bytes", "size_ratio",
-               "inference_mib", "peak_rss_mib", "params", "macs", "reason"]
+               "accuracy_loss_flagged", "latency_b1_median_ms", "latency_b1_p95_ms", "latency_b1_spread",
+               "latency_b1_noisy", "throughput_img_s", "size_bytes", "size_ratio", "inference_mib", "peak_rss_mib",
+               "params", "macs", "reason"]
 MEMORY_NOTE = ("inference_mib: peak RSS (VmHWM, reset at the start) while the checkpoint is loaded, converted "
                "(export, calibration, compilation where the precision needs them) and timed at batch 1 and the "
                "throughput batch, minus the RSS before (rss_start_mib: a fresh process forked from a server that "
@@ -130,7 +191,8 @@ MEMORY_NOTE = ("inference_mib: peak RSS (VmHWM, reset at the start) while the ch
 
 def write_quantization_report(rows: Sequence[Mapping[str, Any]], settings: Any, score: str, json_path: Path,
                               csv_path: Path, figures: Path, training_seconds: Mapping[str, float]) -> str:
-    """Every model × precision row as JSON (with the measurement settings) and CSV, the three
+    """Every model × precision row as JSON (with the measurement settings and ``flags``: the rows
+    losing more than the accuracy margin and those with a noisy latency) and CSV, the three
     figures (accuracy vs latency and vs size with the Pareto front, teacher vs student), and the
     Markdown table, which is returned."""
     import csv
@@ -141,11 +203,15 @@ def write_quantization_report(rows: Sequence[Mapping[str, Any]], settings: Any, 
     measured = {"threads": settings.threads, "batch_1_timed_runs": settings.timed_runs,
                 "warmup_runs": settings.warmup_runs, "throughput_batch": settings.throughput_batch,
                 "throughput_runs": settings.throughput_runs, "calibration_images": settings.calibration_images,
-                "score": score, "memory": MEMORY_NOTE}
+                "score": score, "memory": MEMORY_NOTE, "accuracy_loss_margin_pt": ACCURACY_LOSS_MARGIN_PT,
+                "latency_spread_bound": LATENCY_SPREAD_BOUND}
+    ok = [r for r in rows if r.get("status") == "ok"]
+    flags = {"accuracy_loss": [f"{r['model']}/{r['precision']}" for r in ok if accuracy_flagged(r, score)],
+             "latency_b1_noisy": [f"{r['model']}/{r['precision']}" for r in ok if r.get("latency_b1_noisy")]}
     results: dict[str, Any] = {}
     for r in rows:
         results.setdefault(r["model"], {})[r["precision"]] = r
-    write_json(json_path, {"settings": measured, "results": results})
+    write_json(json_path, {"settings": measured, "flags": flags, "results": results})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
