@@ -42,6 +42,9 @@ Guarantees:
 * **No hangs, clear errors.** Every network wait is bounded by ``timeout_s``; offline and HTTP
   errors raise :class:`FetchError` naming the URL and the reason, and saying how to fetch the
   data by hand.
+* **No printed credentials.** Every URL this module puts in an error or a log line goes through
+  :func:`mask_url` (``https://user:***@host/...``), and so does every :class:`FetchError`'s
+  message; ``scripts/push_run_cache.py`` masks DVC remote URLs with it too.
 """
 from __future__ import annotations
 
@@ -92,8 +95,43 @@ DEFAULT_MAX_COMPRESSION_RATIO = 100.0
 RATIO_FLOOR_BYTES = 64 << 20
 
 
+MASK = "***"
+# Query parameters that carry a credential (signed S3 / GCS URLs, Azure SAS, API keys and tokens)
+_SECRET_PARAMS = ("password", "passwd", "pwd", "secret", "client_secret", "token", "access_token", "refresh_token",
+                  "auth", "api_key", "apikey", "key", "sig", "signature", "x-amz-signature", "x-amz-credential",
+                  "x-amz-security-token", "x-goog-signature", "x-goog-credential")
+# scheme://user:password@ anywhere in a text; a password may hold ':' but not '/', '@' or blanks
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/?#@:'\"]*):[^\s/?#@'\"]*@")
+_SECRET_QUERY = re.compile(r"(?P<head>[?&;](?:" + "|".join(map(re.escape, _SECRET_PARAMS)) + r")=)[^&;#\s'\"]+",
+                           re.IGNORECASE)
+
+
+def mask_url(text: str, *urls: str) -> str:
+    """``text`` (a URL, or a message holding URLs) with the credentials of every URL in it masked:
+    ``https://user:secret@host/x?token=abc`` becomes ``https://user:***@host/x?token=***``.
+
+    The project prints URLs in errors and logs (data-set downloads, DVC remotes); a password in
+    one would end up in terminals, CI logs and issue reports. The user name and host stay, so the
+    message still says which remote or download failed. ``urls``: URLs whose password must also
+    go where it appears without its URL, as ``http.client`` shows it (``nonnumeric port:
+    'secret@host'`` for a URL with credentials); each ``password@`` becomes ``***@``."""
+    for url in urls:
+        try:
+            password = urllib.parse.urlsplit(url).password if isinstance(url, str) else None
+        except ValueError:
+            password = None
+        for secret in {password, urllib.parse.unquote(password or "")} - {None, ""}:
+            text = text.replace(f"{secret}@", f"{MASK}@")
+    text = _USERINFO.sub(lambda m: f"{m['head']}:{MASK}@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['head']}{MASK}", text)
+
+
 class FetchError(RuntimeError):
-    """A download or extraction failed: network or HTTP error, checksum mismatch, bad archive."""
+    """A download or extraction failed: network or HTTP error, checksum mismatch, bad archive.
+    Its message never shows a URL's credentials (:func:`mask_url`)."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(mask_url(a) if isinstance(a, str) else a for a in args))
 
 
 class UnsafeArchiveError(FetchError):
@@ -164,7 +202,7 @@ def check_into(into: str) -> str:
 def check_filename(name: str, url: str, extract: bool = True) -> str | None:
     """The archive stem of the plain file name ``name`` (None when ``extract`` is false), else ValueError."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise ValueError(f"file name {name!r} (for {url}) is not a plain file name; pass filename=")
+        raise ValueError(mask_url(f"file name {name!r} (for {url}) is not a plain file name; pass filename="))
     return archive_stem(name) if extract else None
 
 
@@ -382,7 +420,7 @@ def _ensure_downloaded(url: str, archive: Path, expected: dict[str, str], timeou
             log.info("%s: present with the expected checksum; not downloading it again", archive)
             return archive
         log.warning("%s: exists but %s; downloading it again from %s",
-                    archive, _describe_mismatch(expected, actual), url)
+                    archive, _describe_mismatch(expected, actual), mask_url(url))
     _download(url, archive, expected, timeout_s, progress, limits.max_download_bytes)
     return archive
 
@@ -394,11 +432,10 @@ def _describe_mismatch(expected: dict[str, str], actual: dict[str, str]) -> str:
 
 
 def _network_error(url: str, reason: str) -> FetchError:
-    return FetchError(
+    return FetchError(mask_url(  # the reason may show the password without its URL (http.client's InvalidURL)
         f"could not download {url}: {reason}. If this machine is offline or the server refuses, "
         "download and extract the file by hand and point the data set's `root` at the extracted "
-        "folder"
-    )
+        "folder", url))
 
 
 def _too_big(url: str, what: str, limit: int) -> LimitError:
@@ -512,13 +549,13 @@ def _transfer(url: str, target: Path, partial: Path, offset: int, expected: dict
     headers = {"User-Agent": "kdlib-fetch"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    log.info("downloading %s to %s%s", url, target, f" (resuming at byte {offset:,})" if offset else "")
+    log.info("downloading %s to %s%s", mask_url(url), target, f" (resuming at byte {offset:,})" if offset else "")
     try:
         response = _opener().open(urllib.request.Request(url, headers=headers), timeout=timeout_s)
     except urllib.error.HTTPError as err:
         err.close()
         if offset and err.code == 416:  # the leftover does not fit the file (changed, or complete)
-            log.warning("%s: the server refuses to resume at byte %d (HTTP 416); restarting", url, offset)
+            log.warning("%s: the server refuses to resume at byte %d (HTTP 416); restarting", mask_url(url), offset)
             return _transfer(url, target, partial, 0, expected, timeout_s, progress, max_bytes)
         raise _network_error(url, f"HTTP {err.code} {err.reason}") from None
     except urllib.error.URLError as err:
@@ -531,7 +568,7 @@ def _transfer(url: str, target: Path, partial: Path, offset: int, expected: dict
             match = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
             if response.status != 206 or match is None or int(match.group(1)) != offset:
                 log.warning("%s: the server does not resume at byte %d (HTTP %d); restarting from the start",
-                            url, offset, response.status)
+                            mask_url(url), offset, response.status)
                 offset = 0
         length_header = response.headers.get("Content-Length")
         total = offset + int(length_header) if length_header and length_header.isdigit() else None
