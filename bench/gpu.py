@@ -26,6 +26,8 @@ from PIL import Image, ImageDraw
 
 from common import bench_parser, copy_repo, git_env, print_table, write_result
 
+from kdlib import yamlfile
+
 STAGES = (["check"], ["prepare"], ["train", "teacher"], ["train", "baseline"], ["teacher_cache"], ["align"],
           ["train", "distill"], ["evaluate", "teacher"], ["evaluate", "baseline"], ["evaluate", "distill"])
 SHAPES = ("ellipse", "rectangle", "triangle", "cross")
@@ -118,7 +120,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         repo = copy_repo(Path(tmp) / "repo")
         images = make_images(Path(tmp) / "images", per_class, 256 if not args.quick else 40)
-        params = gpu_params(yaml.safe_load((repo / "params.yaml").read_text()), Path(tmp) / "images", args.device,
+        params = gpu_params(yamlfile.load(repo / "params.yaml"), Path(tmp) / "images", args.device,
                             args.quick, args.compile)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         for stage in QUICK_STAGES if args.quick else STAGES:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from common import bench_parser, copy_repo, dvc_stages, git_env, print_table, stage_group, write_result
 
+from kdlib import yamlfile
 from kdlib.checkpoint import Checkpoint
 from kdlib.quantize.measure import EvalJob, TensorImages, add_deltas, materialize, run_isolated
 from stages.params import load_params, resolve
@@ -38,7 +39,7 @@ def train_copy(work: Path, quick: bool) -> Path:
     """The pipeline up to evaluate (every ``evaluate@<role>`` stage) in a copy of the repository,
     with fewer epochs."""
     repo = copy_repo(work)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = yamlfile.load(repo / "params.yaml")
     for preset in params["models"].values():
         preset.update(epochs=1 if quick else 5, warmup_epochs=0, patience=0)
     if quick:

@@ -30,12 +30,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kdlib import yamlfile  # noqa: E402
 from kdlib.process import command_line, process_alive  # noqa: E402
 
 
 def shrink(repo: Path, teacher: str, epochs: int) -> None:
     path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
+    params = yamlfile.load(path)
     params["datasets"]["mnist"]["options"].update(train_per_class=4, val_per_class=2, test_per_class=3)
     params["teacher"] = teacher
     params["models"][teacher].update(epochs=epochs, warmup_epochs=0, patience=0)
