@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from kdlib.features import FeatureStudent
+from kdlib.io import disk_full_error, torch_saved_size
 from kdlib.models import ModelSpec, build_model
 from kdlib.outputs import OutputError, check_manifest
 
@@ -127,7 +128,9 @@ class Checkpoint:
 def save_checkpoint(path: Path, model: nn.Module, meta: Mapping[str, Any],
                     method_state: Mapping[str, Any] | None = None) -> None:
     """Write ``model``'s weights with ``meta`` (a :meth:`ModelRecord.as_meta` plus epoch and
-    val_score) atomically: a temporary file renamed into place, never a half-written file."""
+    val_score) atomically: a temporary file renamed into place, never a half-written file. A full
+    disk is an ``OSError(ENOSPC)`` naming ``path`` (:func:`kdlib.io.disk_full_error`), not torch's
+    "unexpected pos"; the temporary file is removed on any failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -140,9 +143,15 @@ def save_checkpoint(path: Path, model: nn.Module, meta: Mapping[str, Any],
     try:
         torch.save(content, tmp)
         os.replace(tmp, path)
-    except BaseException:
+        return
+    except BaseException as err:
+        # judged before the temporary goes (its blocks count as free once it does); raised below,
+        # outside this block, so that torch's failed writer (holding the file open) is released
+        full = disk_full_error(path, tmp, err, lambda: torch_saved_size(content))
         tmp.unlink(missing_ok=True)
-        raise
+        if full is None:
+            raise
+    raise full
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
