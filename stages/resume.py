@@ -9,6 +9,9 @@ same queued experiment finds its own. The key is a hash of the stage's command, 
 the parameters it declares in ``dvc.yaml`` and of the contents of its dependencies: only the
 same run on the same inputs can pick a state up.
 
+A ``.kdlib-resume`` (or ``$KDLIB_RESUME_DIR``) that is a symbolic link to nothing is an error
+that names the link and what to do (:func:`kdlib.resume.make_dirs`), raised before training starts.
+
 Two processes can run the same stage on the same key at once (two queued experiments that both need a
 teacher DVC has not cached yet). Only one may own the state: the other's writes and its clean-up would
 pull the files from under the first ("No such file or directory: .../epoch-0009/files/.best.pt.*.tmp").
@@ -102,6 +105,25 @@ def resume_dir(root: Path, stage: str, key: str) -> Path:
     return resume_root(root) / stage / key[:16]
 
 
+def _other_place() -> str:
+    """What else a user can do about an unusable resume folder (the end of an error message)."""
+    if os.environ.get(RESUME_ENV):
+        where = (f"; or point {RESUME_ENV} (now {os.environ[RESUME_ENV]}) at an existing folder, or unset it "
+                 f"to keep the states in the repository's {RESUME_DIR}")
+    else:
+        where = f"; or set {RESUME_ENV} to a folder to keep the states elsewhere"
+    return where + "; or turn resume off (runtime.resume: false)"
+
+
+def _prepare(directory: Path) -> None:
+    """Make ``directory`` (a run's state folder), or say clearly why it cannot be made: a
+    ``.kdlib-resume`` or ``$KDLIB_RESUME_DIR`` that is a symbolic link to nothing made
+    ``mkdir`` fail with a bare ``FileExistsError``."""
+    from kdlib.resume import make_dirs
+
+    make_dirs(directory, _other_place())
+
+
 def claim(root: Path, stage: str, params: dict[str, Any]) -> bool:
     """Take the lock of this run's resume state for this process (held until it exits). False when
     another live process holds it: that one is running the same stage on the same inputs."""
@@ -109,7 +131,7 @@ def claim(root: Path, stage: str, params: dict[str, Any]) -> bool:
     lock = directory.with_name(f"{directory.name}.lock")
     if lock in _claimed:
         return True
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    _prepare(lock.parent)
     fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -130,6 +152,7 @@ def resume_store(root: Path, stage: str, params: dict[str, Any], runtime: "Runti
         return None
     key = stage_key(root, stage, params)
     directory = resume_dir(root, stage, key)
+    _prepare(directory.parent)  # fails here, before training, rather than when the first epoch is saved
     others = sorted(p.name for p in directory.parent.glob("*") if p.is_dir() and p != directory) \
         if directory.parent.is_dir() else []
     if others and runtime.is_main:
