@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from kdlib.losses.registry import TeacherOutput
 from kdlib.machine import describe as describe_machine
 from kdlib.machine import label as machine_label
 from kdlib.metrics import EvalResult, evaluate
-from kdlib.resume import ResumeStore, ResumeWarning, restore_rng
+from kdlib.resume import ResumeStore, ResumeWarning, restore_file, restore_rng
 from kdlib.runtime import Runtime, has_native_kernels, make_loader
 from kdlib.schema import is_bool, is_float, is_int, one_of, setting
 
@@ -45,6 +44,50 @@ from kdlib.schema import is_bool, is_float, is_int, one_of, setting
 TeacherFn = Callable[[Tensor, Tensor, Tensor], TeacherOutput]
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger(__name__)
+# Steps between two looks at the losses for NaN/inf: each look waits for the device (one sync), and a
+# diverged run wastes at most this many steps before it stops.
+FINITE_CHECK_EVERY = 20
+
+
+class NonFiniteError(FloatingPointError):
+    """Training diverged: a loss term, the gradient norm or the validation loss is NaN or infinite.
+
+    A diverged run is never a result: the stage stops, and its staged outputs (checkpoints of the
+    epochs before, logs) are discarded, so DVC caches nothing (DeiT's main.py exits on a non-finite
+    loss for the same reason). The resume state of the last finished epoch is kept: it was finite."""
+
+
+class _FiniteWatch:
+    """The losses (and the gradient norm) of recent steps, kept on the device and checked for NaN/inf
+    every :data:`FINITE_CHECK_EVERY` steps and at the end of the epoch, so a GPU run does not wait on
+    every step. The error names the epoch, the first bad step and each non-finite term."""
+
+    def __init__(self, epoch: int, steps: int) -> None:
+        self.epoch, self.steps = epoch, steps
+        self.pending: list[tuple[int, list[str], Tensor]] = []
+
+    def add(self, step: int, values: dict[str, Tensor], device: torch.device) -> None:
+        row = torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(()) for v in values.values()])
+        self.pending.append((step, list(values), row))
+        if len(self.pending) >= FINITE_CHECK_EVERY:
+            self.check()
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        shapes = {len(names) for _, names, _ in self.pending}
+        rows = torch.stack([t for _, _, t in self.pending]) if len(shapes) == 1 else None
+        finite = torch.isfinite(rows).all(dim=1).tolist() if rows is not None else \
+            [bool(torch.isfinite(t).all()) for _, _, t in self.pending]  # one sync for the window
+        pending, self.pending = self.pending, []
+        for ok, (step, names, values) in zip(finite, pending):
+            if not ok:
+                found = [f"{name} = {float(v)}" for name, v in zip(names, values.tolist()) if not math.isfinite(v)]
+                raise NonFiniteError(
+                    f"training diverged at epoch {self.epoch}, step {step} of {self.steps}: {', '.join(found)} "
+                    "(every term of that step: " + ", ".join(f"{n} = {float(v):.6g}" for n, v in zip(names, values.tolist()))
+                    + "). Nothing was written. A too high lr (or temperature, weight decay), fp16 without loss "
+                    "scaling or a bad input gives this; lower the lr, set grad_clip, or check the data")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,10 +310,14 @@ class EpochLoop:
         sums: dict[str, Tensor | float] = {}
         correct: Tensor | int = 0
         count = 0
+        watch = _FiniteWatch(epoch, len(self.loader))
+        # fp16's GradScaler expects inf gradients now and then (it skips those steps and lowers its scale)
+        check_grads = not self.scaler.is_enabled()
+        params = [p for p in model.parameters() if p.requires_grad]
         # disable=None: a progress bar on a terminal, nothing in a log file
         batches = tqdm(self.loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
                        disable=None if progress else True)
-        for images, targets, positions, view_ids in batches:
+        for step, (images, targets, positions, view_ids) in enumerate(batches, start=1):
             images = images.to(device, non_blocking=True)
             if batch_transform is not None:
                 images = batch_transform(images, self.views.batch_seeds(positions, view_ids))
@@ -287,9 +334,15 @@ class EpochLoop:
             out = objective(student, targets, _float32(teacher_out) if teacher_out is not None else None)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.total).backward()
+            grad_norm = None
             if recipe.grad_clip:
                 self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            elif check_grads:  # a norm over the gradients, no clipping: the step is unchanged
+                grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            watch.add(step, {"loss": out.total, **out.terms,
+                             **({"grad_norm": grad_norm} if check_grads and grad_norm is not None else {})},
+                      out.total.device)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
@@ -301,6 +354,7 @@ class EpochLoop:
                 correct = correct + (prediction_logits(student).detach().argmax(dim=1) == labels).sum()
             for name, value in {"loss": out.total.detach(), **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value * n
+        watch.check()
         # one all-reduce of every sum: the logged epoch means are over all processes' images
         names = list(sums)
         totals = distributed.all_reduce_sum(torch.stack(
@@ -422,7 +476,7 @@ def fit(
         if runtime.writes_outputs:
             out_dir.mkdir(parents=True, exist_ok=True)
             for name, path in files.items():
-                shutil.copyfile(path, out_dir / name)
+                restore_file(path, out_dir, name)  # a bare kept name, read through no symlink
             if logger is not None:  # the run's log restarts empty: replay the finished epochs
                 for row in history:
                     for name, value in row.items():
@@ -455,6 +509,11 @@ def fit(
                 val = validate(model, data, val_loader, device, recipe)
                 result = (val.score, val.loss, val.metrics)
             score, loss, metrics = distributed.broadcast_object(result)
+            bad = {name: value for name, value in {"loss": loss, "score": score, **metrics}.items()
+                   if isinstance(value, float) and not math.isfinite(value)}
+            if bad:
+                raise NonFiniteError(f"validation after epoch {epoch}: " + ", ".join(f"{k} = {v}" for k, v in bad.items())
+                                     + ": the model's outputs are not finite; nothing was written")
             last_val_score = score
             row.update({"val/loss": loss, **{f"val/{name}": value for name, value in metrics.items()}})
             improved = selection.update(epoch, score, loss)

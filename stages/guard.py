@@ -179,6 +179,8 @@ def stage_outputs(tag: str, *outputs: Path, ws: "Workspace", manifests: tuple[Pa
         raise SystemExit(_report(err, 3)) from None
     except yamlfile.YamlError as err:  # params.yaml unreadable (a duplicate key, an alias bomb): before any work
         raise SystemExit(_report(err, 2)) from None
+    except FloatingPointError as err:  # kdlib.train.NonFiniteError: a diverged run, its message says where
+        raise SystemExit(_report(err, 1)) from None
     finally:
         if watch is not None:
             watch.stop()

@@ -31,6 +31,7 @@ LONGEST_FIRST = (
     "tests/test_pipeline_e2e_experiments.py",
     "tests/test_remote.py",
     "tests/test_study_e2e.py",  # copies the reproduced pipeline too
+    "tests/test_bad_inputs_dvc.py",  # and so does this one
     "tests/test_interrupts.py",
     "tests/test_resume.py",
     "tests/test_distributed.py",

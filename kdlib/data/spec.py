@@ -49,7 +49,7 @@ def _download_problems(entry: dict[str, Any]) -> list[str]:
     except ValueError as err:
         found.append(str(err))
     if entry.get("sha256") is None and entry.get("md5") is None:
-        found.append(f"{url}: a download needs `sha256` or `md5` to verify it")
+        found.append(f"{_fetch.mask_url(url)}: a download needs `sha256` or `md5` to verify it")
     for algorithm in ("sha256", "md5"):
         value = entry.get(algorithm)
         if value is not None and not isinstance(value, str):
