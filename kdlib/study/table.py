@@ -33,12 +33,15 @@ TIMES = ("train_seconds", "ms_per_step", "latency_b1_ms")
 @dataclass(frozen=True)
 class Record:
     """One finished experiment: which it is, and the metrics it wrote (``summary``: summary.json and
-    costs.json together); ``source``: where it came from (the experiment's commit, the commit it ran on)."""
+    costs.json together); ``source``: where it came from (the experiment's commit, the commit it ran on);
+    ``digests``: what decided its result, ``{"params": …, "code": …}`` (:mod:`kdlib.study.provenance`),
+    None for a record made before they were kept."""
 
     experiment: Experiment
     summary: Mapping[str, Any]
     quantization: Mapping[str, Any] | None = None
     source: Mapping[str, Any] | None = None
+    digests: Mapping[str, str] | None = None
 
 
 def _get(record: Record, role: str, *path: str) -> Any:
@@ -124,9 +127,12 @@ def precision_rows(cell_records: Sequence[Record]) -> list[dict[str, Any]]:
 
 def study_rows(study: Study, records: Sequence[Record]) -> list[dict[str, Any]]:
     """One row per cell with at least one finished experiment, in the study's cell order."""
+    by_cell: dict[str, list[Record]] = {}
+    for r in records:
+        by_cell.setdefault(r.experiment.cell.key, []).append(r)
     rows = []
     for cell in study.cells():
-        mine = sorted((r for r in records if r.experiment.cell == cell), key=lambda r: r.experiment.seed)
+        mine = sorted(by_cell.get(cell.key, []), key=lambda r: r.experiment.seed)
         if mine:
             rows.append(cell_row(study, mine))
     return rows
