@@ -56,9 +56,13 @@ def build_summary(study: Study, records: Sequence[Record], missing: Sequence[Exp
 
 
 def write_report(study: Study, records: Sequence[Record], missing: Sequence[Experiment],
-                 overrides: Mapping[str, Any], out_dir: Path, page: Any) -> dict[str, Any]:
+                 overrides: Mapping[str, Any], out_dir: Path, page: Any, carried: Mapping[str, Any] | None = None,
+                 provenance: str | None = None) -> dict[str, Any]:
     """Write the report into ``out_dir`` (which must be empty or absent); ``page(title, blocks)``
-    renders the self-contained HTML (:func:`kdlib.vega_html.standalone_page`). Returns the summary."""
+    renders the self-contained HTML (:func:`kdlib.vega_html.standalone_page`). ``carried``: records of
+    other experiments that records.json held, written back unchanged (a report over some seeds
+    keeps the others'); ``provenance``: table.md's sentence on how many experiments ran with the
+    current parameters and code (:func:`kdlib.study.provenance.standing_line`). Returns the summary."""
     summary = build_summary(study, records, missing, overrides)
     rows = summary["rows"]
     fig_dir = out_dir / "figures"
@@ -78,6 +82,8 @@ def write_report(study: Study, records: Sequence[Record], missing: Sequence[Expe
                     "; every experiment's metrics: `records.json`.")
     if summary["machines"]:
         text.append("Trained on: " + "; ".join(f"{m} ({n})" for m, n in summary["machines"].items()) + ".")
+    if provenance:
+        text.append(provenance)
     text.append("")
     blocks: list[tuple[str, str, Any]] = []
     if not rows:
@@ -119,7 +125,7 @@ def write_report(study: Study, records: Sequence[Record], missing: Sequence[Expe
     (out_dir / "table.md").write_text("\n".join(text))
     (out_dir / "table.csv").write_text(csv_text(study, rows))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    (out_dir / "records.json").write_text(json.dumps(dump_records(records), indent=1, sort_keys=True) + "\n")
+    (out_dir / "records.json").write_text(json.dumps(dump_records(records, carried), indent=1, sort_keys=True) + "\n")
     for png in sorted(fig_dir.glob("*.png")):
         blocks.append((png.stem, "png", base64.b64encode(png.read_bytes()).decode()))
     (out_dir / "index.html").write_text(page(study.title, "\n".join(text), blocks))
