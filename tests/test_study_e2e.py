@@ -2,7 +2,8 @@
 `python -m stages.study run` queues DVC experiments and skips what is done, `report` reads them
 back through dvc.api into reports/studies/<name>/ (the numbers checked against `dvc exp show
 --json`, a second report byte-identical, and the same again from records.json once the experiments
-are removed from DVC), and the report's page renders offline in Chromium."""
+are removed from DVC: its records' parameter and code digests match what `run` would run), and
+the report's page renders offline in Chromium."""
 from __future__ import annotations
 
 import json
@@ -70,6 +71,11 @@ def test_a_tiny_study_runs_skips_what_is_done_and_reports(trained, tmp_path_fact
     assert "| 4.0 | 2 |" in (out / "table.md").read_text()
     # seed 0's models come from the reproduced pipeline's run cache, seed 1's trained in the queue: both here
     assert f"Trained on: {machine_label(describe_machine('cpu'))} (2)." in (out / "table.md").read_text()
+    # each record's digests, read from its experiment commit (the params.yaml DVC wrote, the code of its
+    # tree), are what `run` computes from the working tree: both experiments count as made with them
+    assert "2 of 2 experiments ran with the same parameters and code" in (out / "table.md").read_text()
+    stored = json.loads((out / "records.json").read_text())["experiments"]
+    assert all(set(r["digests"]) == {"params", "code"} for r in stored.values()) and len(stored) == 2
     # the experiments gone from DVC (another machine, or a new session): the committed records.json
     # stands in for them; nothing is queued again and the report is the same
     run(["dvc", "exp", "remove", "--all-commits"], work, env)
