@@ -294,10 +294,16 @@ def stage_main(tag: str, args: argparse.Namespace, module_args: list[str], outpu
     from stages.params import load_params
     from stages.workspace import Workspace
 
+    from kdlib.resume import ResumeError
+
     if args.worker:
         return run_worker(tag, root, body)
     run = prepare(load_params(root / "params.yaml"))
-    owner = claim_resume(tag, root, run.params.runtime.resume)
+    try:
+        owner = claim_resume(tag, root, run.params.runtime.resume)
+    except ResumeError as err:  # e.g. a dangling .kdlib-resume link: before any work, like a bad parameter
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     with stage_outputs(tag, *outputs, ws=Workspace(root), manifests=manifests) as out:
         run_or_launch(tag, f"stages.{module_args[0]}", module_args[1:], run, out, root, body)
     if owner:

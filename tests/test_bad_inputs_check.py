@@ -162,3 +162,16 @@ def test_a_single_class_data_set_is_refused() -> None:
     with pytest.raises(ValueError, match=r"data set 'birds' \(/data/birds\): 1 class\(es\) \(sparrow\); expected at "
                                          r"least two classes"):
         validate_index(DatasetIndex(meta, records))
+
+
+def test_a_dangling_resume_link_stops_a_training_stage_before_work(tmp_path: Path) -> None:
+    """A `.kdlib-resume` symlink to nothing gave a bare FileExistsError; now one line naming it, status 2."""
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / ".kdlib-resume").symlink_to(tmp_path / "gone")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("KDLIB_RESUME_DIR", None)
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "teacher"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {tmp_path / '.kdlib-resume'} is a dangling symbolic link" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "models").exists()

@@ -26,6 +26,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import random
+import math
 import resource
 import statistics
 import tempfile
@@ -127,13 +128,13 @@ class LatencyStats:
     p95_ms: float
     spread: float  # p90 / median of the reported attempt
     attempts: int
-    spreads: tuple[float, ...]  # of every attempt, in order
+    spreads: tuple[float | None, ...]  # of every attempt, in order (None: a median of 0)
     noisy: bool
 
     def row(self) -> dict[str, Any]:
         """The quantize row's ``latency_b1_*`` fields."""
         return {"latency_b1_median_ms": round(self.median_ms, 4), "latency_b1_p90_ms": round(self.p90_ms, 4),
-                "latency_b1_p95_ms": round(self.p95_ms, 4), "latency_b1_spread": round(self.spread, 3),
+                "latency_b1_p95_ms": round(self.p95_ms, 4), "latency_b1_spread": round(self.spread, 3) if math.isfinite(self.spread) else None,
                 "latency_b1_attempts": self.attempts, "latency_b1_noisy": self.noisy,
                 "latency_b1_spread_bound": LATENCY_SPREAD_BOUND}
 
@@ -162,7 +163,7 @@ def measure_latency(fn: Callable[[Tensor], Tensor], x: Tensor, warmup: int, runs
             break
     spread, times = best
     return LatencyStats(statistics.median(times), _percentile(times, 0.9), _percentile(times, 0.95), spread,
-                        len(spreads), tuple(round(s, 3) for s in spreads), spread > bound)
+                        len(spreads), tuple(round(s, 3) if math.isfinite(s) else None for s in spreads), spread > bound)
 
 
 def cpu_int8_support(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
