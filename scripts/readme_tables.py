@@ -39,6 +39,9 @@ START = re.compile(r"^(?P<indent>[ \t]*)<!-- generated: (?P<name>\S+) from (?P<s
 END = re.compile(r"^[ \t]*<!-- end generated: (?P<name>\S+) -->\s*$")
 ROLES = ("teacher", "baseline", "distill")
 
+sys.path.insert(0, str(REPO))
+from kdlib.quantize.figures import delta_cell, table_notes  # noqa: E402 (kdlib: the results table's own marks)
+
 
 class SourceMissing(Exception):
     """A generator's JSON file does not exist; the message names it."""
@@ -226,7 +229,7 @@ def quantization(repo_root: Path, reports: Path | None = None) -> str:
     d = _json(_reports(repo_root, reports), "quantization.json")
     score = d.get("settings", {}).get("score", "top1")
     results = d["results"]
-    rows = []
+    rows, flagged = [], []
     for model, label, precisions in (("distill", "KD student", list(results.get("distill", {}))),
                                      ("teacher", "teacher", TEACHER_PRECISIONS)):
         for precision in precisions:
@@ -241,10 +244,14 @@ def quantization(repo_root: Path, reports: Path | None = None) -> str:
                 continue
             # ¹: a .pt2 archive (graph + weights) larger than the fp32 checkpoint
             mark = "¹" if r.get("artifact") == ".pt2" and r.get("size_ratio", 1.0) < 1 else ""
-            rows.append([label, name, _backend(precision, r), _f(r[score]),
-                         "" if precision == "fp32" else _signed(r.get(f"delta_{score}", 0.0)),
-                         f"{r['latency_b1_median_ms']:.3f}", f"{r['throughput_img_s']:,.0f}",
-                         _bytes(r["size_bytes"]) + mark, f"{r['inference_mib']:.0f} MiB"])
+            # a loss beyond the margin and a noisy latency are marked as results.md marks them
+            delta = "" if precision == "fp32" else _minus(delta_cell(r, score))
+            latency = f"{r['latency_b1_median_ms']:.3f}"
+            if r.get("latency_b1_noisy"):
+                latency = f"⚠ {latency} (noisy: p90/median {r['latency_b1_spread']:.1f}×)"
+            rows.append([label, name, _backend(precision, r), _f(r[score]), delta, latency,
+                         f"{r['throughput_img_s']:,.0f}", _bytes(r["size_bytes"]) + mark, f"{r['inference_mib']:.0f} MiB"])
+            flagged.append({**r, "model": label, "precision": precision})
     label = {"top1": "top-1"}.get(score, score)
     table = _table(["model", "precision", "backend", f"test {label}", "Δ", "batch 1 (ms)",
                     f"batch {d.get('settings', {}).get('throughput_batch', 64)} (img/s)", "size", "model memory²"],
@@ -255,7 +262,8 @@ def quantization(repo_root: Path, reports: Path | None = None) -> str:
         text = (f"fp8 weights are dequantized at compute: at batch 1 ResNet-18 takes "
                 f"{teacher['fp8']['latency_b1_median_ms']:.1f} ms per image in fp8 against "
                 f"{teacher['fp32']['latency_b1_median_ms']:.1f} ms in fp32.")
-    return _markdown(table, text)
+    notes = [line for line in table_notes(flagged, score).splitlines() if line.strip()]
+    return _markdown(table, text, *notes)
 
 
 PIPELINE_TARGETS = {"total": 300.0, "teacher": 97.0, "noop": 2.0}  # bench/pipeline.py's targets

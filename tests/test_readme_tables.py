@@ -195,3 +195,24 @@ def test_each_generator_reads_only_its_declared_sources(tmp_path: Path) -> None:
             shutil.copy(reports / source, only / source)
         assert gen.build(REPO, only) == gen.build(REPO, reports), name
         assert gen.build(REPO, only).strip(), name
+
+
+def test_quantization_table_marks_a_flagged_loss_and_a_noisy_latency(tmp_path: Path) -> None:
+    """README's table marks what results.md marks (issue 27: a 13-pt int8 loss and a 162-ms latency on a
+    busy machine were shown as plain numbers)."""
+    reports = _reports_copy(tmp_path)
+    path = reports / "quantization.json"
+    data = json.loads(path.read_text())
+    int8 = data["results"]["distill"]["onnx_int8"]
+    int8.update(top1=84.15, delta_top1=-13.06, accuracy_loss_flagged=True, accuracy_loss_margin_pt=1.0,
+                accuracy_loss_cause="the CPU it ran on (torch capability AVX2) has no VNNI")
+    data["results"]["teacher"]["fp32"].update(latency_b1_noisy=True, latency_b1_spread=3.4, latency_b1_attempts=3,
+                                              latency_b1_spread_bound=2.0)
+    path.write_text(json.dumps(data))
+    block = rt.quantization(REPO, reports)
+    assert "| KD student | onnx_int8 | ONNX Runtime, QDQ static | 84.15 | ⚠ −13.06 |" in block
+    assert "| teacher | fp32 | PyTorch eager | 97.44 |  | ⚠ 3.224 (noisy: p90/median 3.4×) |" in block
+    assert "⚠ Δ: KD student onnx_int8 loses more than 1 pt of test top-1" in block and "has no VNNI" in block
+    assert "⚠ noisy latency: teacher fp32" in block
+    unflagged = rt.quantization(REPO, _reports_copy(tmp_path / "plain"))
+    assert "⚠" not in unflagged
