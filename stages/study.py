@@ -510,6 +510,15 @@ def stale_lines(plan: Plan, path: Path, stale: list[tuple[Experiment, Record, St
     return lines
 
 
+def shell_quote(arg: str) -> str:
+    """``arg`` for a POSIX shell, in double quotes when it holds single quotes and nothing a shell
+    expands inside double quotes: ``-S "root='a,b'"`` reads better than shlex's
+    ``'root='"'"'a,b'"'"''`` (a dry run's lines are meant to be read and pasted)."""
+    if "'" in arg and not any(c in arg for c in '"$`\\!'):
+        return f'"{arg}"'
+    return shlex.quote(arg)
+
+
 def set_args(exp: Experiment) -> list[str]:
     return [x for k, v in exp.overrides.items() for x in ("-S", override_arg(k, v))]
 
@@ -576,7 +585,8 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     for exp in todo:
         if args.dry_run:
             # quoted for a shell: a list value ("[fp32, fp16]") pasted unquoted would split at its spaces
-            print("  " + shlex.join(["dvc", "exp", "run", "--queue", "-n", exp.name, TARGET, *set_args(exp)]))
+            print("  " + " ".join(map(shell_quote, ["dvc", "exp", "run", "--queue", "-n", exp.name, TARGET,
+                                                     *set_args(exp)])))
         else:
             queue(exp, known)
     if args.dry_run:

@@ -106,7 +106,7 @@ def test_a_comma_value_is_one_experiment_and_the_old_form_was_a_sweep(work: Path
     assert cli.parse_override("datasets.mnist.root=data/mnist,data/other").is_sweep_override()
     assert cli.main(["run", "comma", "--dry-run"]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if "dvc exp run" in x]
-    assert len(line) == 1
+    assert len(line) == 1 and """ -S "datasets.mnist.root='data/mnist,data/other'" """ in line[0], line
     args = shlex.split(line[0])
     [root] = [args[i + 1] for i, a in enumerate(args) if a == "-S" and args[i + 1].startswith("datasets.")]
     override = cli.parse_override(root)
