@@ -38,10 +38,11 @@ model without a word. Each image's CHW bytes therefore carry ``zlib.crc32`` (an 
 written by the build from the very bytes it writes), checked twice:
 
 * at open, by :func:`open_or_build`, every image: the cost is one pass over the pixel section,
-  ``pixel_bytes / r`` with ``r`` zlib's crc32 rate on one core (2.3–2.8 GiB/s with zlib 1.2.13
-  on this project's 2-core machine: ``bench/loader.py``'s "verify pixel cache (256 px)" row,
-  about 10,000 images/s at 256 px, 4 % of what building the cache costs), so about 1.2 s for
-  CUB's 11,788 images (2.9 GiB) from the page cache, more where they must come from disk (one
+  ``pixel_bytes / r`` with ``r`` zlib's crc32 rate on one core (1.5–2.8 GiB/s with zlib 1.2.13
+  on this project's shared 2-core machine, the lower figure with other work running:
+  ``bench/loader.py``'s "verify pixel cache (256 px)" row, 6,000–11,000 images/s at 256 px,
+  about 5 % of what building the cache costs), so 1–2 s for CUB's 11,788 images (2.9 GiB)
+  from the page cache, more where they must come from disk (one
   more pass over what every epoch reads anyway), once per process that opens the cache (each
   torchrun rank). A mismatch is reported naming the file and the first bad image's index and
   path, and the cache is rebuilt;
