@@ -551,6 +551,12 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
         known = exp_queue.states()
         lost &= set(exp_queue.orphaned(known))
     path, _, stored = recorded(study, experiments)
+
+    def usable(standing_: Standing) -> bool:
+        """Reusable as it stands: made with what this run would use, or, with --accept-other-code, with
+        the same parameters by code the user vouches for (a refactor, a docstring)."""
+        return standing_.current or bool(args.accept_other_code and standing_.params)
+
     todo: list[Experiment] = []
     reused: list[Experiment] = []  # a record made with the parameters and code this run would use
     stale: list[tuple[Experiment, Record, Standing]] = []  # records made with others: queued again
@@ -558,12 +564,12 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     for exp in experiments:
         record = stored.get(exp.name)
         standing_now = plan.standing(exp, record.digests) if record else None
-        if standing_now is not None and standing_now.current:
+        if standing_now is not None and usable(standing_now):
             reused.append(exp)
             continue
         state = known.get(exp.name, (None, ""))[0]
         if exp.name in known and state != "Failed" and exp.name not in lost:
-            if state in PENDING or plan.standing(exp, experiment_digests(known[exp.name][1])).current:
+            if state in PENDING or usable(plan.standing(exp, experiment_digests(known[exp.name][1]))):
                 continue  # queued or running, or finished with what this run would run
             held.append(exp)
             continue
@@ -575,6 +581,10 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     print(f"{study.name}: {len(experiments)} experiments, {finished} finished or queued, {len(todo)} to queue"
           + (f" ({orphans} orphaned: Running, their process and worker gone)" if orphans else "")
           + (f"; {len(reused)} of them recorded in {path}" if reused else ""))
+    other_code = sum(1 for e in reused if not plan.standing(e, stored[e.name].digests).current)
+    if other_code:
+        print(f"  {other_code} of the recorded ones ran on other code, reused as --accept-other-code asks "
+              "(their report says so)")
     if stale:
         print("\n".join(stale_lines(plan, path, stale)))
     if held:
@@ -756,6 +766,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("-j", "--jobs", type=int, default=1, help="experiments at once (dvc queue start -j)")
             p.add_argument("--no-wait", action="store_true", help="queue and start, then return")
             p.add_argument("--dry-run", action="store_true", help="print the queue commands; queue nothing")
+            p.add_argument("--accept-other-code", action="store_true",
+                           help="reuse records made with the same parameters by other code (default: queue them "
+                                "again)")
             p.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
     p = sub.add_parser("backfill", help="give older records their parameter and code digests")
     p.add_argument("names", nargs="+", metavar="NAME")

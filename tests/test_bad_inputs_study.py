@@ -275,6 +275,15 @@ def test_records_made_with_other_parameters_or_code_are_named_and_queued_again(w
     assert cli.main(["run", "t", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"other code: 6 (they ran on commit `{head[:7]}` (6)" in out and "other parameters:" not in out, out
+    # code the user vouches for (a refactor): the records stand, and the run says on what they rest
+    assert cli.main(["run", "t", "--dry-run", "--accept-other-code"]) == 0
+    out = capsys.readouterr().out
+    assert "t: 6 experiments, 6 finished or queued, 0 to queue" in out
+    assert "6 of the recorded ones ran on other code, reused as --accept-other-code asks" in out
+    params.write_text(original.replace("    epochs: 30\n", "    epochs: 2\n"))  # never other parameters
+    assert cli.main(["run", "t", "--dry-run", "--accept-other-code"]) == 0
+    assert "t: 6 experiments, 0 finished or queued, 6 to queue" in capsys.readouterr().out
+    params.write_text(original)
     assert cli.main(["report", "t"]) == 0  # all records still reported, with how they stand
     table = (work / "reports" / "studies" / "t" / "table.md").read_text()
     assert f"Against commit `{head[:7]}` with uncommitted changes" in table
