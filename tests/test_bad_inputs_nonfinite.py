@@ -3,7 +3,6 @@ work, and a training run whose loss, gradient norm or validation loss turns NaN/
 epoch, the step and the term, leaving nothing for DVC to cache (through DVC: tests/test_bad_inputs_dvc.py)."""
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,11 @@ import kdlib.train as train_module
 from kdlib.losses import build_objective
 from kdlib.losses.registry import LossOutput
 from kdlib.models import build_model
-from kdlib.runtime import seed_everything
 from kdlib.schema import SEED_MAX, non_finite
-from kdlib.train import NonFiniteError, Recipe, TrainData, fit
-from stages.params import ParamError, read_params, resolve
-from tests.test_train import RECORD, image_dir  # noqa: F401 (fixture)
+from kdlib.train import NonFiniteError
+from stages.params import read_params, resolve
+from tests.test_params import error_of, mutated
+from tests.test_train import image_dir, run_fit  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,22 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def base() -> dict[str, Any]:
     return read_params(REPO / "params.yaml")
-
-
-def problems_of(params: dict[str, Any]) -> str:
-    with pytest.raises(ParamError) as info:
-        resolve(params)
-    return str(info.value)
-
-
-def with_value(params: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    out = copy.deepcopy(params)
-    *parents, last = dotted.split(".")
-    node = out
-    for name in parents:
-        node = node[name]
-    node[last] = value
-    return out
 
 
 # ---------------------------------------------------------------- parameters (the schema, one place)
@@ -59,7 +42,7 @@ def with_value(params: dict[str, Any], dotted: str, value: Any) -> dict[str, Any
 ], ids=["std_nan", "std_inf", "mean_nan", "lr_inf", "wd_minus_inf", "temperature_nan", "align_lr_nan",
         "teacher_ls_nan"])
 def test_non_finite_parameters_are_refused_naming_the_key(base, key, value, shown) -> None:
-    message = problems_of(with_value(base, key, value))
+    message = error_of(mutated(base, key, value))
     assert f"{shown}: expected a finite number" in message
 
 
@@ -84,8 +67,8 @@ def test_non_finite_walks_nested_values() -> None:
 
 @pytest.mark.parametrize("key", ["seed", "teacher_seed", "data.split_seed"])
 def test_seeds_beyond_what_numpy_takes_are_refused(base, key) -> None:
-    resolve(with_value(base, key, SEED_MAX))
-    message = problems_of(with_value(base, key, 2**64))
+    resolve(mutated(base, key, SEED_MAX))
+    message = error_of(mutated(base, key, 2**64))
     assert f"{key} = {2**64}: expected an integer in [0, {SEED_MAX}]" in message
 
 
@@ -124,19 +107,8 @@ class InfiniteGradient(nn.Module):
         return {}
 
 
-def _fit(image_dir, out: Path, objective, lr: float = 0.05, epochs: int = 2, model: nn.Module | None = None):
-    from kdlib.data import BatchNormalizer, IndexedImageDataset, build_transforms
-
-    root, records = image_dir
-    augment = build_transforms("shift", 16, 16, True, {"shift_px": 2})
-    train = IndexedImageDataset(root, [r for r in records if r.split == "train"], 1, augment.sample,
-                                preload=True, batch_transform=augment.batch)
-    val = IndexedImageDataset(root, [r for r in records if r.split == "val"], 1, None, preload=True)
-    seed_everything(0)
-    model = model if model is not None else build_model("cnn_small", 3, 1)
-    recipe = Recipe(epochs=epochs, batch_size=8, lr=lr, warmup_epochs=0)
-    return fit(model, objective, recipe, TrainData(train, val, BatchNormalizer([0.5], [0.25])), out, RECORD,
-               seed=0, progress=False)
+def _fit(image_dir, out: Path, objective, lr: float = 0.05, model: nn.Module | None = None):
+    return run_fit(image_dir, out, objective=objective, lr=lr, model=model)[1]
 
 
 def test_a_nan_loss_names_epoch_step_and_term(image_dir, tmp_path: Path) -> None:  # noqa: F811

@@ -46,15 +46,15 @@ class ListLogger:
 
 
 def run_fit(image_dir, out: Path, epochs: int = 2, patience: int = 0, objective=None, teacher=None,
-            logger=None, amp: str = "none", mix=None, resume=None):
+            logger=None, amp: str = "none", mix=None, resume=None, lr: float = 0.05, model=None):
     root, records = image_dir
     augment = build_transforms("shift", 16, 16, True, {"shift_px": 2})
     train = IndexedImageDataset(root, [r for r in records if r.split == "train"], 1, augment.sample,
                                 preload=True, batch_transform=augment.batch)
     val = IndexedImageDataset(root, [r for r in records if r.split == "val"], 1, None, preload=True)
     seed_everything(0)
-    model = build_model("cnn_small", 3, 1)
-    recipe = Recipe(epochs=epochs, batch_size=8, lr=0.05, patience=patience, warmup_epochs=1, amp=amp)
+    model = build_model("cnn_small", 3, 1) if model is None else model
+    recipe = Recipe(epochs=epochs, batch_size=8, lr=lr, patience=patience, warmup_epochs=1, amp=amp)
     data = TrainData(train, val, BatchNormalizer([0.5], [0.25]), mix=mix)
     result = fit(model, objective or build_objective("ce"), recipe, data, out, RECORD, seed=0, teacher=teacher,
                  logger=logger, progress=False, resume=resume)
