@@ -153,6 +153,18 @@ def test_a_key_stated_twice_is_refused_with_its_lines(work: Path, capsys) -> Non
     assert "the key 'epochs' twice" in capsys.readouterr().err
 
 
+def test_an_alias_bomb_in_a_study_set_is_refused_before_it_expands(work: Path, capsys) -> None:
+    """The issue: the same alias bomb that hung params.yaml's digest, in a study's `set:`."""
+    levels = ['  a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]'] + [
+        f"  {chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(9)]
+    (work / "studies" / "bomb.yaml").write_text("seeds: [0]\nset:\n  datasets.mnist.options:\n" +
+                                                "\n".join("  " + line for line in levels) + "\ngrid: {}\n")
+    start = time.perf_counter()
+    assert cli.main(["run", "bomb", "--dry-run"]) == 2
+    assert "YAML aliases expand the document to more than 1,000,000 nodes" in capsys.readouterr().err
+    assert time.perf_counter() - start < 10
+
+
 # ---- the grid's size ------------------------------------------------------------------------------------
 
 def test_a_huge_grid_is_refused_at_once_and_a_large_one_builds_in_linear_time(tmp_path: Path) -> None:
