@@ -75,7 +75,7 @@ def gpu_params(params: dict, data: Path, device: str, quick: bool, compile_model
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "augment": "imagenet",
         "preload": True, "preload_size": int(size * 256 / 224)}
     amp = "bf16" if device == "cuda" else "none"
-    common = {"epochs": 2, "warmup_epochs": 0, "schedule": "cosine", "optimizer": "adamw", "weight_decay": 0.05,
+    common = {"epochs": 2, "warmup_epochs": 0, "schedule": "cosine", "optimizer": "adamw", "weight_decay": 0.05, "augment": None,
               "label_smoothing": 0.0, "patience": 0, "channels_last": device == "cuda", "amp": amp}
     params["models"]["gpu_teacher"] = {
         **common, "arch": "convnext_atto" if quick else "convnext_tiny", "input_size": size, "lr": 1e-3,

@@ -83,6 +83,13 @@ class FeatureStudent(nn.Module):
             self.backbone.eval()
         return self
 
+    def apply_constraints(self) -> None:
+        """The backbone's weight constraints (an MLP's max-norm), which the training loop applies after
+        every update: the wrapper must not hide them."""
+        constrain = getattr(self.backbone, "apply_constraints", None)
+        if constrain is not None:
+            constrain()
+
     def forward_distill(self, images: Tensor) -> tuple[Tensor, Tensor]:
         features = self.feat_fc(self.backbone(images))
         return self.fc(features), features

@@ -118,8 +118,39 @@ class Recipe:
     grad_clip: float = setting(is_float(0), 0.0)  # max grad norm; 0 = off
     channels_last: bool = setting(is_bool, False)
     amp: str = setting(one_of("none", "bf16", "fp16"), "none")
+    # this model's training augmentation instead of the data set's: null (the data set's), a preset name
+    # (`none`: Hinton et al. 2015 jitter their teacher's images but train the student on plain ones), or
+    # {preset: {options}}. One key, so that dvc.yaml can name it in every preset.
+    augment: str | dict[str, Any] | None = setting(lambda v: None if v is None or isinstance(v, (str, dict)) else
+                                                   "null, an augmentation preset name, or {preset: {options}}",
+                                                   None, required=True)
     eval_batch_size: int = setting(is_int(1), 256, context=True)
     num_workers: int = setting(is_int(0), 0, context=True)
+
+    @property
+    def augmentation(self) -> tuple[str, dict[str, Any]] | None:
+        """``(preset, options)`` of ``augment``; None: the data set's."""
+        if self.augment is None:
+            return None
+        if isinstance(self.augment, str):
+            return self.augment, {}
+        (name, options), = self.augment.items()
+        return name, dict(options or {})
+
+    def problems(self) -> list[tuple[str | None, str]]:
+        from kdlib.data.transforms import TRAIN_PRESETS, augment_option_problems
+
+        names = ", ".join(TRAIN_PRESETS.names())
+        if isinstance(self.augment, dict) and (len(self.augment) != 1 or not isinstance(
+                next(iter(self.augment.values())) or {}, dict)):
+            return [("augment", f"expected one {{preset: {{options}}}} entry; presets: {names}")]
+        found = self.augmentation
+        if found is None:
+            return []
+        if found[0] not in TRAIN_PRESETS:
+            return [("augment", f"expected null (the data set's augmentation) or one of: {names}")]
+        return [(None, f"augment.{found[0]}.{key.removeprefix('augment_options.')}: {text}")
+                for key, text in augment_option_problems(*found)]
 
     def scaled_lr(self, global_batch: int) -> float:
         """The base lr the optimizer gets for ``global_batch`` images per step."""
@@ -314,6 +345,7 @@ class EpochLoop:
         # fp16's GradScaler expects inf gradients now and then (it skips those steps and lowers its scale)
         check_grads = not self.scaler.is_enabled()
         params = [p for p in model.parameters() if p.requires_grad]
+        constrain = getattr(model, "apply_constraints", None)
         # disable=None: a progress bar on a terminal, nothing in a log file
         batches = tqdm(self.loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
                        disable=None if progress else True)
@@ -345,6 +377,8 @@ class EpochLoop:
                       out.total.device)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if constrain is not None:  # e.g. max-norm (kdlib.models.mlp): after every update, as Hinton et al. 2012
+                constrain()
             self.scheduler.step()
             # accumulate on the device: a float() per step would wait for the GPU every step
             n = len(targets)

@@ -16,6 +16,7 @@ from typing import Any
 
 from kdlib import yamlfile
 from kdlib.data.spec import DatasetSpec
+from kdlib.data.transforms import augment_option_problems
 from kdlib.distill import AlignSettings, CacheSettings
 from kdlib.losses import METHODS, Method, MethodSpec, build_objective, distillation_methods
 from kdlib.features import feature_width
@@ -131,6 +132,15 @@ class Params:
                 found.append((None, f"datasets.{self.dataset}.preload_size = {data.preload_size}: expected at least "
                                     f"{size}, the input size of the {role} preset {getattr(self, role)!r} (or null); "
                                     f"e.g. -S datasets.{self.dataset}.preload_size={size}"))
+        for role in ("teacher", "student"):
+            preset = getattr(self, role)
+            augmentation = self.models[preset][1].augmentation if preset in self.models else None
+            if augmentation is not None:  # ranges that depend on the image size (shift_px < image_size)
+                name, options = augmentation
+                found += [(None, f"models.{preset}.augment.{name}.{key.removeprefix('augment_options.')} = "
+                                 f"{options.get(key.removeprefix('augment_options.'))!r}: {text} (the "
+                                 f"{self.dataset!r} data set's images are {data.image_size} px)")
+                          for key, text in augment_option_problems(name, options, data.image_size)]
         if self.teacher_cache.enabled and data.mixes:
             found.append((None, f"datasets.{self.dataset}: MixUp/CutMix mix pairs of images per batch, and the "
                                 "teacher must see the mixed batch, so its outputs cannot be cached per view; set "
@@ -184,6 +194,13 @@ class Run:
 
     def model(self, role: str) -> ModelRun:
         return self.teacher if role == "teacher" else self.student
+
+    def train_dataset(self, role: str) -> DatasetSpec:
+        """The data set as ``role`` trains on it: with the model preset's own ``augment`` when it has one
+        (Hinton et al. 2015's teacher sees jittered images, its students the plain ones). Everything built
+        from the training views — the teacher cache, alignment, the view key — takes it from here."""
+        found = self.model(role).recipe.augmentation
+        return self.dataset if found is None else replace(self.dataset, augment=found[0], augment_options=found[1])
 
     def model_problems(self) -> list[str]:
         """What the models themselves refuse, found by building each on torch's meta device (no

@@ -32,7 +32,7 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
     the only one), saving and resuming at ``resume``; ``distill`` reads the teacher, its cache and
     the alignment from ``ws``. Returns the fit result and the parameter count."""
     index, model_run = ws.index(), run.model(role)
-    train_set = run.dataset.load(index, "train", model_run.input_size, True, *ws.pixel_cache_for(run))
+    train_set = run.train_dataset(role).load(index, "train", model_run.input_size, True, *ws.pixel_cache_for(run))
     val_set = run.dataset.load(index, "val", model_run.input_size, False, *ws.pixel_cache_for(run))
     seed = run.seed_of(role)
     seed_everything(seed)
@@ -44,7 +44,7 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
             run.objective(role), model_run.spec, model_run.preset, index.meta, train_set,
             Checkpoint.read(ws.teacher_checkpoint), seed=run.seed, num_views=run.num_views, runtime=runtime,
             cache=ws.teacher_cache if cache.enabled else None, teacher_batch_size=cache.batch_size,
-            cache_key=teacher_cache_key(ws.teacher_checkpoint, ws.index_files, run.dataset, model_run.input_size,
+            cache_key=teacher_cache_key(ws.teacher_checkpoint, ws.index_files, run.train_dataset(role), model_run.input_size,
                                         run.num_views, run.seed),
             aligned=Checkpoint.read(ws.align_checkpoint) if ws.align_checkpoint.is_file() else None)
         model, objective, teacher, view_seeds, record = setup.student, setup.objective, setup.teacher, \

@@ -511,3 +511,42 @@ def test_run_is_frozen(repo_params) -> None:
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(target, name, value)
     assert run == resolve(repo_params)  # nothing changed
+
+
+def test_a_preset_may_train_on_its_own_augmentation(repo_params) -> None:
+    """Hinton et al. 2015 jitter the teacher's images and train the student on plain ones: the student
+    preset's `augment: none` changes its training views (and the teacher cache's key), not the teacher's."""
+    from kdlib.distill import teacher_cache_key
+
+    run = resolve(mutated(repo_params, "models.cnn_small.augment", "none"))
+    assert run.student.preset == "cnn_small" and run.teacher.preset == "resnet18"
+    assert (run.train_dataset("baseline").augment, run.train_dataset("baseline").augment_options) == ("none", {})
+    assert run.train_dataset("distill") == run.train_dataset("baseline")
+    assert run.train_dataset("teacher") == run.dataset and run.dataset.augment == "shift"
+    plain, jittered = run.train_dataset("distill"), run.dataset
+    assert plain.view_key(28) != jittered.view_key(28)
+    default = resolve(repo_params)
+    assert default.train_dataset("distill") is default.dataset  # null: the data set's, unchanged
+    options = resolve(mutated(repo_params, "models.cnn_small.augment", {"shift": {"shift_px": 1}}))
+    assert options.train_dataset("baseline").augment_options == {"shift_px": 1}
+    key = lambda spec: teacher_cache_key(REPO_ROOT / "params.yaml", [REPO_ROOT / "dvc.yaml"], spec, 28, 2, 0)  # noqa: E731
+    assert key(plain) != key(jittered)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("nosuch", "models.cnn_small.augment = 'nosuch': expected null (the data set's augmentation) or one of: "),
+    ({"shift": {"shift_px": 40}}, "models.cnn_small.augment.shift.shift_px = 40: expected an integer in [0, 27] "
+                                  "(the 'mnist' data set's images are 28 px)"),
+    ({"shift": {"bad": 1}}, "models.cnn_small: augment.shift.bad: unknown option of the 'shift' augmentation"),
+    ({"shift": {}, "none": {}}, "models.cnn_small.augment = {'shift': {}, 'none': {}}: expected one "),
+    (3, "models.cnn_small.augment = 3: expected null, an augmentation preset name, or {preset: {options}}"),
+])
+def test_a_bad_preset_augmentation_names_the_key(repo_params, value, expected) -> None:
+    assert expected in error_of(mutated(repo_params, "models.cnn_small.augment", value))
+
+
+def test_every_model_preset_states_its_augmentation(repo_params) -> None:
+    """dvc.yaml's teacher_cache stage names `models.${student}.augment`: DVC needs the key in every preset."""
+    params = copy.deepcopy(repo_params)
+    del params["models"]["rescnn"]["augment"]
+    assert "models.rescnn.augment: missing" in error_of(params)

@@ -253,3 +253,14 @@ def test_a_run_that_crashed_resumes_to_the_same_bytes_and_log(image_dir, tmp_pat
     assert resumed.history == uninterrupted.history and again.rows == whole.rows  # replayed, none twice
     for name in ("best.pt", "last.pt"):
         assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_a_models_constraints_are_applied_after_every_update(image_dir, tmp_path):
+    """kdlib.models.mlp's max-norm (Hinton et al. 2012) is applied by the loop after each optimizer step,
+    through the model's own `apply_constraints`: 24 images, batch 8, 2 epochs = 6 calls, each after a step."""
+    model = build_model("cnn_small", 3, 1)
+    seen = []
+    model.apply_constraints = lambda: seen.append(model.fc.weight.detach().clone())
+    run_fit(image_dir, tmp_path, model=model)
+    assert len(seen) == 6
+    assert not torch.equal(seen[0], seen[1])  # each call followed a real update
