@@ -519,3 +519,74 @@ def test_export_imagefolder_test_subset(mnist, tmp_path: Path) -> None:
     assert Counter(p.parent.name for p in files) == {str(d): 2 for d in range(10)}
     for p in files:
         assert int(p.parent.name) == int(mnist["test_labels"][_source_index(p)])
+
+
+# ---- all of MNIST: train_per_class null (datasets.mnist_full) --------------------------------
+def test_export_imagefolder_all_training_images_not_in_val(mnist, tmp_path: Path) -> None:
+    """train_per_class=None: val is a seeded stratified draw and train is every other training image."""
+    part = {"train_images": mnist["train_images"][:1000], "train_labels": mnist["train_labels"][:1000],
+            "test_images": mnist["test_images"][:30], "test_labels": mnist["test_labels"][:30]}
+    counts = export_imagefolder(part, tmp_path / "a", train_per_class=None, val_per_class=5, seed=0)
+    assert counts == {"train": 950, "val": 50, "test": 30}
+    files = _exported(tmp_path / "a")
+    train_src = {_source_index(p) for p in files["train"]}
+    val_src = {_source_index(p) for p in files["val"]}
+    assert not train_src & val_src and train_src | val_src == set(range(1000))
+    assert Counter(p.parent.name for p in files["val"]) == {str(d): 5 for d in range(10)}
+    for p in files["train"][::97] + files["val"][::7]:
+        i = _source_index(p)
+        assert int(p.parent.name) == int(part["train_labels"][i])
+        assert np.array_equal(np.asarray(Image.open(p)), part["train_images"][i])
+    # seeded: the same seed draws the same val, another seed another one
+    export_imagefolder(part, tmp_path / "b", train_per_class=None, val_per_class=5, seed=0)
+    export_imagefolder(part, tmp_path / "c", train_per_class=None, val_per_class=5, seed=1)
+    again = {_source_index(p) for p in _exported(tmp_path / "b")["val"]}
+    other = {_source_index(p) for p in _exported(tmp_path / "c")["val"]}
+    assert again == val_src and other != val_src
+
+
+def test_full_mnist_split_sizes(mnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mnist_full's options on the real files: 55,000 / 5,000 / 10,000, val 500 per digit, train and
+    val disjoint and together the whole training set (paths recorded, PNG writing skipped)."""
+    import kdlib.data.mnist as mnist_module
+
+    written: list[Path] = []
+    monkeypatch.setattr(mnist_module, "_write_pngs", lambda images, paths: written.extend(paths))
+    counts = export_imagefolder(mnist, tmp_path, train_per_class=None, val_per_class=500, seed=0)
+    assert counts == {"train": 55_000, "val": 5_000, "test": 10_000}
+    by_split = {s: [p for p in written if p.relative_to(tmp_path).parts[0] == s] for s in ("train", "val", "test")}
+    train_src = {_source_index(p) for p in by_split["train"]}
+    val_src = {_source_index(p) for p in by_split["val"]}
+    assert len(train_src) == 55_000 and not train_src & val_src and train_src | val_src == set(range(60_000))
+    assert Counter(p.parent.name for p in by_split["val"]) == {str(d): 500 for d in range(10)}
+    assert Counter(p.parent.name for p in by_split["train"]) == {
+        str(d): n - 500 for d, n in enumerate(MNIST_TRAIN_COUNTS)}
+    assert sorted(_source_index(p) for p in by_split["test"]) == list(range(10_000))
+
+
+def test_subset_draw_is_unchanged(small_mnist, tmp_path: Path) -> None:
+    """A numeric train_per_class still draws train first, then val from the rest, with the same
+    generator: the default data set (and its DVC cache) is what it was."""
+    from kdlib.data.splits import stratified_take
+
+    export_imagefolder(small_mnist, tmp_path, train_per_class=4, val_per_class=3, seed=7)
+    rng = np.random.default_rng(7)
+    train = stratified_take(small_mnist["train_labels"], 4, rng)
+    val = stratified_take(small_mnist["train_labels"], 3, rng, exclude=set(train.tolist()))
+    files = _exported(tmp_path)
+    assert sorted(_source_index(p) for p in files["train"]) == train.tolist()
+    assert sorted(_source_index(p) for p in files["val"]) == val.tolist()
+
+
+@pytest.mark.parametrize(("options", "problems"), [
+    ({"train_per_class": None, "val_per_class": 500}, []),
+    ({"train_per_class": None, "val_per_class": 500, "test_per_class": None}, []),
+    ({"train_per_class": 0, "val_per_class": 1},
+     [("train_per_class", "expected null (every training image not in val) or an integer in [1, inf]")]),
+    ({"val_per_class": None}, [("val_per_class", "expected an integer")]),
+    ({"train_per_class": "all"}, [("train_per_class", "expected null (every training image not in val) or an integer")]),
+])
+def test_mnist_layout_options(options: dict, problems: list) -> None:
+    from kdlib.data.layouts import option_problems
+
+    assert option_problems("mnist", options) == problems

@@ -70,29 +70,44 @@ def load_mnist(directory: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _write_pngs(images: list[np.ndarray], paths: list[Path]) -> None:
+    """Save each 28×28 uint8 array as a grayscale PNG (zlib level 6) at its path."""
+    from PIL import Image
+
+    for image, path in zip(images, paths):
+        Image.fromarray(image, mode="L").save(path, compress_level=6)
+
+
 def export_imagefolder(
     arrays: dict[str, np.ndarray],
     out_root: Path,
-    train_per_class: int,
+    train_per_class: int | None,
     val_per_class: int,
     seed: int,
     test_per_class: int | None = None,
 ) -> dict[str, int]:
-    """Write a stratified, seeded MNIST subset as PNG files in the ImageFolder layout.
+    """Write a stratified, seeded MNIST subset (or all of MNIST) as PNG files in the ImageFolder layout.
 
-    ``train/`` gets ``train_per_class`` and ``val/`` ``val_per_class`` images of each digit, drawn
-    without overlap from the MNIST training set; ``test/`` gets the full 10,000-image test set,
-    or a stratified ``test_per_class`` subset of it (for tiny smoke runs).
+    ``val/`` gets ``val_per_class`` images of each digit drawn from the MNIST training set, and
+    ``train/`` either ``train_per_class`` other images of each digit or, with ``train_per_class=None``,
+    every training image not drawn for ``val/`` (60,000 − 10·``val_per_class``: 55,000 with 500 per
+    class). With a number, train is drawn first and val from the rest; with None, val is drawn first
+    (from the same seeded generator) and train is the complement, so val stays disjoint from train
+    either way. ``test/`` gets the full 10,000-image test set, or a stratified ``test_per_class``
+    subset of it (for tiny smoke runs).
     File names keep the source split and index (``mnist-train-01234.png``), so an image's origin
     is visible and the same source image can never appear under two names.
     """
-    from PIL import Image
-
     from kdlib.data.splits import stratified_take
 
     rng = np.random.default_rng(seed)
-    train_idx = stratified_take(arrays["train_labels"], train_per_class, rng)
-    val_idx = stratified_take(arrays["train_labels"], val_per_class, rng, exclude=set(train_idx.tolist()))
+    labels = arrays["train_labels"]
+    if train_per_class is None:
+        val_idx = stratified_take(labels, val_per_class, rng)
+        train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    else:
+        train_idx = stratified_take(labels, train_per_class, rng)
+        val_idx = stratified_take(labels, val_per_class, rng, exclude=set(train_idx.tolist()))
     plan = [
         ("train", "train", train_idx),
         ("val", "train", val_idx),
@@ -101,11 +116,10 @@ def export_imagefolder(
     ]
     counts = {}
     for split, source, indices in plan:
-        images, labels = arrays[f"{source}_images"], arrays[f"{source}_labels"]
+        images, labels_of = arrays[f"{source}_images"], arrays[f"{source}_labels"]
         for digit in MNIST_CLASSES:
             (out_root / split / digit).mkdir(parents=True, exist_ok=True)
-        for i in indices:
-            path = out_root / split / str(int(labels[i])) / f"mnist-{source}-{int(i):05d}.png"
-            Image.fromarray(images[i], mode="L").save(path, compress_level=6)
+        paths = [out_root / split / str(int(labels_of[i])) / f"mnist-{source}-{int(i):05d}.png" for i in indices]
+        _write_pngs([images[i] for i in indices], paths)
         counts[split] = len(indices)
     return counts

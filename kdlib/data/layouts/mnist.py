@@ -2,9 +2,11 @@
 PNGs in the ImageFolder layout under ``staging`` (train / val / test folders), then read back by
 the ``imagefolder`` reader, so MNIST takes the same loading path as every file-based data set.
 
-Options: ``train_per_class`` and ``val_per_class`` (a stratified, seeded subset of the MNIST
-training set; val disjoint from train), ``test_per_class`` (None: the full 10,000-image test
-set) and ``seed``.
+Options: ``val_per_class`` (a stratified, seeded validation set drawn from the MNIST training set),
+``train_per_class`` (a stratified, seeded training subset disjoint from val; None: every training
+image not drawn for val, i.e. 60,000 − 10·``val_per_class``: ``datasets.mnist_full``'s 55,000 /
+5,000), ``test_per_class`` (None: the full 10,000-image test set, which no checkpoint selection
+ever reads) and ``seed`` (``data.split_seed``).
 """
 from __future__ import annotations
 
@@ -17,12 +19,16 @@ from kdlib.schema import is_int, optional
 
 
 def check_mnist_options(options: dict) -> list[tuple[str, str]]:
-    checks = {"train_per_class": is_int(1), "val_per_class": is_int(1), "test_per_class": optional(is_int(1))}
+    """``(option, "expected ...")`` per bad value: counts are positive integers; ``train_per_class``
+    and ``test_per_class`` may be null (all of the split)."""
+    checks = {"train_per_class": (optional(is_int(1)), "null (every training image not in val) or "),
+              "val_per_class": (is_int(1), ""),
+              "test_per_class": (optional(is_int(1)), "null (the full 10,000-image test set) or ")}
     found = []
-    for key, check in checks.items():
+    for key, (check, null) in checks.items():
         expected = check(options[key]) if key in options else None
         if expected:
-            found.append((key, f"expected {expected}"))
+            found.append((key, f"expected {null}{expected}"))
     return found
 
 
@@ -30,7 +36,7 @@ def check_mnist_options(options: dict) -> list[tuple[str, str]]:
 def scan_mnist(
     root: Path,
     staging: Path | None = None,
-    train_per_class: int = 100,
+    train_per_class: int | None = 100,
     val_per_class: int = 100,
     test_per_class: int | None = None,
     seed: int = 0,
