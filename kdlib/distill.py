@@ -79,9 +79,14 @@ def load_teacher(checkpoint: Checkpoint, data: DatasetMeta, runtime: Runtime, fe
 
 
 def teacher_cache_key(teacher: Path, data_files: Sequence[Path], dataset: DatasetSpec, input_size: int,
-                      num_views: int, seed: int) -> dict[str, str]:
-    """What a teacher cache must have been built from to serve this run."""
-    return cache_key(teacher, data_files, dataset.view_key(input_size), num_views, seed)
+                      num_views: int, seed: int, transfer_classes: Sequence[int] | None = None) -> dict[str, str]:
+    """What a teacher cache must have been built from to serve this run. ``transfer_classes``: the classes
+    of a transfer set that leaves some out (:mod:`kdlib.transfer`), whose images are the only ones cached;
+    left out of the key when every class is in, so the keys of earlier caches stay valid."""
+    views = dataset.view_key(input_size)
+    if transfer_classes is not None:
+        views["transfer_classes"] = list(transfer_classes)
+    return cache_key(teacher, data_files, views, num_views, seed)
 
 
 def first_view_features(teacher: OnlineTeacher, train_set: IndexedImageDataset, view_seeds: Tensor,

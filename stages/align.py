@@ -34,8 +34,8 @@ def align(run: Run, ws: Workspace = Workspace(), out_dir: Path | None = None, ru
     reason = run.align_skip_reason
     if reason is None:
         index, student = ws.index(), run.student
-        train_set = run.train_dataset("distill").load(index, "train", student.input_size, True,
-                                                      *ws.pixel_cache_for(run))
+        train_set = run.train_dataset("distill").load(run.training_index(index, "distill"), "train",
+                                                      student.input_size, True, *ws.pixel_cache_for(run))
         val_set = run.dataset.load(index, "val", student.input_size, False, *ws.pixel_cache_for(run))
         seed_everything(run.seed)  # the same student initialization as distill's
         recipe = settings.recipe(student.recipe)

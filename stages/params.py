@@ -12,12 +12,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from kdlib import yamlfile
+from kdlib.data.index import DatasetIndex
 from kdlib.data.spec import DatasetSpec
 from kdlib.data.transforms import augment_option_problems
-from kdlib.distill import AlignSettings, CacheSettings
+from kdlib.distill import AlignSettings, CacheSettings, teacher_cache_key
 from kdlib.losses import METHODS, Method, MethodSpec, build_objective, distillation_methods
 from kdlib.features import feature_width
 from kdlib.models import ModelSpec, input_problem, meta_model
@@ -25,6 +26,7 @@ from kdlib.quantize import EvalSettings
 from kdlib.runtime import RuntimeSettings
 from kdlib.schema import SchemaError, is_float, is_int, is_seed, is_str, optional, parse, parse_merged, setting
 from kdlib.train import Recipe
+from kdlib.transfer import TransferSettings, transfer_index
 from stages.guard import PARAMS_FILE
 
 ROLES = ("teacher", "baseline", "distill")
@@ -44,8 +46,9 @@ def _models(values: Any, where: str, problems: list[str]) -> dict[str, tuple[Mod
 
 
 def _methods(values: Any, where: str, problems: list[str]) -> dict[str, Any] | None:
-    """``method`` names a registered distillation method; every other key is one method's knob
-    section, checked by building the method (its constructor checks each value), so a new
+    """``method`` names a registered distillation method, ``transfer`` the transfer set
+    (:class:`kdlib.transfer.TransferSettings`, parsed into that class here); every other key is one
+    method's knob section, checked by building the method (its constructor checks each value), so a new
     method file needs no edit here."""
     if not isinstance(values, dict):
         problems.append(f"{where}: expected a mapping")
@@ -55,11 +58,18 @@ def _methods(values: Any, where: str, problems: list[str]) -> dict[str, Any] | N
         problems.append(f"{where}.method = {values.get('method')!r}: expected one of: {', '.join(names)}")
     elif values["method"] not in values:
         problems.append(f"{where}.{values['method']}: missing (the knobs of the chosen method; may be {{}})")
+    values = dict(values)
+    if "transfer" not in values:
+        problems.append(f"{where}.transfer: missing section (the transfer set: exclude_classes: [], only_classes: "
+                        "null, bias_shift: null for every training image)")
+    else:
+        values["transfer"] = parse(TransferSettings, values["transfer"], f"{where}.transfer.", problems)
     for name, knobs in values.items():
-        if name == "method":
+        if name in ("method", "transfer"):
             continue
         if name not in names:
-            problems.append(f"{where}.{name}: unknown key; expected `method` or a method name: {', '.join(names)}")
+            problems.append(f"{where}.{name}: unknown key; expected `method`, `transfer` or a method name: "
+                            f"{', '.join(names)}")
         elif not isinstance(knobs, dict):
             problems.append(f"{where}.{name} = {knobs!r}: expected a mapping of the method's knobs")
         else:
@@ -99,6 +109,10 @@ class Params:
     eval: EvalSettings = setting(section=EvalSettings)
     models: dict[str, tuple[ModelSpec, Recipe]] = setting(parser=_models)
 
+    @property
+    def transfer(self) -> TransferSettings:
+        return self.distill["transfer"]
+
     def problems(self) -> list[tuple[str | None, str]]:
         found: list[tuple[str | None, str]] = []
         for role in ("teacher", "student"):
@@ -120,6 +134,9 @@ class Params:
         if not METHODS.get(method).fits(task):
             found.append((None, f"distill.method = {method!r} does not fit a {task} data set; use one of: "
                                 f"{', '.join(distillation_methods(task))}"))
+        if self.transfer.restricted and task == "multilabel":
+            found.append((None, f"distill.transfer: leaving classes out is for single-label data sets ({self.dataset!r} "
+                                "is multi-label); expected exclude_classes: [] and only_classes: null"))
         cls = METHODS.get(method)
         if cls.needs_features and self.align.epochs and cls.alignment_knobs(self.align.beta) is None:
             found.append((None, f"distill.method = {method!r} mimics features but cannot be aligned (its "
@@ -194,6 +211,20 @@ class Run:
 
     def model(self, role: str) -> ModelRun:
         return self.teacher if role == "teacher" else self.student
+
+    def training_index(self, index: DatasetIndex, role: str) -> DatasetIndex:
+        """The prepared index as ``role`` trains on it: the distilled student (its alignment and teacher
+        cache too) on the transfer set (``distill.transfer``), the others on every training image."""
+        return index if role in ("teacher", "baseline") else transfer_index(index, self.params.transfer)[0]
+
+    def teacher_cache_key(self, teacher: Path, data_files: Sequence[Path], index: DatasetIndex) -> dict[str, str]:
+        """The key of the teacher cache the distilled student reads: its views, its transfer set."""
+        kept = None
+        if self.params.transfer.restricted:
+            absent = transfer_index(index, self.params.transfer)[1]
+            kept = [c for c in range(index.meta.num_classes) if c not in absent]
+        return teacher_cache_key(teacher, data_files, self.train_dataset("distill"), self.student.input_size,
+                                 self.num_views, self.seed, kept)
 
     def train_dataset(self, role: str) -> DatasetSpec:
         """The data set as ``role`` trains on it: with the model preset's own ``augment`` when it has one

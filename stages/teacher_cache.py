@@ -19,7 +19,7 @@ import torch
 from kdlib.checkpoint import Checkpoint
 from kdlib.data.transforms import BatchNormalizer
 from kdlib.data.views import AugmentedViews, make_view_seeds
-from kdlib.distill import load_teacher, teacher_cache_key
+from kdlib.distill import load_teacher
 from kdlib.io import write_json
 from kdlib.resume import ResumeStore
 from kdlib.runtime import Runtime, seed_everything
@@ -45,13 +45,13 @@ def build_cache(run: Run, ws: Workspace = Workspace(), progress: bool = True, ou
     index, size, features = ws.index(), run.student.input_size, run.method.cls.needs_features
     seed_everything(run.seed)
     teacher = load_teacher(Checkpoint.read(ws.teacher_checkpoint), index.meta, runtime, features)
-    train_set = run.train_dataset("distill").load(index, "train", size, True, *ws.pixel_cache_for(run))
+    train_set = run.train_dataset("distill").load(run.training_index(index, "distill"), "train", size, True,
+                                                  *ws.pixel_cache_for(run))
     views = AugmentedViews(train_set, make_view_seeds(run.seed, len(train_set), run.num_views))
     # top-k with a uniform tail approximates a softmax; independent sigmoids need every logit
     topk = None if run.task == "multilabel" else settings.topk
     start = time.perf_counter()
-    key = teacher_cache_key(ws.teacher_checkpoint, ws.index_files, run.train_dataset("distill"), size, run.num_views,
-                            run.seed)
+    key = run.teacher_cache_key(ws.teacher_checkpoint, ws.index_files, index)
     cache = build_teacher_cache(teacher, views, BatchNormalizer(index.meta.mean, index.meta.std), runtime.device,
                                 settings.batch_size, key=key, topk=topk, progress=progress and runtime.is_main,
                                 rank=runtime.rank, world=runtime.world_size)

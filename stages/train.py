@@ -14,7 +14,7 @@ from dvclive import Live
 
 from kdlib.checkpoint import Checkpoint, ModelRecord
 from kdlib.data.transforms import BatchNormalizer, build_mix
-from kdlib.distill import setup_distillation, teacher_cache_key
+from kdlib.distill import setup_distillation
 from kdlib.io import write_json
 from kdlib.models import count_parameters
 from kdlib.resume import ResumeStore
@@ -32,7 +32,8 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
     the only one), saving and resuming at ``resume``; ``distill`` reads the teacher, its cache and
     the alignment from ``ws``. Returns the fit result and the parameter count."""
     index, model_run = ws.index(), run.model(role)
-    train_set = run.train_dataset(role).load(index, "train", model_run.input_size, True, *ws.pixel_cache_for(run))
+    train_set = run.train_dataset(role).load(run.training_index(index, role), "train", model_run.input_size, True,
+                                             *ws.pixel_cache_for(run))
     val_set = run.dataset.load(index, "val", model_run.input_size, False, *ws.pixel_cache_for(run))
     seed = run.seed_of(role)
     seed_everything(seed)
@@ -44,8 +45,7 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
             run.objective(role), model_run.spec, model_run.preset, index.meta, train_set,
             Checkpoint.read(ws.teacher_checkpoint), seed=run.seed, num_views=run.num_views, runtime=runtime,
             cache=ws.teacher_cache if cache.enabled else None, teacher_batch_size=cache.batch_size,
-            cache_key=teacher_cache_key(ws.teacher_checkpoint, ws.index_files, run.train_dataset(role), model_run.input_size,
-                                        run.num_views, run.seed),
+            cache_key=run.teacher_cache_key(ws.teacher_checkpoint, ws.index_files, index),
             aligned=Checkpoint.read(ws.align_checkpoint) if ws.align_checkpoint.is_file() else None)
         model, objective, teacher, view_seeds, record = setup.student, setup.objective, setup.teacher, \
             setup.view_seeds, setup.record

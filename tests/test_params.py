@@ -52,7 +52,9 @@ def test_repository_params_validate(repo_params) -> None:
     assert (run.params.teacher, run.params.student) == (repo_params["teacher"], repo_params["student"])
     assert run.teacher.preset == repo_params["teacher"] and run.student.preset == repo_params["student"]
     assert run.params.data.split_seed == repo_params["data"]["split_seed"]
-    assert run.params.distill == repo_params["distill"]
+    assert {k: v for k, v in run.params.distill.items() if k != "transfer"} == \
+        {k: v for k, v in repo_params["distill"].items() if k != "transfer"}
+    assert dataclasses.asdict(run.params.transfer) == repo_params["distill"]["transfer"]  # parsed into its class
     assert run.method.name == repo_params["distill"]["method"]
     assert dict(run.method.knobs) == repo_params["distill"][run.method.name]
     assert run.params.eval.precisions == repo_params["eval"]["precisions"]
@@ -140,7 +142,7 @@ def test_every_method_with_its_defaults_validates(repo_params) -> None:
     neither the default mnist nor voc2007 would be a params.yaml mistake)."""
     multiclass, multilabel = distillation_methods("multiclass"), distillation_methods("multilabel")
     for method in repo_params["distill"]:
-        if method == "method":
+        if method in ("method", "transfer"):
             continue
         assert method in multiclass or method in multilabel, method
         params = mutated(repo_params, "distill.method", method)
