@@ -47,6 +47,45 @@ predictions, :math:`N^p_c` positive predictions, :math:`N^g_c` ground-truth posi
 Every ratio whose denominator is 0 is 0 (sklearn's ``zero_division=0``); in particular CP and CR
 average over **all** C classes, a class with no prediction contributing precision 0 and a class
 with no positive contributing recall 0. All metrics are reported in percent (×100).
+
+**Conventions** (``convention``). The rules above (``"kdlib"``) differ in two places from the code
+that LSHFM (Wang et al., "Distilling Knowledge by Mimicking Features", TPAMI 2021) and ML-GCN
+computed their published numbers with; ``"lshfm"`` follows that code in both, so that its numbers
+can be set beside the papers'. Sources: DoctorKey/LSHFM.multiclassification at d7b58ae
+(``src/eval.py`` and ``src/dataset/VOC.py`` unchanged since d93874d, its first commit) and
+Megvii-Nanjing/ML_GCN at 5517d6f (``util.py``).
+
+* *A class never predicted positive* (:math:`N^p_c = 0`). Their code sets :math:`N^p_c := 1`
+  before any division: LSHFM ``src/eval.py`` ``coco_metric``, line 123 ``Np[Np == 0] = 1``, then
+  line 124 ``OP = np.sum(Nc) / np.sum(Np)`` and line 128 ``CP = np.sum(Nc / Np) / n_class``;
+  ML-GCN ``util.py`` ``AveragePrecisionMeter.evaluation``, the same three statements at lines
+  281, 282 and 286. So with ``"lshfm"``
+
+  .. math:: OP = \frac{\sum_c N^c_c}{\sum_c \max(N^p_c, 1)}
+            = \frac{\sum_c N^c_c}{\sum_c N^p_c + \#\{c : N^p_c = 0\}},
+
+  every never-predicted class adding one phantom wrong prediction to OP's denominator (and so
+  lowering OP and OF1), where ``"kdlib"`` divides by the predictions actually made. CP is the same
+  in both (such a class has :math:`N^c_c = 0`: precision :math:`0/1 = 0`, as kdlib's
+  :math:`0/0 := 0`).
+* *A class with no (non-ignored) positive* in mAP. LSHFM's ``average_precision`` (``src/eval.py``
+  lines 87-91) divides the summed precisions by ``total + epsilon`` with ``total`` = 0 positives,
+  an AP of 0, and ``mAP`` (lines 103-111) returns ``100 * ap.mean()`` over all
+  ``preds.shape[1]`` classes. So with ``"lshfm"`` such a class's AP is 0 and mAP is the mean over
+  **all** C classes, :math:`\mathrm{mAP} = \frac{1}{C}\sum_{c:\,N^g_c>0}\mathrm{AP}_c`, where
+  ``"kdlib"`` leaves the class out (NaN). On a fixed split this scales mAP by the constant
+  (classes with positives)/C, so the epoch that validation picks is the same in both.
+
+Everything else is as in kdlib's rules, also where their code has no number to agree with:
+where it divides 0 by 0 (CR of a class with no positive, ``src/eval.py`` line 129; OR with no
+positive at all, line 125; an F1 with P + R = 0, lines 126 and 130; ``VOC2012AP`` of a class
+with no positive, ``src/dataset/VOC.py`` line 127) it gives NaN with a RuntimeWarning, and
+kdlib's 0 is kept (the mAP rule gives 0 in both AP modes). Left as they are: tied scores (their
+``argsort()[::-1]`` orders ties by position; here a tie is one threshold), their ``1e-8`` in
+LSHFM's denominators (a relative difference of order 1e-8), and ML-GCN's VOC thresholded metrics,
+which count a prediction on a difficult-only image as a false positive (``overall()`` maps -1 to
+0 and difficult is already 0) where ``ignore`` leaves it out; LSHFM reports only mAP on VOC
+(``validate_voc`` calls no ``coco_metric``).
 """
 from __future__ import annotations
 
@@ -57,6 +96,7 @@ import numpy as np
 import torch
 
 MODES = ("voc", "coco")
+CONVENTIONS = ("kdlib", "lshfm")  # see the module docstring
 
 
 def _as_float_array(x: Any) -> np.ndarray:
@@ -98,6 +138,11 @@ def _check_inputs(
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
 
 
 def _ap(scores: np.ndarray, positive: np.ndarray, mode: str) -> float:
@@ -142,7 +187,7 @@ def average_precision(
 
 
 def mean_average_precision(
-    scores: Any, targets: Any, ignore: Any = None, mode: str = "voc"
+    scores: Any, targets: Any, ignore: Any = None, mode: str = "voc", convention: str = "kdlib"
 ) -> tuple[list[float], float]:
     """Per-class AP and their mean, both in percent.
 
@@ -151,18 +196,24 @@ def mean_average_precision(
         targets: ``(N, C)`` multi-hot 0/1 targets.
         ignore: optional ``(N, C)`` boolean mask (VOC "difficult"): neither TP nor FP.
         mode: ``"voc"`` or ``"coco"`` (see :func:`average_precision`).
+        convention: ``"kdlib"`` or ``"lshfm"``: what a class with no (non-ignored) positive
+            counts as (module docstring, "Conventions").
 
     Returns:
-        ``(per_class, map)``: ``per_class[c]`` = 100·AP of class ``c`` (``NaN`` for a class with
-        no positive); ``map`` = mean of the non-NaN entries, i.e. over classes that have
-        positives (``NaN`` if no class has one).
+        ``(per_class, map)``: ``per_class[c]`` = 100·AP of class ``c``. A class with no positive
+        is ``NaN`` and left out of ``map``, the mean over classes that have positives (``NaN`` if
+        no class has one), with ``"kdlib"``; with ``"lshfm"`` it is 0 and ``map`` is the mean of
+        all C entries (LSHFM ``src/eval.py`` ``mAP``).
     """
     _check_mode(mode)
+    _check_convention(convention)
     scores_, targets_, ignore_ = _check_inputs(scores, targets, ignore, ndim=2)
     per_class = []
     for c in range(scores_.shape[1]):
         keep = ~ignore_[:, c]
         per_class.append(100.0 * _ap(scores_[keep, c], targets_[keep, c], mode))
+    if convention == "lshfm":
+        per_class = [0.0 if math.isnan(ap) else ap for ap in per_class]
     defined = [ap for ap in per_class if not math.isnan(ap)]
     mean = sum(defined) / len(defined) if defined else math.nan
     return per_class, float(mean)
@@ -177,7 +228,7 @@ def _f1(precision: float, recall: float) -> float:
 
 
 def threshold_metrics(
-    probs: Any, targets: Any, threshold: float = 0.5, ignore: Any = None
+    probs: Any, targets: Any, threshold: float = 0.5, ignore: Any = None, convention: str = "kdlib"
 ) -> dict[str, float]:
     """CP, CR, CF1, OP, OR, OF1 (in percent) of the predictions ``probs >= threshold``.
 
@@ -187,17 +238,23 @@ def threshold_metrics(
         targets: ``(N, C)`` multi-hot 0/1 targets.
         threshold: a score at or above it is a positive prediction.
         ignore: optional ``(N, C)`` boolean mask of pairs counted nowhere.
+        convention: ``"kdlib"``, or ``"lshfm"``: :math:`N^p_c := 1` for a class never predicted,
+            so that each such class adds one to OP's denominator (LSHFM ``coco_metric`` and
+            ML-GCN ``evaluation``; module docstring, "Conventions").
 
     Returns:
         ``{"CP", "CR", "CF1", "OP", "OR", "OF1"}`` as floats; formulas and the zero-division
         convention (0) are in the module docstring.
     """
+    _check_convention(convention)
     probs_, targets_, ignore_ = _check_inputs(probs, targets, ignore, ndim=2)
     keep = ~ignore_
     predicted = (probs_ >= threshold) & keep
     truth = targets_ & keep
     n_correct = (predicted & truth).sum(axis=0).astype(np.float64)
     n_predicted = predicted.sum(axis=0).astype(np.float64)
+    if convention == "lshfm":  # LSHFM src/eval.py line 123, ML-GCN util.py line 281: Np[Np == 0] = 1
+        n_predicted = np.maximum(n_predicted, 1.0)
     n_truth = truth.sum(axis=0).astype(np.float64)
     num_classes = probs_.shape[1]
 
@@ -215,4 +272,4 @@ def threshold_metrics(
     }
 
 
-__all__ = ["MODES", "average_precision", "mean_average_precision", "threshold_metrics"]
+__all__ = ["CONVENTIONS", "MODES", "average_precision", "mean_average_precision", "threshold_metrics"]
