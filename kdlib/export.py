@@ -89,12 +89,12 @@ def _agreement(result: EvalResult, reference: EvalResult, task: str) -> dict[str
 
 def export_classifier(checkpoint: Checkpoint, out_dir: Path, info: ModelInfo, test_set: Dataset,
                       calibration: Tensor, threads: int = 2, ignore: Tensor | None = None, ap_mode: str = "voc",
-                      source_name: str | None = None) -> dict[str, Any]:
+                      source_name: str | None = None, *, multilabel_convention: str = "kdlib") -> dict[str, Any]:
     """Write ``student_fp32.onnx``, ``student_int8.onnx`` and ``model.json`` into ``out_dir`` and
     return ``model.json``'s content.
 
     ``test_set`` yields ``(uint8 image, target, index)`` at the checkpoint's input size, as
-    evaluation loads it (``ignore``/``ap_mode``: multi-label scoring); ``calibration`` is the
+    evaluation loads it (``ignore``/``ap_mode``/``multilabel_convention``: multi-label scoring); ``calibration`` is the
     ``uint8`` training images static int8 calibrates on; ``threads``: ONNX Runtime intra-op threads.
     """
     record = checkpoint.record
@@ -117,7 +117,7 @@ def export_classifier(checkpoint: Checkpoint, out_dir: Path, info: ModelInfo, te
     batches = [normalize(b) for b in calibration.split(CALIBRATION_BATCH)]
     loader = DataLoader(test_set, batch_size=256, shuffle=False, num_workers=0)
     file_loader = DataLoader(test_set, batch_size=PREDICT_BATCH, shuffle=False, num_workers=0)  # as predict batches
-    reference = evaluate(model, loader, normalize, torch.device("cpu"), None, ignore, ap_mode)
+    reference = evaluate(model, loader, normalize, torch.device("cpu"), None, ignore, ap_mode, multilabel_convention)
     source = {"checkpoint": source_name or str(checkpoint.path), "checkpoint_sha256": file_sha256(checkpoint.path),
               "role": record.role, "preset": record.preset, "arch": record.arch, "dataset": record.dataset,
               "seed": record.seed, "epoch": checkpoint.epoch, "val_score": round(checkpoint.val_score, 4)}
@@ -139,7 +139,7 @@ def export_classifier(checkpoint: Checkpoint, out_dir: Path, info: ModelInfo, te
                                {**source, "precision": PRECISIONS[name].split(":")[0]})
             path = with_metadata(raw, out_dir / name, tagged.metadata_props())
             result = evaluate(OrtModule(path, threads), file_loader, normalize, torch.device("cpu"), None, ignore,
-                              ap_mode)
+                              ap_mode, multilabel_convention)
             files[name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size, "precision": PRECISIONS[name],
                            "backend": f"onnxruntime {ort.__version__} CPUExecutionProvider", "test": _scores(result),
                            "agreement_with_pytorch": _agreement(result, reference, info.task),

@@ -54,12 +54,15 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     ignore: Tensor | None = None,
     ap_mode: str = "voc",
+    multilabel_convention: str = "kdlib",
 ) -> EvalResult:
     """Loss and accuracy metrics (in %) of ``model`` over ``loader``.
 
     Single-label targets: cross-entropy, top-1, top-5. Multi-hot targets: BCE, mAP (``ap_mode``
     "voc" all-point interpolated or "coco" non-interpolated; ``ignore`` marks entries left out,
-    e.g. VOC's difficult objects) and CP/CR/CF1/OP/OR/OF1 at probability 0.5.
+    e.g. VOC's difficult objects) and CP/CR/CF1/OP/OR/OF1 at probability 0.5, under
+    ``multilabel_convention`` "kdlib" or "lshfm" (LSHFM's code's rules for a class without
+    positives and a class never predicted: :mod:`kdlib.multilabel`, "Conventions").
     ``prepare`` turns a ``uint8`` batch into model input (normalization, memory format).
     """
     was_training = model.training
@@ -76,8 +79,10 @@ def evaluate(
     if targets.ndim == 2:
         from kdlib.multilabel import mean_average_precision, threshold_metrics
 
-        _, map_percent = mean_average_precision(logits, targets, ignore, mode=ap_mode)
-        metrics = {"mAP": map_percent, **threshold_metrics(torch.sigmoid(logits), targets, 0.5, ignore=ignore)}
+        _, map_percent = mean_average_precision(logits, targets, ignore, mode=ap_mode,
+                                                convention=multilabel_convention)
+        metrics = {"mAP": map_percent, **threshold_metrics(torch.sigmoid(logits), targets, 0.5, ignore=ignore,
+                                                           convention=multilabel_convention)}
         return EvalResult(float(F.binary_cross_entropy_with_logits(logits, targets)), float("nan"),
                           float("nan"), logits, targets, map_percent, metrics)
     hits = topk_correct(logits, targets, (1, 5))
@@ -88,7 +93,7 @@ def evaluate(
 
 
 def evaluate_dataset(model: nn.Module, dataset: Any, mean: Sequence[float], std: Sequence[float], batch_size: int,
-                     device: torch.device, ap_mode: str = "voc") -> EvalResult:
+                     device: torch.device, ap_mode: str = "voc", multilabel_convention: str = "kdlib") -> EvalResult:
     """:func:`evaluate` of ``model`` over every image of ``dataset`` (an
     :class:`~kdlib.data.dataset.IndexedImageDataset`), normalized with ``mean``/``std``, in float32."""
     from kdlib.data.transforms import BatchNormalizer
@@ -96,7 +101,7 @@ def evaluate_dataset(model: nn.Module, dataset: Any, mean: Sequence[float], std:
 
     loader = make_loader(dataset, batch_size, False, 0, Runtime(device))
     normalizer = BatchNormalizer(mean, std).to(device)
-    return evaluate(model.to(device), loader, normalizer, device, None, dataset.ignore, ap_mode)
+    return evaluate(model.to(device), loader, normalizer, device, None, dataset.ignore, ap_mode, multilabel_convention)
 
 
 def fidelity(teacher_logits: Tensor, student_logits: Tensor) -> dict[str, float]:

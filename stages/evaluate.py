@@ -34,7 +34,7 @@ def evaluate_checkpoint(run: Run, index: DatasetIndex, checkpoint: Checkpoint, m
     test_set = run.dataset.load(index, "test", checkpoint.record.input_size, False, *ws.pixel_cache_for(run))
     return evaluate_dataset(model or checkpoint.model(), test_set, checkpoint.record.mean, checkpoint.record.std,
                             run.params.eval.batch_size, Runtime.from_env(run.params.runtime.device).device,
-                            run.dataset.ap_mode)
+                            run.dataset.ap_mode, run.dataset.multilabel_convention)
 
 
 def evaluate_role(run: Run, ws: Workspace, role: str, confusion_json: Path, matrix_json: Path) -> dict[str, Any]:

@@ -75,7 +75,15 @@ def _download_problems(entry: dict[str, Any]) -> list[str]:
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetSpec:
-    """One data-set preset (see ``params.yaml``'s ``datasets`` for every key in use)."""
+    """One data-set preset (see ``params.yaml``'s ``datasets`` for every key in use).
+
+    The multi-label evaluation rules, ``ap_mode`` and ``multilabel_convention``, are preset
+    fields because they are facts about whose numbers a data set's results are compared with:
+    LSHFM's presets (``voc2007``, ``coco2014``) score with LSHFM's code's rules
+    (:mod:`kdlib.multilabel`, "Conventions") while every other preset keeps kdlib's, and a run
+    reads both from the one preset it trains and evaluates on, so validation, ``evaluate``,
+    ``quantize`` and ``export`` cannot disagree on them.
+    """
 
     layout: str = setting(is_str)
     root: str | None = setting(is_str, None)  # the data set on disk; or, with `url`, downloaded and extracted
@@ -100,6 +108,10 @@ class DatasetSpec:
     # Evaluation splits use round(input_size / eval_crop_pct), the side their resize makes.
     preload_size: int | None = setting(is_preload_size, None)
     ap_mode: str = setting(one_of("voc", "coco"), "voc")  # multi-label AP: all-point interpolated or not
+    # multi-label scoring rules (kdlib.multilabel, "Conventions"; why a preset field: the class docstring):
+    # `lshfm` counts a class with no positive as AP 0 in mAP and sets Np := 1 for a class never predicted
+    # (OP's denominator), as LSHFM's and ML-GCN's evaluation code do; `kdlib` leaves both out
+    multilabel_convention: str = setting(one_of("kdlib", "lshfm"), "kdlib")
     mixup: float = setting(is_float(0), 0.0)  # MixUp alpha (0 = off); single-label only
     cutmix: float = setting(is_float(0), 0.0)  # CutMix alpha (0 = off); one of the two per batch when both on
     eval_crop_pct: float = setting(is_float(0, 1, lo_open=True), 0.875)  # eval: resize to size/crop_pct, center crop

@@ -296,6 +296,7 @@ class EvalJob:
     device: str = "cpu"
     ignore: Tensor | None = None
     ap_mode: str = "voc"
+    multilabel_convention: str = "kdlib"  # kdlib.multilabel, "Conventions"
 
 
 def evaluate_job(job: EvalJob) -> dict[str, Any]:
@@ -337,7 +338,8 @@ def evaluate_job(job: EvalJob) -> dict[str, Any]:
             row["inference_mib"] = round((peak_rss_bytes() - rss_start) / 2**20, 1)
         loader = DataLoader(job.test_set, batch_size=job.batch_size, shuffle=False, num_workers=0)
         start = time.perf_counter()
-        result = evaluate(prepared.module, loader, normalize, torch.device("cpu"), None, job.ignore, job.ap_mode)
+        result = evaluate(prepared.module, loader, normalize, torch.device("cpu"), None, job.ignore, job.ap_mode,
+                          job.multilabel_convention)
         row["eval_s"] = round(time.perf_counter() - start, 3)
         artifact = prepared.save(Path(tmp) / "artifact" / f"{job.model}_{job.precision}")
         row.update(
@@ -410,7 +412,8 @@ def add_deltas(rows: list[dict[str, Any]], score: str) -> list[dict[str, Any]]:
 
 def measure_precisions(model: str, checkpoint: Path, test_set: Dataset, calibration: Tensor, settings: Any,
                        device: str, ignore: Tensor | None = None, ap_mode: str = "voc",
-                       report: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                       report: Callable[[dict[str, Any]], None] | None = None, *,
+                       multilabel_convention: str = "kdlib") -> list[dict[str, Any]]:
     """One row per precision of ``settings.precisions`` (a :class:`kdlib.quantize.EvalSettings`),
     each measured in a fresh process (:func:`run_isolated`), with deltas against fp32 when it is
     among them; ``report`` is called with each row as it is done."""
@@ -418,7 +421,7 @@ def measure_precisions(model: str, checkpoint: Path, test_set: Dataset, calibrat
     for precision in settings.precisions:
         job = EvalJob(model, checkpoint, precision, test_set, calibration, settings.threads, settings.batch_size,
                       settings.throughput_batch, settings.warmup_runs, settings.timed_runs, settings.throughput_runs,
-                      device, ignore, ap_mode)
+                      device, ignore, ap_mode, multilabel_convention)
         rows.append(run_isolated(job))
         if report is not None:
             report(rows[-1])
