@@ -263,7 +263,7 @@ class TrainData:
     ``view_seeds`` ``(N, K)``: epoch ``e`` trains on view ``(e − 1) mod K`` of every image (a
     teacher cache's views); ``None``: a fresh view per epoch, seeded by the run's seed. ``mix``
     (:func:`kdlib.data.transforms.build_mix`) mixes each normalized training batch; ``ap_mode``
-    is the multi-label AP convention of validation.
+    and ``multilabel_convention`` are the multi-label scoring rules of validation.
     """
 
     train_set: IndexedImageDataset
@@ -272,6 +272,7 @@ class TrainData:
     view_seeds: Tensor | None = None
     mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
     ap_mode: str = "voc"
+    multilabel_convention: str = "kdlib"
 
 
 @dataclass
@@ -406,7 +407,7 @@ def validate(model: nn.Module, data: TrainData, loader: torch.utils.data.DataLoa
              recipe: Recipe) -> EvalResult:
     """The validation split's loss and metrics, in the training precision."""
     return evaluate(model, loader, data.normalizer, device, AMP_DTYPES[recipe.amp], data.val_set.ignore,
-                    data.ap_mode)
+                    data.ap_mode, data.multilabel_convention)
 
 
 def reseed(seed: int) -> None:

@@ -54,7 +54,7 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
         record = ModelRecord.for_model(role, model_run.preset, model_run.spec, index.meta, seed, model)
     data = TrainData(train_set, val_set, BatchNormalizer(index.meta.mean, index.meta.std, model_run.recipe.channels_last),
                      view_seeds, build_mix(index.meta.num_classes, run.dataset.mixup, run.dataset.cutmix),
-                     run.dataset.ap_mode)
+                     run.dataset.ap_mode, run.dataset.multilabel_convention)
     out_dir = ws.models / role if out_dir is None else out_dir
     if runtime.writes_outputs:
         shutil.rmtree(out_dir, ignore_errors=True)
