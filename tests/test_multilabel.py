@@ -16,6 +16,11 @@ AP worked example (one class, 6 images, already in decreasing score order):
   VOC envelope at recall 2/3 is max(2/3, 3/4) = 3/4 → (1 + 3/4 + 3/4)/3 = 2.5/3 = 0.833333.
 * Ignoring the positive at 0.6 instead leaves T F F T F with 2 positives:
   COCO (1 + 2/4)/2 = 0.75; VOC: envelope 2/4 at recall 1 → (1 + 1/2)/2 = 0.75.
+
+The ``lshfm`` convention (kdlib.multilabel, "Conventions") is checked twice: on hand-computed
+cases, and against numpy re-implementations of LSHFM's and ML-GCN's own evaluation functions
+written below (``lshfm_*``, ``mlgcn_evaluation``; each cites the file and lines it follows), so
+that the check does not rest on kdlib's code.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 from kdlib.losses import LossOutput, StudentOutput, TeacherOutput, build_objective
 from kdlib.losses.bce import BinaryCrossEntropy, bce_loss
 from kdlib.losses.sigmoid_kd import SigmoidKDLoss, sigmoid_kd_loss, sigmoid_kl
-from kdlib.multilabel import average_precision, mean_average_precision, threshold_metrics
+from kdlib.multilabel import CONVENTIONS, average_precision, mean_average_precision, threshold_metrics
 
 # ---------------------------------------------------------------------------------------------
 # Average precision
@@ -273,6 +278,234 @@ def test_threshold_metrics_zero_divisions_are_zero() -> None:
     assert metrics == {"CP": 0.0, "CR": 0.0, "CF1": 0.0, "OP": 0.0, "OR": 0.0, "OF1": 0.0}
     perfect = threshold_metrics(TARGETS_T.float(), TARGETS_T)
     assert all(v == 100.0 for v in perfect.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The "lshfm" convention: the papers' evaluation code, re-implemented here in numpy from
+#   DoctorKey/LSHFM.multiclassification @ d7b58ae: src/eval.py (average_precision lines 77-93,
+#       mAP 96-111, coco_metric 114-133), src/dataset/VOC.py (VOCap 104-115, VOC2012AP 118-132);
+#   Megvii-Nanjing/ML_GCN @ 5517d6f: util.py (AveragePrecisionMeter.evaluation lines 271-289).
+# Each step below is theirs, in the same order and with the same constants (the 1e-8s, the
+# reversed argsort, Np[Np == 0] = 1); only the code is ours. Their NaN-producing 0/0 cases are
+# avoided (every class used with them has a positive, except where the test says otherwise).
+# ---------------------------------------------------------------------------------------------
+
+
+def lshfm_average_precision(output: np.ndarray, target: np.ndarray) -> float:
+    """src/eval.py lines 77-93: precision at every positive's rank, summed, / (positives + 1e-8)."""
+    order = np.argsort(output)[::-1]
+    ranks = np.cumsum(np.ones(len(output)))
+    hit = target[order] == 1
+    hits_so_far = np.cumsum(hit).astype(np.float64)
+    positives = hits_so_far[-1]
+    hits_so_far[~hit] = 0
+    return float(np.sum(hits_so_far / ranks) / (positives + 1e-8))
+
+
+def lshfm_map(targs: np.ndarray, preds: np.ndarray) -> float:
+    """src/eval.py lines 96-111: ``100 * mean`` of the per-class AP over **all** classes."""
+    ap = np.array([lshfm_average_precision(preds[:, k], targs[:, k]) for k in range(preds.shape[1])])
+    return float(100 * ap.mean())
+
+
+def lshfm_voc2012_ap(predict: np.ndarray, gt: np.ndarray) -> float:
+    """src/dataset/VOC.py lines 104-132 (VOC2012AP + VOCap); ``gt``: 1 positive, -1 negative,
+    0 difficult (neither a true nor a false positive)."""
+    order = np.argsort(predict)[::-1]
+    tp = np.cumsum(gt[order] > 0)
+    fp = np.cumsum(gt[order] < 0)
+    rec = tp / (gt > 0).sum()
+    prec = tp / (fp + tp + 1e-8)
+    n = len(rec)
+    mrec, mpre = np.zeros(n + 2), np.zeros(n + 2)
+    mrec[-1] = 1
+    for i in range(n, 0, -1):
+        mpre[i] = max(prec[i - 1], mpre[i + 1])
+        mrec[i] = rec[i - 1]
+    mpre[0] = max(0, mpre[1])
+    steps = np.where(mrec[1:] != mrec[:-1])[0] + 1
+    return float(((mrec[steps] - mrec[steps - 1]) * mpre[steps]).sum())
+
+
+def lshfm_coco_metric(scores_: np.ndarray, targets_: np.ndarray, thre: float = 0.5) -> dict[str, float]:
+    """src/eval.py lines 114-133, in percent."""
+    n_class = scores_.shape[1]
+    ng = np.array([np.sum(targets_[:, k] == 1) for k in range(n_class)], dtype=np.float64)
+    np_ = np.array([np.sum(scores_[:, k] >= thre) for k in range(n_class)], dtype=np.float64)
+    nc = np.array([np.sum(targets_[:, k] * (scores_[:, k] >= thre)) for k in range(n_class)], dtype=np.float64)
+    np_[np_ == 0] = 1  # line 123
+    op, or_ = np.sum(nc) / np.sum(np_), np.sum(nc) / np.sum(ng)
+    cp, cr = np.sum(nc / np_) / n_class, np.sum(nc / ng) / n_class
+    return {"OP": 100 * op, "OR": 100 * or_, "OF1": 100 * 2 * op * or_ / (op + or_),
+            "CP": 100 * cp, "CR": 100 * cr, "CF1": 100 * 2 * cp * cr / (cp + cr)}
+
+
+def mlgcn_evaluation(scores_: np.ndarray, targets_: np.ndarray) -> dict[str, float]:
+    """util.py lines 271-289, on raw outputs (a prediction is ``score >= 0``: a logit), in percent
+    (the function returns fractions; engine.py prints them as they are)."""
+    n_class = scores_.shape[1]
+    targets_ = np.where(targets_ == -1, 0, targets_)
+    ng = np.array([np.sum(targets_[:, k] == 1) for k in range(n_class)], dtype=np.float64)
+    np_ = np.array([np.sum(scores_[:, k] >= 0) for k in range(n_class)], dtype=np.float64)
+    nc = np.array([np.sum(targets_[:, k] * (scores_[:, k] >= 0)) for k in range(n_class)], dtype=np.float64)
+    np_[np_ == 0] = 1  # line 281
+    op, or_ = np.sum(nc) / np.sum(np_), np.sum(nc) / np.sum(ng)
+    cp, cr = np.sum(nc / np_) / n_class, np.sum(nc / ng) / n_class
+    return {"OP": 100 * op, "OR": 100 * or_, "OF1": 100 * 2 * op * or_ / (op + or_),
+            "CP": 100 * cp, "CR": 100 * cr, "CF1": 100 * 2 * cp * cr / (cp + cr)}
+
+
+def test_lshfm_threshold_metrics_hand_example() -> None:
+    """PROBS_T / TARGETS_T above: class 2 is never predicted, so LSHFM's Np = [2, 3, 1]:
+    OP = 3/(2+3+1) = 50 % (kdlib: 3/5 = 60 %), OF1 = 2·0.5·0.5/1.0 = 50 % (kdlib 6/11);
+    CP = (1/2 + 2/3 + 0/1)/3 = 7/18 as kdlib's; CR, CF1, OR unchanged."""
+    metrics = threshold_metrics(PROBS_T, TARGETS_T, convention="lshfm")
+    expected = {"CP": 700 / 18, "CR": 50.0, "CF1": 43.75, "OP": 50.0, "OR": 50.0, "OF1": 50.0}
+    assert metrics == pytest.approx(expected)
+    assert threshold_metrics(PROBS_T, TARGETS_T)["OP"] == pytest.approx(60.0)  # kdlib, for contrast
+    assert lshfm_coco_metric(PROBS_T.numpy(), TARGETS_T.numpy()) == pytest.approx(expected)
+    assert mlgcn_evaluation(torch.logit(PROBS_T.double()).numpy(), TARGETS_T.numpy()) == pytest.approx(expected)
+
+
+def test_lshfm_never_predicted_classes_each_add_one_to_ops_denominator() -> None:
+    """3 images × 4 classes, predictions only in class 0: {0, 1} predicted, {0} true (Nc=1,
+    Np=2); classes 1-3 never predicted, each with one positive. kdlib OP = 1/2; LSHFM
+    OP = 1/(2+1+1+1) = 1/5. OR = 1/4 in both; CP = (1/2)/4 = 12.5 % in both."""
+    probs = np.array([[0.9, 0.1, 0.2, 0.3], [0.8, 0.4, 0.1, 0.2], [0.1, 0.3, 0.4, 0.1]])
+    targets = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+    lshfm = threshold_metrics(probs, targets, convention="lshfm")
+    kdlib = threshold_metrics(probs, targets, convention="kdlib")
+    assert lshfm["OP"] == pytest.approx(20.0) and kdlib["OP"] == pytest.approx(50.0)
+    assert lshfm["OF1"] == pytest.approx(2 * 0.2 * 0.25 / 0.45 * 100)
+    assert lshfm["OR"] == kdlib["OR"] == pytest.approx(25.0)
+    assert lshfm["CP"] == kdlib["CP"] == pytest.approx(12.5)
+    assert lshfm == pytest.approx(lshfm_coco_metric(probs, targets))
+
+
+def test_conventions_agree_when_every_class_is_predicted_and_has_positives() -> None:
+    probs = PROBS_T.clone()
+    probs[0, 2] = 0.6  # class 2 now predicted once, correctly: nothing left for the rules to change
+    assert threshold_metrics(probs, TARGETS_T, convention="lshfm") == threshold_metrics(probs, TARGETS_T)
+    for mode in ("voc", "coco"):
+        scores = SCORES_3[:, :2]
+        targets = TARGETS_3[:, :2]
+        assert mean_average_precision(scores, targets, mode=mode, convention="lshfm") == \
+            mean_average_precision(scores, targets, mode=mode)
+
+
+def test_lshfm_map_counts_a_class_without_positives_as_zero() -> None:
+    """SCORES_3 / TARGETS_3: class 2 has no positive. LSHFM: AP 0, mean over all 3 classes:
+    COCO (70 + 100 + 0)/3 = 56.666… (kdlib 85), VOC (220/3 + 100 + 0)/3 = 520/9 = 57.777… (kdlib 86.666…)."""
+    per_class, m = mean_average_precision(SCORES_3, TARGETS_3, mode="coco", convention="lshfm")
+    assert per_class == pytest.approx([70.0, 100.0, 0.0]) and m == pytest.approx(170 / 3)
+    assert lshfm_map(TARGETS_3.numpy(), SCORES_3.numpy()) == pytest.approx(170 / 3)
+    per_class, m = mean_average_precision(SCORES_3, TARGETS_3, mode="voc", convention="lshfm")
+    assert per_class == pytest.approx([220 / 3, 100.0, 0.0]) and m == pytest.approx(520 / 9)
+    # LSHFM's own VOC AP (VOC2012AP) of the two classes with positives; its AP of class 2 is 0/0
+    gt = np.where(TARGETS_3.numpy() == 1, 1, -1)
+    assert [100 * lshfm_voc2012_ap(SCORES_3.numpy()[:, k], gt[:, k]) for k in range(2)] == \
+        pytest.approx(per_class[:2])
+
+
+def test_lshfm_map_of_a_class_whose_only_positive_is_ignored_is_zero() -> None:
+    """Class 1's one positive is difficult (ignored): no positive left, so AP 0 under lshfm, NaN
+    (and out of the mean) under kdlib. Class 0 = the worked example's ignore case, VOC 250/3."""
+    scores = np.array([SCORES_1, [0.1, 0.9, 0.2, 0.3, 0.4, 0.5]]).T
+    targets = np.array([TARGETS_1, [0, 1, 0, 0, 0, 0]]).T
+    ignore = np.zeros_like(targets, dtype=bool)
+    ignore[1, :] = True  # image 1: class 0's difficult false positive, class 1's only positive
+    per_class, m = mean_average_precision(scores, targets, ignore, mode="voc", convention="lshfm")
+    assert per_class == pytest.approx([250 / 3, 0.0]) and m == pytest.approx(125 / 3)
+    per_class, m = mean_average_precision(scores, targets, ignore, mode="voc")
+    assert math.isnan(per_class[1]) and m == pytest.approx(250 / 3)
+    gt = np.where(targets == 1, 1, -1)
+    gt[ignore] = 0  # LSHFM's VOC encoding of difficult
+    assert 100 * lshfm_voc2012_ap(scores[:, 0], gt[:, 0]) == pytest.approx(250 / 3)
+
+
+def test_lshfm_convention_agrees_with_their_code_on_random_data() -> None:
+    """Continuous scores (no ties, where their argsort order would matter); some classes have no
+    positive (their mAP's 0), others are never predicted (their Np := 1). The thresholded metrics
+    are compared on the classes with positives only: their CR of a class without one is 0/0, and
+    one correct prediction is planted so that no F1 of theirs is 0/0 either."""
+    rng = np.random.default_rng(28)
+    for trial in range(30):
+        n, c = int(rng.integers(5, 60)), int(rng.integers(3, 12))
+        logits = rng.normal(size=(n, c)) * 2
+        targets = (rng.random((n, c)) < 0.3).astype(np.int64)
+        targets[:, 0] = 0  # no positive
+        targets[0, 1] = 1
+        logits[:, 1] = -5 - rng.random(n)  # never predicted
+        targets[0, 2], logits[0, 2] = 1, 3 + rng.random()  # a correct prediction
+        probs = 1 / (1 + np.exp(-logits))
+        _, m = mean_average_precision(probs, targets, mode="coco", convention="lshfm")
+        assert m == pytest.approx(lshfm_map(targets, probs), rel=1e-6), trial
+        scored = targets.sum(axis=0) > 0
+        ours = threshold_metrics(probs[:, scored], targets[:, scored], convention="lshfm")
+        assert ours == pytest.approx(lshfm_coco_metric(probs[:, scored], targets[:, scored]), rel=1e-9), trial
+        assert ours == pytest.approx(mlgcn_evaluation(logits[:, scored], targets[:, scored]), rel=1e-9), trial
+        if (probs[:, scored] >= 0.5).sum() > 0:  # some prediction made: the kdlib rule gives a higher OP
+            assert threshold_metrics(probs[:, scored], targets[:, scored])["OP"] > ours["OP"], trial
+
+
+def test_voc_ap_with_difficult_agrees_with_lshfms_voc2012ap() -> None:
+    """kdlib's ``voc`` mode with VOC's difficult entries in ``ignore`` is LSHFM's VOC2012AP (gt 0 =
+    difficult) up to its 1e-8 in the precision's denominator, on tie-free random data."""
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        n = int(rng.integers(5, 60))
+        scores = rng.random(n)
+        gt = rng.choice([1, -1, 0], size=n, p=[0.3, 0.6, 0.1])
+        gt[0] = 1
+        ours = average_precision(scores, gt == 1, gt == 0, mode="voc")
+        assert ours == pytest.approx(lshfm_voc2012_ap(scores, gt), abs=1e-7), trial
+
+
+def test_unknown_convention_raises_naming_it() -> None:
+    assert CONVENTIONS == ("kdlib", "lshfm")
+    with pytest.raises(ValueError, match=r"convention must be one of \('kdlib', 'lshfm'\), got 'mlgcn'"):
+        threshold_metrics(PROBS_T, TARGETS_T, convention="mlgcn")
+    with pytest.raises(ValueError, match="got 'LSHFM'"):
+        mean_average_precision(SCORES_3, TARGETS_3, convention="LSHFM")
+
+
+def test_evaluate_passes_the_convention_to_both_metrics() -> None:
+    """kdlib.metrics.evaluate on the fixed logits of SCORES_3-like data: lshfm changes mAP (class
+    2 without positive → 0) and OP (class 2 never predicted → Np := 1)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from kdlib.metrics import evaluate
+
+    logits = torch.logit(SCORES_3.clamp(0.05, 0.95).double()).float()
+    logits[:, 2] = -3.0  # never predicted
+    data = DataLoader(TensorDataset(logits, TARGETS_3.float(), torch.arange(6)), batch_size=4)
+    kdlib = evaluate(torch.nn.Identity(), data, lambda x: x, torch.device("cpu"), ap_mode="coco")
+    lshfm = evaluate(torch.nn.Identity(), data, lambda x: x, torch.device("cpu"), ap_mode="coco",
+                     multilabel_convention="lshfm")
+    assert kdlib.metrics["mAP"] == pytest.approx(85.0) and lshfm.metrics["mAP"] == pytest.approx(170 / 3)
+    assert lshfm.score == lshfm.metrics["mAP"]
+    probs = torch.sigmoid(logits)
+    assert lshfm.metrics["OP"] == pytest.approx(threshold_metrics(probs, TARGETS_3, convention="lshfm")["OP"])
+    assert lshfm.metrics["OP"] < kdlib.metrics["OP"]
+
+
+def test_dataset_presets_choose_the_convention() -> None:
+    """LSHFM's presets (voc2007, coco2014) score with its rules; every other preset keeps kdlib's
+    (the default), and a value other than the two is refused naming the key."""
+    from pathlib import Path
+
+    import yaml
+
+    from kdlib.data.spec import DatasetSpec
+    from kdlib.schema import SchemaError, parse
+
+    presets = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["datasets"]
+    chosen = {name: parse(DatasetSpec, values, f"datasets.{name}.").multilabel_convention
+              for name, values in presets.items()}
+    assert {name for name, convention in chosen.items() if convention == "lshfm"} == {"voc2007", "coco2014"}
+    assert set(chosen.values()) == {"kdlib", "lshfm"}
+    with pytest.raises(SchemaError, match=r"datasets\.voc2007\.multilabel_convention = 'mlgcn'.*kdlib, lshfm"):
+        parse(DatasetSpec, {**presets["voc2007"], "multilabel_convention": "mlgcn"}, "datasets.voc2007.")
 
 
 # ---------------------------------------------------------------------------------------------
