@@ -33,7 +33,8 @@ def export_student(run: Run, ws: Workspace, out_dir: Path) -> dict:
     return export_classifier(checkpoint, out_dir, info, materialize(test) if run.dataset.preload else test,
                              calibration_sample(train, run.seed, run.params.eval.calibration_images),
                              run.params.eval.threads, test.ignore, run.dataset.ap_mode,
-                             path.relative_to(ws.root).as_posix())
+                             path.relative_to(ws.root).as_posix(),
+                             multilabel_convention=run.dataset.multilabel_convention)
 
 
 def main() -> None:

@@ -41,7 +41,8 @@ def quantize_role(run: Run, ws: Workspace, role: str) -> list[dict]:
 
     calibration = calibration_sample(train, run.seed_of(role), settings.calibration_images)
     rows = measure_precisions(role, path, test_set, calibration, settings,
-                              "cuda" if torch.cuda.is_available() else "cpu", test.ignore, run.dataset.ap_mode, show)
+                              "cuda" if torch.cuda.is_available() else "cpu", test.ignore, run.dataset.ap_mode, show,
+                              multilabel_convention=run.dataset.multilabel_convention)
     rows = add_deltas(rows, run.score)
     for row in rows:
         if row.get("accuracy_loss_flagged"):
