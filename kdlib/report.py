@@ -136,9 +136,11 @@ def model_record(evaluation: Mapping, training: Mapping, score: str) -> dict:
               "train_params": training.get("params"), "checkpoint_bytes": evaluation["checkpoint_bytes"],
               "best_epoch": evaluation["best"]["epoch"], "last_epoch": evaluation["last"]["epoch"],
               "stopped_early": bool(training.get("stopped_early"))}
+    if "transfer_absent_classes" in evaluation:  # a transfer set without some classes (kdlib.transfer)
+        record["transfer_absent_classes"] = evaluation["transfer_absent_classes"]
     for which in ("best", "last"):
         row = evaluation[which]
-        record[which] = {k: row[k] for k in (*keys, "teacher_agreement", "teacher_kl") if k in row}
+        record[which] = {k: row[k] for k in (*keys, "teacher_agreement", "teacher_kl", "transfer") if k in row}
     return record
 
 

@@ -3,7 +3,9 @@
 The test split is read here and nowhere earlier, so it never picks a checkpoint. Writes
 ``reports/evaluate/<role>.json`` (metrics), ``confusion/<role>.json`` (pairs for DVC's confusion
 template) and ``matrix/<role>.json``. A student's row also holds its fidelity to the teacher on the
-test split: top-1 agreement and mean KL(teacher ‖ student) (Stanton et al., NeurIPS 2021).
+test split: top-1 agreement and mean KL(teacher ‖ student) (Stanton et al., NeurIPS 2021). A
+student distilled on a transfer set that left classes out (``distill.transfer``) also gets its
+errors on those classes, before and after the output-bias correction (:mod:`kdlib.transfer`).
 ``dvc.yaml`` runs it once per role (``foreach``), so an experiment that changes only the student
 re-evaluates only the student.
 """
@@ -22,19 +24,40 @@ from kdlib.io import write_json
 from kdlib.metrics import EvalResult, confusion_matrix, evaluate_dataset, fidelity, multilabel_fidelity
 from kdlib.models import count_parameters
 from kdlib.runtime import Runtime, seed_everything
+from kdlib.transfer import choose_shift, error_counts, shifted, transfer_index
 from stages.guard import stage_outputs
 from stages.params import ROLES, Run, load_params
 from stages.workspace import Workspace
 
 
 def evaluate_checkpoint(run: Run, index: DatasetIndex, checkpoint: Checkpoint, model: nn.Module | None = None,
-                        ws: Workspace = Workspace()) -> EvalResult:
-    """Test-split result of one checkpoint (``model``: the one it holds, when already built), at
+                        ws: Workspace = Workspace(), split: str = "test") -> EvalResult:
+    """``split``'s result of one checkpoint (``model``: the one it holds, when already built), at
     its own input size and statistics."""
-    test_set = run.dataset.load(index, "test", checkpoint.record.input_size, False, *ws.pixel_cache_for(run))
+    test_set = run.dataset.load(index, split, checkpoint.record.input_size, False, *ws.pixel_cache_for(run))
     return evaluate_dataset(model or checkpoint.model(), test_set, checkpoint.record.mean, checkpoint.record.std,
                             run.params.eval.batch_size, Runtime.from_env(run.params.runtime.device).device,
                             run.dataset.ap_mode, run.dataset.multilabel_convention)
+
+
+def transfer_errors(run: Run, index: DatasetIndex, checkpoint: Checkpoint, model: nn.Module, test: EvalResult,
+                    absent: list[int], ws: Workspace) -> dict[str, Any]:
+    """Test errors of a student whose transfer set left the ``absent`` classes out (Hinton et al. 2015 §3),
+    overall and on those classes, before and after adding ``distill.transfer.bias_shift`` to their
+    logits (the paper's fixed value, or the one with the fewest validation errors: the test split
+    still picks nothing)."""
+    found: dict[str, Any] = error_counts(test.logits, test.targets, absent)
+    setting = run.params.transfer.bias_shift
+    if setting is None:
+        return found
+    if setting == "val":
+        val = evaluate_checkpoint(run, index, checkpoint, model, ws, split="val")
+        shift, chosen_on = choose_shift(val.logits, val.targets, absent), "val"
+    else:
+        shift, chosen_on = float(setting), "fixed"
+    corrected = error_counts(shifted(test.logits, absent, shift), test.targets, absent)
+    return {**found, "bias_shift": shift, "bias_shift_from": chosen_on,
+            "corrected_errors": corrected["errors"], "corrected_absent_errors": corrected["absent_errors"]}
 
 
 def evaluate_role(run: Run, ws: Workspace, role: str, confusion_json: Path, matrix_json: Path) -> dict[str, Any]:
@@ -44,6 +67,9 @@ def evaluate_role(run: Run, ws: Workspace, role: str, confusion_json: Path, matr
     index, row = ws.index(), {}
     teacher = None if role == "teacher" else evaluate_checkpoint(run, index, Checkpoint.read(ws.teacher_checkpoint),
                                                                  ws=ws)
+    absent = transfer_index(index, run.params.transfer)[1] if role == "distill" else []
+    if absent:
+        row["transfer_absent_classes"] = [index.meta.classes[c] for c in absent]
     for which in ("best", "last"):
         checkpoint = Checkpoint.read(ws.checkpoint(role, which))
         model = checkpoint.model()
@@ -55,6 +81,8 @@ def evaluate_role(run: Run, ws: Workspace, role: str, confusion_json: Path, matr
                 raise RuntimeError("the teacher and the student were evaluated on test images in different orders")
             agree = (multilabel_fidelity if run.task == "multilabel" else fidelity)(teacher.logits, result.logits)
             row[which].update(teacher_agreement=round(agree["agreement"], 4), teacher_kl=round(agree["kl"], 6))
+        if absent:
+            row[which]["transfer"] = transfer_errors(run, index, checkpoint, model, result, absent, ws)
         if which == "best":
             row.update(preset=checkpoint.record.preset, arch=checkpoint.record.arch, params=count_parameters(model),
                        checkpoint_bytes=checkpoint.path.stat().st_size)

@@ -135,6 +135,36 @@ def test_every_multiclass_method_distills_with_the_cache(method, setup):
             assert state == {}
 
 
+# ------------------------------------------------------------------ transfer sets (Hinton et al. 2015 §3)
+
+def test_a_transfer_set_without_a_class_and_its_bias_correction(setup, tmp_path):
+    """The student distilled without 3s: the cache and the training batches hold no 3, evaluate counts
+    its errors on the 3s before and after the shift chosen on validation, and the shift touches no
+    weight (the plain top-1 is the uncorrected one)."""
+    from stages.evaluate import evaluate_role
+
+    index, ws, params = setup
+    params["distill"]["transfer"].update(exclude_classes=["3"], bias_shift="val")
+    run = resolve(params)
+    _distill(run, ws)
+    cache = TeacherCache.load(ws.teacher_cache)
+    assert cache.num_images == 72  # 8 training images of each class but 3
+    assert json.loads(cache.key["transform"])["transfer_classes"] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    bias = Checkpoint.read(ws.checkpoint("distill")).model().get_classifier().bias.clone()
+    row = evaluate_role(run, ws, "distill", tmp_path / "confusion.json", tmp_path / "matrix.json")
+    assert row["transfer_absent_classes"] == ["3"]
+    for which in ("best", "last"):
+        found = row[which]["transfer"]
+        assert found["images"] == 30 and found["absent_images"] == 3  # test_per_class: 3
+        assert found["bias_shift_from"] == "val" and -20.0 <= found["bias_shift"] <= 20.0
+        assert round(100.0 * (1 - found["errors"] / found["images"]), 4) == row[which]["top1"]  # uncorrected
+        assert 0 <= found["corrected_absent_errors"] <= 3
+    assert torch.equal(Checkpoint.read(ws.checkpoint("distill")).model().get_classifier().bias, bias)
+    params["distill"]["transfer"].update(bias_shift=3.5)
+    fixed = evaluate_role(resolve(params), ws, "distill", tmp_path / "confusion.json", tmp_path / "matrix.json")
+    assert fixed["best"]["transfer"]["bias_shift"] == 3.5 and fixed["best"]["transfer"]["bias_shift_from"] == "fixed"
+
+
 # ------------------------------------------------------------------ cached vs online
 
 def _distill(run: Run, ws: Workspace):

@@ -161,3 +161,19 @@ def test_the_chosen_shift_is_the_smallest_with_the_fewest_errors() -> None:
     right = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
     assert choose_shift(right, torch.tensor([0, 1]), [1]) == 0.0
     assert 3.5 in SHIFT_GRID and 7.6 in SHIFT_GRID and -7.6 in SHIFT_GRID
+
+
+def test_the_report_carries_the_transfer_errors_into_summary_json() -> None:
+    """What a study reads (summary.json's models.distill) holds the counts evaluate made."""
+    from kdlib.report import model_record
+
+    counts = {"images": 10000, "errors": 206, "absent_images": 1010, "absent_errors": 133, "bias_shift": 3.5,
+              "bias_shift_from": "fixed", "corrected_errors": 109, "corrected_absent_errors": 14}
+    evaluation = {"preset": "hinton_student", "arch": "mlp", "params": 1, "checkpoint_bytes": 1,
+                  "transfer_absent_classes": ["3"],
+                  "best": {"top1": 97.94, "top5": 99.9, "epoch": 3, "transfer": counts},
+                  "last": {"top1": 97.9, "top5": 99.9, "epoch": 4, "transfer": counts}}
+    record = model_record(evaluation, {"params": 1}, "top1")
+    assert record["transfer_absent_classes"] == ["3"] and record["best"]["transfer"] == counts
+    del evaluation["transfer_absent_classes"], evaluation["best"]["transfer"], evaluation["last"]["transfer"]
+    assert "transfer" not in model_record(evaluation, {"params": 1}, "top1")["best"]
