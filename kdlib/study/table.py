@@ -91,9 +91,34 @@ def cell_row(study: Study, cell_records: Sequence[Record]) -> dict[str, Any]:
                            for k in ("teacher_agreement", "teacher_kl")},
                         **{f"{role}_train_seconds": _get(r, role, "train_seconds") for role in ROLES}}
                        for r in cell_records]
+    row.update(transfer_stats(cell_records, row["per_seed"]))
     if study.precisions:
         row["precisions"] = precision_rows(cell_records)
     return row
+
+
+TRANSFER_COUNTS = ("errors", "absent_errors", "bias_shift", "corrected_errors", "corrected_absent_errors")
+
+
+def transfer_stats(cell_records: Sequence[Record], per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """A cell whose student was distilled on a transfer set without some classes (:mod:`kdlib.transfer`):
+    its best checkpoint's test errors overall and on the absent classes, before and after the bias
+    shift, over seeds (and each seed's in ``per_seed``); {} for any other cell."""
+    found = [_get(r, "distill", "best", "transfer") for r in cell_records]
+    if not any(found):
+        return {}
+    first = next(t for t in found if t)
+    out: dict[str, Any] = {"distill_transfer_absent_classes": _get(cell_records[0], "distill", "transfer_absent_classes"),
+                           "distill_transfer_images": first["images"],
+                           "distill_transfer_absent_images": first["absent_images"]}
+    for key in TRANSFER_COUNTS:
+        values = [float(t[key]) for t in found if t and key in t]
+        if values:
+            out[f"distill_best_transfer_{key}"] = spread(values).as_dict()
+    for seed_row, counts in zip(per_seed, found):
+        if counts:
+            seed_row["distill_best_transfer"] = dict(counts)
+    return out
 
 
 def precision_rows(cell_records: Sequence[Record]) -> list[dict[str, Any]]:
