@@ -188,3 +188,36 @@ def test_training_loop_applies_the_constraint(tmp_path) -> None:
     hidden = [state[k] for k in sorted(state) if k.startswith("hidden.") and k.endswith(".weight")]
     assert len(hidden) == 2 and all((w.norm(dim=1) <= c + 1e-6).all() for w in hidden)
     assert math.isfinite(float(state["fc.weight"].norm())) and (state["fc.weight"].norm(dim=1) > c).any()
+
+
+def test_hinton_presets() -> None:
+    """params.yaml's Hinton et al. 2015 §3 presets: the paper's sizes, the teacher's 2012 regularization
+    (its max-norm sqrt(15) on the squared length, times the keep probability for torch's inverted
+    dropout), an unregularized student on plain images, and all of MNIST with a 2-px jitter."""
+    from kdlib.schema import parse_merged
+    from kdlib.models import ModelSpec
+    from kdlib.train import Recipe
+    from stages.params import read_params
+
+    params = read_params()
+
+    def preset(name: str) -> tuple[ModelSpec, Recipe]:
+        problems: list[str] = []
+        spec, recipe = parse_merged((ModelSpec, Recipe), params["models"][name], f"models.{name}.", problems)
+        assert problems == []
+        return spec, recipe
+
+    teacher, teacher_recipe = preset("hinton_teacher")
+    assert count_parameters(teacher.build(10, 1)) == 2_395_210
+    assert teacher.kwargs["input_dropout"] == 0.2 and teacher.kwargs["hidden_dropout"] == 0.5
+    assert teacher.kwargs["max_norm"] == pytest.approx([0.8 * math.sqrt(15), 0.5 * math.sqrt(15)], abs=1e-3)
+    assert teacher_recipe.augmentation is None and teacher_recipe.batch_size == 100
+    for name, size in (("hinton_student", 1_276_810), ("hinton_student30", 24_790)):
+        spec, recipe = preset(name)
+        model = spec.build(10, 1)
+        assert count_parameters(model) == size and set(spec.kwargs) == {"hidden"}
+        assert all(m.p == 0 for m in model.modules() if isinstance(m, nn.Dropout))
+        assert recipe.weight_decay == 0 and recipe.label_smoothing == 0 and recipe.augmentation == ("none", {})
+    data = params["datasets"]["mnist_full"]
+    assert data["options"] == {"train_per_class": None, "val_per_class": 500, "test_per_class": None}
+    assert (data["augment"], data["augment_options"]) == ("shift", {"shift_px": 2})
