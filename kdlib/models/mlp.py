@@ -12,12 +12,12 @@ a Neural Network", §3), 784-1200-1200-10, has 784·1200+1200 + 1200·1200+1200 
 2,395,210; its 784-800-800-10 student 1,276,810.
 
 Max-norm (Hinton, Srivastava, Krizhevsky, Sutskever & Salakhutdinov 2012, "Improving neural networks
-by preventing co-adaptation of feature detectors", arXiv:1207.0580, p. 2 and Appendix A): "instead of
-penalizing the squared length (L2 norm) of the whole weight vector, we set an upper bound on the L2
-norm of the incoming weight vector for each individual hidden unit. If a weight-update violates this
-constraint, we renormalize the weights of the hidden unit by division." After every optimizer step
-:meth:`MLP.apply_constraints` maps each row ``w_j`` (hidden unit ``j``'s incoming weights, its bias
-excluded) of hidden layer ``l`` to::
+by preventing co-adaptation of feature detectors", arXiv:1207.0580, p. 2 and Appendix A): in place of an
+L2 penalty on the whole weight vector, the L2 norm of the incoming weight vector of each individual
+hidden unit has an upper bound, and when a weight update breaks it the unit's weights are renormalized
+by division (a constraint rather than a penalty lets a large learning rate be used without
+the weights growing without limit). After every optimizer step :meth:`MLP.apply_constraints` maps each
+row ``w_j`` (hidden unit ``j``'s incoming weights, its bias excluded) of hidden layer ``l`` to::
 
     w_j ← w_j · min(1, c_l / ‖w_j‖₂)
 
@@ -30,9 +30,9 @@ the thinned network and halves a unit's outgoing weights at test time; its MNIST
 (used here) divides the kept inputs by ``1 − p`` during training instead, so the same network stores
 ``(1 − p)·w``: the paper's bound is ``c_l = (1 − p_l)·√15`` on the stored rows, ``p_l`` being the
 dropout rate of layer ``l``'s input — 0.8·√15 = 3.098 behind input dropout 0.2 and 0.5·√15 = 1.936
-behind hidden dropout 0.5 (pylearn2's ``max_col_norm: 1.9365`` in its reproduction of the paper's
-MNIST net is that figure). ``max_norm`` bounds the stored rows as written, so ``max_norm: [3.098,
-1.936]`` is the paper's constraint for 784-1200-1200 with dropout 0.2 / 0.5.
+behind hidden dropout 0.5 (the ``max_col_norm: 1.9365`` of Goodfellow et al.'s 2013 maxout networks
+in pylearn2, whose dropout also rescales, is the same number). ``max_norm`` bounds the stored rows as
+written, so ``max_norm: [3.098, 1.936]`` is the paper's constraint for 784-1200-1200 with dropout 0.2 / 0.5.
 """
 from __future__ import annotations
 
