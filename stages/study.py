@@ -532,10 +532,30 @@ def queue(exp: Experiment, known: dict[str, tuple[str | None, str]]) -> None:
     dvc("exp", "run", "--queue", "-n", exp.name, TARGET, *set_args(exp))
 
 
+def missing_lock_outputs(root: Path = Path(".")) -> str | None:
+    """Why the queue would fail now, or None: the committed dvc.lock names outputs that neither the workspace
+    nor the DVC cache holds (a fresh clone before `dvc pull` or `dvc repro`). DVC 3.67 then fails every queued
+    experiment that restores both prepare and a stage depending on a file inside data/prepared from the run
+    cache ("failed to load directory ('data', 'prepared'): No such file or directory: .../<md5>.dir"): in a
+    hinton2015 run the first experiment trained, and the next two failed so."""
+    from stages.guard import missing_outputs
+
+    missing = missing_outputs(root)
+    if not missing:
+        return None
+    paths = [p for outs in missing.values() for p in outs]
+    return (f"dvc.lock records {len(paths)} output(s) that are in neither the workspace nor the DVC cache "
+            f"({', '.join(paths[:4])}{' …' if len(paths) > 4 else ''}): queued experiments that restore stages from the "
+            "run cache would fail (DVC cannot load those folders). Run `dvc pull` (a remote: README, Sharing results) "
+            "or `dvc repro` once, then the study")
+
+
 def run(args: argparse.Namespace) -> int:
     plan = planned(args)
     if args.dry_run:  # queues nothing, so it takes no lock: a dry run can look while a run waits
         return _run(args, plan)
+    if (problem := missing_lock_outputs()) is not None:
+        raise StudyError(problem)
     with study_lock(plan.study.name, "run"):
         for line in clean_leftovers(plan.study.name):
             print(f"  {line}", file=sys.stderr)

@@ -337,3 +337,14 @@ def test_the_digest_run_expects_is_the_digest_of_what_dvc_writes(tmp_path: Path)
         dvc_apply(path, [override_arg(k, v) for k, v in overrides.items()])
         assert params_digest(yamlfile.loads(path.read_text())) == \
             params_digest(apply_overrides(base, overrides, "here")), overrides
+
+
+def test_a_run_is_refused_while_dvc_lock_names_outputs_the_cache_lacks(work: Path, capsys) -> None:
+    """A fresh clone before `dvc pull` / `dvc repro`: DVC fails every queued experiment that restores stages
+    from the run cache (seen in a hinton2015 run), so nothing is queued and the remedy is said."""
+    (work / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    (work / "dvc.lock").write_text((REPO / "dvc.lock").read_text())  # its outputs are in no cache here
+    assert cli.main(["run", "t"]) == 2
+    err = capsys.readouterr().err
+    assert "dvc.lock records" in err and "data/prepared" in err and "Run `dvc pull`" in err and "or `dvc repro` once" in err
+    assert cli.main(["run", "t", "--dry-run"]) == 0  # a dry run still lists the plan
