@@ -533,21 +533,25 @@ def queue(exp: Experiment, known: dict[str, tuple[str | None, str]]) -> None:
 
 
 def missing_lock_outputs(root: Path = Path(".")) -> str | None:
-    """Why the queue would fail now, or None: the committed dvc.lock names outputs that neither the workspace
-    nor the DVC cache holds (a fresh clone before `dvc pull` or `dvc repro`). DVC 3.67 then fails every queued
-    experiment that restores both prepare and a stage depending on a file inside data/prepared from the run
-    cache ("failed to load directory ('data', 'prepared'): No such file or directory: .../<md5>.dir"): in a
-    hinton2015 run the first experiment trained, and the next two failed so."""
+    """Why the queue would fail now, or None: the committed dvc.lock names an output folder that neither the
+    workspace nor the DVC cache holds (a fresh clone before `dvc pull` or `dvc repro`) and that a stage
+    depends on a file inside of (data/prepared: the training stages depend on its index.csv). DVC 3.67 then
+    fails every queued experiment that restores prepare and such a stage from the run cache ("failed to load
+    directory ('data', 'prepared'): No such file or directory: .../<md5>.dir"): in a hinton2015 run the first
+    experiment trained, and the next two failed so. Missing outputs that stages depend on whole (models/teacher)
+    did not fail them."""
     from stages.guard import missing_outputs
 
-    missing = missing_outputs(root)
+    stages = (yamlfile.load(Path(root) / "dvc.yaml") or {}).get("stages") or {}
+    deps = {d for body in stages.values() for d in (body.get("do", body).get("deps") or []) if isinstance(d, str)}
+    missing = sorted({p for outs in missing_outputs(root).values() for p in outs
+                      if any(d.startswith(p.rstrip("/") + "/") for d in deps)})
     if not missing:
         return None
-    paths = [p for outs in missing.values() for p in outs]
-    return (f"dvc.lock records {len(paths)} output(s) that are in neither the workspace nor the DVC cache "
-            f"({', '.join(paths[:4])}{' …' if len(paths) > 4 else ''}): queued experiments that restore stages from the "
-            "run cache would fail (DVC cannot load those folders). Run `dvc pull` (a remote: README, Sharing results) "
-            "or `dvc repro` once, then the study")
+    return (f"dvc.lock records {', '.join(missing)}, in neither the workspace nor the DVC cache, and stages depend on "
+            "files inside it: queued experiments that restore stages from the run cache would fail (DVC cannot load "
+            "that folder). Run `dvc pull` (a remote: README, Sharing results) or `dvc repro prepare` (or `make repro`) "
+            "once, then the study")
 
 
 def run(args: argparse.Namespace) -> int:

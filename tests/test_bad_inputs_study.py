@@ -346,5 +346,6 @@ def test_a_run_is_refused_while_dvc_lock_names_outputs_the_cache_lacks(work: Pat
     (work / "dvc.lock").write_text((REPO / "dvc.lock").read_text())  # its outputs are in no cache here
     assert cli.main(["run", "t"]) == 2
     err = capsys.readouterr().err
-    assert "dvc.lock records" in err and "data/prepared" in err and "Run `dvc pull`" in err and "or `dvc repro` once" in err
+    assert "dvc.lock records data/prepared, in neither the workspace nor the DVC cache" in err, err
+    assert "Run `dvc pull`" in err and "`dvc repro prepare`" in err
     assert cli.main(["run", "t", "--dry-run"]) == 0  # a dry run still lists the plan
