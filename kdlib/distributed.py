@@ -124,6 +124,30 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return out
 
 
+def average_gradients(params: Sequence[nn.Parameter]) -> None:
+    """Replace each gradient of ``params`` by its mean over processes, in one all-reduce (what DDP does
+    for the student's parameters, for parameters outside it: a method's own)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not active() or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_parameters(params: Sequence[nn.Parameter], src: int = 0) -> None:
+    """Copy rank ``src``'s values of ``params`` to every process."""
+    if not active():
+        return
+    with torch.no_grad():
+        for param in params:
+            dist.broadcast(param.data, src=src)
+
+
 def sync_buffers(model: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (BatchNorm running statistics) to every process."""
     if not active():

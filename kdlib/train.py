@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -235,7 +235,10 @@ def lr_factor(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
     raise ValueError(f"unknown schedule {recipe.schedule!r}; known: cosine, step, constant")
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None,
+                    extra: Sequence[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``model``'s trainable parameters and ``extra`` (a method's own,
+    :meth:`kdlib.losses.base.Method.trainable_parameters`), which follow the same weight-decay rule."""
     # No weight decay on biases and norm parameters (1-d tensors), nor on what the model itself
     # exempts (timm's no_weight_decay(): position embeddings, class/distillation tokens), as
     # timm and DeiT do.
@@ -244,6 +247,8 @@ def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None) -
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 or name in exempt else decay).append(param)
+    for param in extra:
+        (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": recipe.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -345,7 +350,9 @@ class EpochLoop:
         watch = _FiniteWatch(epoch, len(self.loader))
         # fp16's GradScaler expects inf gradients now and then (it skips those steps and lowers its scale)
         check_grads = not self.scaler.is_enabled()
-        params = [p for p in model.parameters() if p.requires_grad]
+        # the method's own parameters (a regressor, a head) train and clip with the student's
+        own = own_parameters(objective)
+        params = [p for p in model.parameters() if p.requires_grad] + own
         constrain = getattr(model, "apply_constraints", None)
         # disable=None: a progress bar on a terminal, nothing in a log file
         batches = tqdm(self.loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
@@ -367,10 +374,12 @@ class EpochLoop:
             out = objective(student, targets, _float32(teacher_out) if teacher_out is not None else None)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.total).backward()
+            if own:  # DDP averages the student's gradients over processes; the method's are averaged here
+                distributed.average_gradients(own)
             grad_norm = None
             if recipe.grad_clip:
                 self.scaler.unscale_(self.optimizer)
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                grad_norm = nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             elif check_grads:  # a norm over the gradients, no clipping: the step is unchanged
                 grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             watch.add(step, {"loss": out.total, **out.terms,
@@ -465,7 +474,9 @@ def fit(
     val_loader = make_loader(data.val_set, recipe.eval_batch_size, False, seed, runtime, recipe.num_workers)
     global_batch = recipe.batch_size * runtime.world_size
     base_lr = recipe.scaled_lr(global_batch)
-    optimizer = build_optimizer(model, recipe, base_lr)
+    # a method's own parameters start as rank 0's on every process, as DDP does for the student's
+    distributed.broadcast_parameters(own_parameters(objective))
+    optimizer = build_optimizer(model, recipe, base_lr, own_parameters(objective))
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe))
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
@@ -600,6 +611,12 @@ def fit(
         peak_cuda_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         machine=machine_label(describe_machine(device)),
     )
+
+
+def own_parameters(objective: Any) -> list[nn.Parameter]:
+    """The parameters a training objective trains beside the student (:meth:`Method.trainable_parameters`;
+    none for an objective that is not a :class:`Method`)."""
+    return objective.trainable_parameters() if isinstance(objective, Method) else []
 
 
 def _float32(output: Any) -> Any:

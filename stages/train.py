@@ -19,7 +19,7 @@ from kdlib.io import write_json
 from kdlib.models import count_parameters
 from kdlib.resume import ResumeStore
 from kdlib.runtime import Runtime, seed_everything
-from kdlib.train import FitResult, MetricsLogger, TrainData, fit
+from kdlib.train import FitResult, MetricsLogger, TrainData, fit, own_parameters
 from stages.launch import parse_stage_args, stage_main
 from stages.params import ROLES, Run
 from stages.workspace import Workspace
@@ -60,7 +60,8 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
         shutil.rmtree(out_dir, ignore_errors=True)
     result = fit(model, objective, model_run.recipe, data, out_dir, record, seed, teacher, logger, runtime,
                  progress, resume=resume, **run.engine)
-    return result, count_parameters(model)
+    # what training updates: the student and what the method owns (its extra parameters)
+    return result, count_parameters(model) + sum(p.numel() for p in own_parameters(objective))
 
 
 def main() -> None:

@@ -131,3 +131,34 @@ def test_bad_runtime_settings_name_the_key_and_what_is_allowed(runtime: dict, me
     with pytest.raises(ParamError) as err:
         resolve(params)
     assert message in str(err.value)
+
+
+def _method_parameters_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from kdlib import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # each process starts from other values, as a method's head built unseeded would
+        head = torch.nn.Linear(3, 2)
+        distributed.broadcast_parameters(list(head.parameters()))
+        head.weight.grad = torch.full((2, 3), float(rank + 1))
+        head.bias.grad = torch.full((2,), 10.0 * (rank + 1))
+        distributed.average_gradients(list(head.parameters()))
+        torch.save({"weight": head.weight.detach(), "bias": head.bias.detach(),
+                    "weight_grad": head.weight.grad, "bias_grad": head.bias.grad}, f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_methods_own_parameters_start_equal_and_step_on_averaged_gradients(tmp_path: Path) -> None:
+    """Outside DDP, a method's parameters (kdlib.train.fit) start as rank 0's on both processes and
+    their gradients are the mean over processes: (1 + 2) / 2 = 1.5 and (10 + 20) / 2 = 15."""
+    torch.multiprocessing.spawn(_method_parameters_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
+    torch.manual_seed(0)
+    assert torch.equal(zero["weight"], torch.nn.Linear(3, 2).weight.detach())
+    for name in ("weight", "bias"):
+        assert torch.equal(zero[name], one[name])
+    assert torch.equal(one["weight_grad"], torch.full((2, 3), 1.5)) and torch.equal(zero["bias_grad"], torch.full((2,), 15.0))

@@ -2,6 +2,7 @@
 teacher handling and the logger contract."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from PIL import Image
 from kdlib.checkpoint import ModelRecord, load_checkpoint, model_from_checkpoint
 from kdlib.data import BatchNormalizer, IndexedImageDataset, Record, build_transforms
 from kdlib.losses import build_objective
+from kdlib.losses.base import Method
+from kdlib.losses.registry import LossOutput
 from kdlib.models import build_model
 from kdlib.runtime import seed_everything
 from kdlib.teacher import OnlineTeacher
@@ -264,3 +267,56 @@ def test_a_models_constraints_are_applied_after_every_update(image_dir, tmp_path
     run_fit(image_dir, tmp_path, model=model)
     assert len(seen) == 6
     assert not torch.equal(seen[0], seen[1])  # each call followed a real update
+
+
+class HeadedCE(Method):
+    """CE plus a term through a head the method owns (as FitNet's regressor or CRD's embeddings): the
+    head is trained only if the loop gives its parameters to the optimizer. Not registered."""
+
+    needs_teacher = False
+    needs_features = False
+    uses_distillation_token = False
+    tasks = ("multiclass",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3, 3)
+
+    def forward(self, student, targets, teacher=None) -> LossOutput:
+        ce = torch.nn.functional.cross_entropy(student.logits, targets)
+        mimic = torch.nn.functional.mse_loss(self.head(student.logits), torch.nn.functional.one_hot(targets, 3).float())
+        return LossOutput(ce + mimic, {"ce": ce.detach(), "mimic": mimic.detach()})
+
+
+def test_a_methods_own_parameters_are_trained_and_resumed(image_dir, tmp_path):
+    """A method's head gets gradients and steps with the student's optimizer (it stayed unchanged
+    before), its parameters count as its own, and a crashed run resumes to the same head and bytes."""
+    from kdlib.resume import ResumeStore
+    from kdlib.train import build_optimizer, own_parameters
+
+    torch.manual_seed(1)
+    method = HeadedCE()
+    start = copy.deepcopy(method.state_dict())
+    assert [p.shape for p in own_parameters(method)] == [torch.Size([3, 3]), torch.Size([3])]
+    assert own_parameters(build_objective("kd", temperature=4.0, alpha=0.9)) == []
+    run_fit(image_dir, tmp_path / "whole", epochs=4, objective=method)
+    assert not torch.equal(method.head.weight, start["head.weight"])
+    assert not torch.equal(method.head.bias, start["head.bias"])
+    # decayed as the student's weights are, the bias not
+    groups = build_optimizer(build_model("cnn_small", 3, 1), Recipe(epochs=1, batch_size=8, lr=0.1, weight_decay=0.1),
+                             extra=own_parameters(method))
+    assert any(p is method.head.weight for p in groups.param_groups[0]["params"])
+    assert any(p is method.head.bias for p in groups.param_groups[1]["params"])
+
+    store = ResumeStore(tmp_path / "state", "run key")
+    crashed = HeadedCE()
+    crashed.load_state_dict(start)
+    with pytest.raises(Crash):
+        run_fit(image_dir, tmp_path / "first", epochs=4, objective=crashed, logger=CrashingLogger(at=3), resume=store)
+    resumed = HeadedCE()
+    resumed.load_state_dict(start)
+    run_fit(image_dir, tmp_path / "second", epochs=4, objective=resumed, resume=store)
+    for name, value in method.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    for name in ("best.pt", "last.pt"):
+        assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name

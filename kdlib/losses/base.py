@@ -86,6 +86,14 @@ class Method(nn.Module):
         """What :meth:`setup` fitted, small enough to store with a checkpoint (``{}``: nothing)."""
         return {}
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the method itself owns and trains with the student (a regressor, a projection
+        head), in a fixed order: :func:`kdlib.train.fit` puts them in the student's optimizer, averages
+        their gradients over processes, clips them with the student's, saves them in the resume state
+        and counts them as the distilled student's extra training parameters. Buffers (LSH's fixed
+        hyperplanes) are not parameters. Most methods own none."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def forward(self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None
                 ) -> LossOutput:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
