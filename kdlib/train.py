@@ -32,7 +32,7 @@ from kdlib.data.transforms import BatchNormalizer
 from kdlib.data.views import AugmentedViews, make_view_seeds
 from kdlib.features import prediction_logits
 from kdlib.losses.base import Method
-from kdlib.losses.registry import TeacherOutput
+from kdlib.losses.registry import Progress, TeacherOutput
 from kdlib.machine import describe as describe_machine
 from kdlib.machine import label as machine_label
 from kdlib.metrics import EvalResult, evaluate
@@ -371,7 +371,9 @@ class EpochLoop:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 student = self.step(images)
             student = _float32(student)  # losses in fp32 whatever the autocast dtype
-            out = objective(student, targets, _float32(teacher_out) if teacher_out is not None else None)
+            out = objective(student, targets, _float32(teacher_out) if teacher_out is not None else None,
+                            **({"progress": Progress(epoch, recipe.epochs, step, len(self.loader))}
+                               if getattr(objective, "uses_progress", False) else {}))
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.total).backward()
             if own:  # DDP averages the student's gradients over processes; the method's are averaged here

@@ -138,6 +138,11 @@ class Params:
             found.append((None, f"distill.transfer: leaving classes out is for single-label data sets ({self.dataset!r} "
                                 "is multi-label); expected exclude_classes: [] and only_classes: null"))
         cls = METHODS.get(method)
+        mixing = [f"{k} = {v}" for k, v in (("mixup", self.datasets[self.dataset].mixup),
+                                            ("cutmix", self.datasets[self.dataset].cutmix)) if v]
+        if mixing and cls.soft_targets == "refused":
+            found.append((None, f"distill.method = {method!r} needs integer labels, and datasets.{self.dataset}."
+                                f"{' and '.join(mixing)} give soft targets; set them to 0 or pick another method"))
         if cls.needs_features and self.align.epochs and cls.alignment_knobs(self.align.beta) is None:
             found.append((None, f"distill.method = {method!r} mimics features but cannot be aligned (its "
                                 "alignment_knobs() is None: no gamma/beta knobs); set -S align.epochs=0"))

@@ -21,6 +21,7 @@ from kdlib.data.views import make_view_seeds
 from kdlib.distill import first_view_features, load_teacher, setup_distillation, teacher_cache_key
 from kdlib.features import FeatureStudent
 from kdlib.losses import METHODS, distillation_methods
+from kdlib.losses.lsh import LSHMethodBase
 from kdlib.runtime import Runtime, seed_everything
 from kdlib.teacher_cache import CacheMismatch, TeacherCache
 from stages.align import align
@@ -32,9 +33,10 @@ from stages.train import train_role
 from stages.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
-FEATURE_METHODS = ("l2", "lsh", "lshl2", "lshl2_s")
-LSH_METHODS = ("lsh", "lshl2", "lshl2_s")
-METHODS_UNDER_TEST = ("kd", "deit_soft", "deit_hard", *FEATURE_METHODS)
+# every registered single-label distillation method, whoever added it: no list to keep
+METHODS_UNDER_TEST = tuple(distillation_methods("multiclass"))
+FEATURE_METHODS = tuple(m for m in METHODS_UNDER_TEST if METHODS.get(m).needs_features)
+LSH_METHODS = tuple(m for m in METHODS_UNDER_TEST if issubclass(METHODS.get(m), LSHMethodBase))
 
 
 def shrink(params: dict) -> dict:
@@ -78,7 +80,7 @@ def setup(trained, base_params, tmp_path):
 
 def with_method(params: dict, method: str) -> dict:
     params["distill"]["method"] = method
-    if method.startswith("deit"):
+    if METHODS.get(method).uses_distillation_token:
         params["student"] = "deit"
     return params
 

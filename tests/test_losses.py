@@ -7,6 +7,7 @@ row 1: log(e^0.5+e^-1+e²) − 0.5 = 1.74131; mean 1.07446.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 
 import pytest
@@ -187,16 +188,19 @@ def test_kd_module_rejects_invalid_hyperparameters(kwargs: dict) -> None:
 # Interface of every registered method.
 # ---------------------------------------------------------------------------------------------
 
-ATTRIBUTES = ("needs_teacher", "needs_features", "uses_distillation_token", "tasks")
+ATTRIBUTES = ("needs_teacher", "needs_features", "uses_distillation_token", "uses_progress", "tasks", "soft_targets")
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_declares_the_four_attributes_and_a_docstring(name: str) -> None:
+def test_every_method_declares_its_capabilities_and_a_docstring(name: str) -> None:
     cls = METHODS.get(name)
     assert isinstance(cls, type) and issubclass(cls, Method), f"{name} must subclass kdlib.losses.base.Method"
     for attribute in ATTRIBUTES:
         assert attribute in vars(cls), f"{name} must set {attribute} explicitly"
-    assert all(isinstance(getattr(cls, a), bool) for a in ATTRIBUTES[:3])
+    assert all(isinstance(getattr(cls, a), bool) for a in ATTRIBUTES[:4])
+    assert cls.soft_targets in ("mixed", "argmax", "refused")
+    # a method that takes the training progress says so in its forward's signature
+    assert ("progress" in inspect.signature(cls.forward).parameters) == cls.uses_progress
     assert cls.tasks and set(cls.tasks) <= {"multiclass", "multilabel"}
     assert not hasattr(cls, "needs_lsh")  # removed: LSH methods fit their hyperplanes in setup()
     assert cls.__doc__ and cls.__doc__.strip()

@@ -552,3 +552,14 @@ def test_every_model_preset_states_its_augmentation(repo_params) -> None:
     params = copy.deepcopy(repo_params)
     del params["models"]["rescnn"]["augment"]
     assert "models.rescnn.augment: missing" in error_of(params)
+
+
+def test_a_method_that_refuses_soft_targets_is_refused_with_mixup_or_cutmix(repo_params) -> None:
+    """DKD splits each row at its label: with MixUp or CutMix on it is refused before any work, both
+    keys named; the methods that take soft targets are not."""
+    dkd = mutated(mutated(repo_params, "distill.method", "dkd"), "teacher_cache.enabled", False)
+    validate(dkd)
+    message = error_of(mutated(mutated(dkd, "datasets.mnist.mixup", 0.8), "datasets.mnist.cutmix", 1.0))
+    assert "distill.method = 'dkd' needs integer labels" in message
+    assert "datasets.mnist.mixup = 0.8 and cutmix = 1.0 give soft targets" in message
+    validate(mutated(mutated(repo_params, "datasets.mnist.mixup", 0.8), "teacher_cache.enabled", False))  # kd's CE

@@ -320,3 +320,12 @@ def test_a_methods_own_parameters_are_trained_and_resumed(image_dir, tmp_path):
         assert torch.equal(resumed.state_dict()[name], value), name
     for name in ("best.pt", "last.pt"):
         assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_a_method_that_uses_progress_gets_the_epoch_and_step(image_dir, tmp_path):
+    """DKD's warm-up, min(epoch / W, 1), reaches the loss through the loop's Progress: with W = 4 the
+    logged ramp is 1/4 in epoch 1 and 2/4 in epoch 2 (every step of an epoch has the same)."""
+    teacher = OnlineTeacher(build_model("cnn_small", 3, 1))
+    _, result = run_fit(image_dir, tmp_path, objective=build_objective("dkd", warmup=4), teacher=teacher)
+    assert [row["train/warmup"] for row in result.history] == [pytest.approx(0.25), pytest.approx(0.5)]
+    assert all(row["train/tckd"] > 0 and row["train/nckd"] > 0 for row in result.history)

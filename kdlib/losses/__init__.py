@@ -4,8 +4,9 @@
 of this package is imported here, so adding a method is adding one file: a
 :class:`~kdlib.losses.base.Method` subclass (``method(StudentOutput, targets, TeacherOutput)``
 → ``LossOutput``; declared capabilities ``needs_teacher``, ``needs_features``,
-``uses_distillation_token``, ``tasks``; an optional ``setup`` hook that fits state from the
-teacher) decorated with ``@register_method("name")``.
+``uses_distillation_token``, ``tasks``, ``soft_targets``, ``uses_progress``; an optional ``setup``
+hook that fits state from the teacher; parameters of its own, which train with the student)
+decorated with ``@register_method("name")``.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from kdlib.losses.bce import bce_loss  # noqa: E402
 from kdlib.losses.ce import ce_loss, hard_loss  # noqa: E402
 from kdlib.losses.deit_hard import deit_hard_loss, hard_teacher_ce  # noqa: E402
 from kdlib.losses.deit_soft import deit_soft_loss  # noqa: E402
+from kdlib.losses.dkd import dkd_terms  # noqa: E402
 from kdlib.losses.kd import kd_loss, soft_kl  # noqa: E402
 from kdlib.losses.l2 import l2_loss, l2_loss_per_sample  # noqa: E402
 from kdlib.losses.lsh import (  # noqa: E402
@@ -75,6 +77,7 @@ __all__ = [
     "ce_loss",
     "deit_hard_loss",
     "deit_soft_loss",
+    "dkd_terms",
     "distillation_methods",
     "fit_lsh_hyperplanes",
     "hard_loss",

@@ -42,7 +42,12 @@ class Method(nn.Module):
       ``force_feat_fc`` forces even when the widths match;
     * ``uses_distillation_token``: the student must have a distillation head (timm's
       ``*_distilled_*`` models); ``StudentOutput.dist_logits`` is filled;
-    * ``tasks``: ``"multiclass"`` (integer or soft targets) and/or ``"multilabel"`` (multi-hot).
+    * ``tasks``: ``"multiclass"`` (integer or soft targets) and/or ``"multilabel"`` (multi-hot);
+    * ``soft_targets``: what the method does with MixUp/CutMix's soft ``(B, C)`` targets: ``"mixed"``
+      uses them as they are, ``"argmax"`` takes each row's dominant class (documented in the method's
+      file), ``"refused"`` cannot use them, and a run with MixUp or CutMix on is refused before it starts;
+    * ``uses_progress``: ``forward`` also gets ``progress=`` a :class:`~kdlib.losses.registry.Progress`
+      (epoch, step, their totals), for warm-ups and schedules.
 
     ``context_args``: constructor arguments the run supplies rather than the method's knob
     section (the student's label smoothing; whether the task is multi-label).
@@ -52,6 +57,8 @@ class Method(nn.Module):
     needs_features: ClassVar[bool] = False
     uses_distillation_token: ClassVar[bool] = False
     tasks: ClassVar[tuple[str, ...]] = (MULTICLASS,)
+    soft_targets: ClassVar[str] = "mixed"
+    uses_progress: ClassVar[bool] = False
     context_args: ClassVar[tuple[str, ...]] = ("label_smoothing", "multilabel")
     force_feat_fc: bool = False
 

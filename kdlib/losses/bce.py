@@ -36,6 +36,8 @@ class BinaryCrossEntropy(Method):
     needs_features = False
     uses_distillation_token = False
     tasks = (MULTILABEL,)
+    soft_targets = "mixed"
+    uses_progress = False
 
     def forward(
         self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None

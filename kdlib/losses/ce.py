@@ -52,6 +52,8 @@ class CrossEntropy(Method):
     needs_features = False
     uses_distillation_token = False
     tasks = (MULTICLASS,)
+    soft_targets = "mixed"
+    uses_progress = False
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()

@@ -58,6 +58,8 @@ class DeiTHardLoss(Method):
     needs_features = False
     uses_distillation_token = True
     tasks = (MULTICLASS,)
+    soft_targets = "mixed"
+    uses_progress = False
 
     def __init__(self, alpha: float = 0.5, label_smoothing: float = 0.0):
         super().__init__()

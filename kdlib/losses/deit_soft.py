@@ -84,6 +84,8 @@ class DeiTSoftLoss(Method):
     needs_features = False
     uses_distillation_token = True
     tasks = (MULTICLASS,)
+    soft_targets = "mixed"
+    uses_progress = False
 
     def __init__(self, alpha: float = 0.5, temperature: float = 1.0, label_smoothing: float = 0.0):
         super().__init__()

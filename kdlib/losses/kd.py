@@ -87,6 +87,8 @@ class KDLoss(Method):
     needs_features = False
     uses_distillation_token = False
     tasks = (MULTICLASS,)
+    soft_targets = "mixed"
+    uses_progress = False
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, label_smoothing: float = 0.0):
         super().__init__()

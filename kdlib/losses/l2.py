@@ -45,6 +45,8 @@ class L2Loss(Method):
     needs_features = True
     uses_distillation_token = False
     tasks = (MULTICLASS, MULTILABEL)
+    soft_targets = "mixed"
+    uses_progress = False
 
     def __init__(
         self,

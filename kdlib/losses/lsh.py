@@ -271,6 +271,8 @@ class LSHLoss(LSHMethodBase):
     needs_features = True
     uses_distillation_token = False
     tasks = (MULTICLASS, MULTILABEL)
+    soft_targets = "mixed"
+    uses_progress = False
 
     def forward(
         self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None

@@ -43,6 +43,8 @@ class LSHL2Loss(LSHMethodBase):
     needs_features = True
     uses_distillation_token = False
     tasks = (MULTICLASS, MULTILABEL)
+    soft_targets = "mixed"
+    uses_progress = False
 
     def forward(
         self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None

@@ -79,6 +79,8 @@ class LSHL2SLoss(LSHMethodBase):
     needs_features = True
     uses_distillation_token = False
     tasks = (MULTICLASS,)
+    soft_targets = "argmax"  # its per-sample mask compares the teacher with the dominant class
+    uses_progress = False
 
     def __init__(
         self,

@@ -16,6 +16,25 @@ from kdlib.registry import Registry
 MULTICLASS, MULTILABEL = "multiclass", "multilabel"
 
 
+class Progress(NamedTuple):
+    """Where training stands at a step, for methods with ``uses_progress`` (warm-ups, schedules):
+    ``epoch`` of ``epochs`` and ``step`` of ``steps_per_epoch``, both counted from 1."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps_per_epoch: int
+
+    @property
+    def global_step(self) -> int:
+        """Steps taken so far, this one included (1 at the first step)."""
+        return (self.epoch - 1) * self.steps_per_epoch + self.step
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
 class LossOutput(NamedTuple):
     """The scalar to back-propagate and its named, detached terms for logging."""
 

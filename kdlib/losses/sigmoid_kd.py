@@ -92,6 +92,8 @@ class SigmoidKDLoss(Method):
     needs_features = False
     uses_distillation_token = False
     tasks = (MULTILABEL,)  # multi-hot targets
+    soft_targets = "mixed"
+    uses_progress = False
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9):
         super().__init__()
