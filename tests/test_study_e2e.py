@@ -20,10 +20,12 @@ from pipeline_run import trained  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.slow
 
-# The reproduced pipeline's own temperature: seed 0's experiment trains nothing (its stages are the
-# committed run's), seed 1's trains both students.
+# The reproduced pipeline's own temperature, on a transfer set without 3s (Hinton et al. 2015 §3) with
+# the bias shift chosen on validation: seed 0's experiment takes its teacher and baseline from the
+# committed run and trains the distilled student only; seed 1's trains both students.
 TINY = """title: A tiny study
 seeds: [0]
+set: {distill.transfer.exclude_classes: [3], distill.transfer.bias_shift: val}
 grid: {distill.kd.temperature: [4.0]}
 """
 
@@ -65,6 +67,13 @@ def test_a_tiny_study_runs_skips_what_is_done_and_reports(trained, tmp_path_fact
     gains = [d - b for b, d in pairs]
     assert row["gain_best"]["mean"] == pytest.approx(sum(gains) / 2, abs=1e-6)
     assert row["distill_teacher_agreement"]["n"] == 2 and 0 <= row["distill_teacher_agreement"]["mean"] <= 100
+    # the transfer set's errors, overall and on the 3s, before and after the shift, over both seeds
+    assert row["distill_transfer_set"] == {"exclude_classes": [3]} and row["distill_best_transfer_errors"]["n"] == 2
+    for seed_row in row["per_seed"]:
+        counts = seed_row["distill_best_transfer"]  # numbers only: DVC's metrics reader drops strings
+        assert -20.0 <= counts["bias_shift"] <= 20.0 and counts["absent_images"] == row["distill_transfer_absent_images"]
+        assert 0 <= counts["corrected_absent_errors"] <= counts["absent_images"]
+        assert round(100.0 * (1 - counts["errors"] / counts["images"]), 4) == seed_row["distill_best"]
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     study(work, env, "report", "tiny", "--seeds", "0,1")
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -186,17 +186,17 @@ def test_a_study_row_gathers_the_transfer_errors_over_seeds(tmp_path: Path) -> N
     from kdlib.study.table import study_rows
     from tests.test_study import record, write_study
 
-    study = load_study(write_study(tmp_path, "seeds: [0, 1]\ngrid: {distill.kd.temperature: [20.0]}\n"))
+    study = load_study(write_study(tmp_path, "seeds: [0, 1]\nset: {distill.transfer.exclude_classes: [3], "
+                                             "distill.transfer.bias_shift: 3.5}\ngrid: {distill.kd.temperature: [20.0]}\n"))
     records = []
     for seed, (errors, absent, corrected, corrected_absent) in enumerate([(206, 133, 109, 14), (210, 130, 111, 16)]):
         r = record(study, {"distill.kd.temperature": 20.0}, seed, 99.3, 98.5, 97.9)
-        r.summary["models"]["distill"]["transfer_absent_classes"] = ["3"]
         r.summary["models"]["distill"]["best"]["transfer"] = {
             "images": 10000, "errors": errors, "absent_images": 1010, "absent_errors": absent, "bias_shift": 3.5,
             "bias_shift_from": "fixed", "corrected_errors": corrected, "corrected_absent_errors": corrected_absent}
         records.append(r)
     row, = study_rows(study, records)
-    assert row["distill_transfer_absent_classes"] == ["3"] and row["distill_transfer_absent_images"] == 1010
+    assert row["distill_transfer_set"] == {"exclude_classes": [3]} and row["distill_transfer_absent_images"] == 1010
     assert row["distill_best_transfer_errors"]["mean"] == 208.0 and row["distill_best_transfer_errors"]["n"] == 2
     assert row["distill_best_transfer_corrected_absent_errors"]["mean"] == 15.0
     assert row["per_seed"][1]["distill_best_transfer"]["corrected_errors"] == 111

@@ -108,7 +108,11 @@ def transfer_stats(cell_records: Sequence[Record], per_seed: list[dict[str, Any]
     if not any(found):
         return {}
     first = next(t for t in found if t)
-    out: dict[str, Any] = {"distill_transfer_absent_classes": _get(cell_records[0], "distill", "transfer_absent_classes"),
+    # the transfer set as the experiments state it: DVC's metrics reader keeps numbers only, so the absent
+    # classes' names (and bias_shift_from) in summary.json do not come back through it
+    transfer_set = {k.removeprefix("distill.transfer."): v for k, v in cell_records[0].experiment.overrides.items()
+                    if k.startswith("distill.transfer.") and not k.endswith(".bias_shift")}
+    out: dict[str, Any] = {"distill_transfer_set": transfer_set,
                            "distill_transfer_images": first["images"],
                            "distill_transfer_absent_images": first["absent_images"]}
     for key in TRANSFER_COUNTS:
