@@ -616,7 +616,15 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
               f"queued), not queued again: DVC holds their names. `python -m stages.study report {study.name}` keeps "
               f"them in records.json; `dvc exp remove NAME...` then frees the names: "
               + ", ".join(e.name for e in held[:5]) + (" ..." if len(held) > 5 else ""))
-    for exp in todo:
+    # Nothing of the study has run, so the stages its experiments share (hinton2015's teacher: 20 min) are
+    # not in the run cache yet: N workers started together would each train them. The first experiment
+    # runs alone with every core; the rest are queued once its worker has left.
+    warm = args.jobs > 1 and len(todo) > 1 and finished == 0 and not (args.dry_run or args.no_wait or args.no_warm_up)
+    later = todo[1:] if warm else []
+    if warm:
+        print(f"  {todo[0].name} runs alone first, on every core, so that the stages all experiments share train "
+              f"once; then {args.jobs} at a time (--no-warm-up: all at once)", flush=True)
+    for exp in todo[:1] if warm else todo:
         if args.dry_run:
             # quoted for a shell: a list value ("[fp32, fp16]") pasted unquoted would split at its spaces
             print("  " + " ".join(map(shell_quote, ["dvc", "exp", "run", "--queue", "-n", exp.name, TARGET,
@@ -634,15 +642,17 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     starts, idle = 0, 1  # idle: polls in a row that found tasks waiting and fewer workers than --jobs
     suspects: set[str] = set()  # orphaned at the last poll
     while True:
-        waiting = any(known.get(n, ("Queued",))[0] == "Queued" for n in by_name)
-        idle = idle + 1 if waiting and exp_queue.workers_alive() < args.jobs else 0
+        jobs = 1 if later else args.jobs
+        unqueued = {e.name for e in later}
+        waiting = any(known.get(n, ("Queued",))[0] == "Queued" for n in by_name if n not in unqueued)
+        idle = idle + 1 if waiting and exp_queue.workers_alive() < jobs else 0
         # the first start at once; later ones after two polls in a row (a worker writes its
         # process record a moment after `dvc queue start` returns)
         if idle >= 2:
             if starts == MAX_WORKER_STARTS:
                 raise SystemExit(f"error: queue workers stopped {starts} times with experiments waiting "
                                  f"(their output: .dvc/tmp/study-queue.log, .dvc/tmp/exps/celery/dvc-exp-worker-*.out)")
-            dvc("queue", "start", "--jobs", str(args.jobs), detach=True, extra_env=worker_threads(args.jobs))
+            dvc("queue", "start", "--jobs", str(jobs), detach=True, extra_env=worker_threads(jobs))
             starts, idle = starts + 1, 0
         if args.no_wait:
             return 0
@@ -658,8 +668,16 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
             queue(by_name[name], known)
             requeued[name] = requeued.get(name, 0) + 1
             known[name] = ("Queued", known[name][1])
+        # the warm-up's worker leaves about 10 s after its queue empties (dvc_task's monitor); queueing the
+        # rest before would hand them to a worker with every core's threads beside the new ones
+        if later and known.get(todo[0].name, ("Queued",))[0] not in PENDING and exp_queue.workers_alive() == 0:
+            for exp in later:
+                queue(exp, known)
+                known[exp.name] = ("Queued", "")
+            print(f"  {todo[0].name} done: {len(later)} more queued, {args.jobs} at a time", flush=True)
+            later, idle = [], 1
         now = {n: "Failed" if n in lost_for_good else s for n, (s, _) in known.items() if n in by_name}
-        pending = sum(1 for s in now.values() if s in PENDING)
+        pending = sum(1 for s in now.values() if s in PENDING) + len(later)
         print(f"  {len(by_name) - pending}/{len(by_name)} done", flush=True)
         if not pending:
             failed = sorted(n for n, s in now.items() if s == "Failed")
@@ -789,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run":
             p.add_argument("-j", "--jobs", type=int, default=1, help="experiments at once (dvc queue start -j)")
             p.add_argument("--no-wait", action="store_true", help="queue and start, then return")
+            p.add_argument("--no-warm-up", action="store_true",
+                           help="with -j N and nothing of the study run yet, start N at once rather than one first")
             p.add_argument("--dry-run", action="store_true", help="print the queue commands; queue nothing")
             p.add_argument("--accept-other-code", action="store_true",
                            help="reuse records made with the same parameters by other code (default: queue them "

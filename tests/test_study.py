@@ -352,3 +352,75 @@ def test_precision_rows_follow_the_requested_order_whatever_order_the_record_key
         rows = precision_rows(both)
         assert [(x["role"], x["precision"]) for x in rows] == [
             (role, p) for role in ("baseline", "distill") for p in ("fp32", "int8_static", "bf16", "fp8")]
+
+
+class FakeQueue:
+    """DVC's queue as `study run` sees it, one step per poll: a worker takes a queued experiment, a running one
+    succeeds at the next poll, and a worker with nothing left leaves at the poll after (dvc_task's monitor)."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, str] = {}
+        self.workers: list[str | None] = []  # each worker's running experiment
+        self.events: list[tuple] = []
+
+    def queue(self, exp, known) -> None:
+        self.states[exp.name] = "Queued"
+        self.events.append(("queue", exp.name))
+
+    def dvc(self, *args: str, detach: bool = False, extra_env: dict | None = None) -> str:
+        assert args[:3] == ("queue", "start", "--jobs")
+        jobs = int(args[3])
+        self.workers += [None] * (jobs - len(self.workers))
+        self.events.append(("start", jobs, dict(extra_env or {})))
+        return ""
+
+    def step(self) -> dict[str, tuple[str | None, str]]:
+        for i, running in enumerate(self.workers):
+            if running is not None:
+                self.states[running] = "Success"
+                self.workers[i] = None
+            elif (waiting := [n for n, s in self.states.items() if s == "Queued"]):
+                self.states[waiting[0]], self.workers[i] = "Running", waiting[0]
+            else:
+                self.workers[i] = "gone"
+        self.workers = [w for w in self.workers if w != "gone"]
+        self.events.append(("running", sum(1 for s in self.states.values() if s == "Running")))
+        return {name: (state, "abc1234") for name, state in self.states.items()}
+
+
+def test_with_several_jobs_a_new_study_runs_its_first_experiment_alone(capsys, monkeypatch) -> None:
+    """Two workers started together would each train the stages every experiment shares (hinton2015's
+    teacher). The first experiment runs alone on every core; once its worker has left, the rest are queued
+    and run two at a time with a thread each. A study with something done starts both at once."""
+    from stages import exp_queue, study
+
+    monkeypatch.chdir(REPO)
+    fake = FakeQueue()
+    monkeypatch.setattr(study, "queue", fake.queue)
+    monkeypatch.setattr(study, "dvc", fake.dvc)
+    monkeypatch.setattr(study, "missing_lock_outputs", lambda: None)
+    monkeypatch.setattr(exp_queue, "states", lambda *a, **k: fake.step() if fake.workers or fake.events else {})
+    monkeypatch.setattr(exp_queue, "orphaned", lambda known: [])
+    monkeypatch.setattr(exp_queue, "workers_alive", lambda: len(fake.workers))
+    args = ["run", "ls_kd", "--only", "student=mobilenetv2", "--only", "distill.kd.temperature=1", "--seeds", "7,8",
+            "--poll", "0", "-j", "2"]  # 2 LS teachers x 2 seeds, never run
+    assert study.main(args) == 0
+    assert "runs alone first, on every core" in capsys.readouterr().out
+    first = fake.events[0][1]
+    starts = [e for e in fake.events if e[0] == "start"]
+    assert starts == [("start", 1, {}), ("start", 2, study.worker_threads(2))]  # every core, then a share each
+    rest = [e[1] for e in fake.events if e[0] == "queue"][1:]
+    assert len(rest) == 3 and first not in rest
+    # nothing else was queued while the first ran, nor before its worker left
+    before_rest = fake.events[:fake.events.index(("queue", rest[0]))]
+    assert fake.states[first] == "Success" and ("running", 0) == before_rest[-1]
+    assert max(e[1] for e in fake.events if e[0] == "running") == 2 and all(s == "Success" for s in fake.states.values())
+
+    # --no-warm-up, or a study with a finished experiment: both workers at once
+    fake2 = FakeQueue()
+    monkeypatch.setattr(study, "queue", fake2.queue)
+    monkeypatch.setattr(study, "dvc", fake2.dvc)
+    monkeypatch.setattr(exp_queue, "states", lambda *a, **k: fake2.step() if fake2.workers or fake2.events else {})
+    monkeypatch.setattr(exp_queue, "workers_alive", lambda: len(fake2.workers))
+    assert study.main([*args, "--no-warm-up"]) == 0
+    assert [e[0] for e in fake2.events[:5]] == ["queue"] * 4 + ["start"] and fake2.events[4][1] == 2
