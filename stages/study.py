@@ -48,7 +48,7 @@ from kdlib import yamlfile
 from kdlib.outputs import StagedOutputs, remove_path
 from kdlib.study.page import study_page
 from kdlib.study.provenance import (CODE_PATHS, Standing, code_digest, differences, is_code, params_digest, standing,
-                                    standing_line)
+                                    standing_line, used_params)
 from kdlib.study.records import RecordsError, load_records, stored_experiments
 from kdlib.study.report import write_report
 from kdlib.study.spec import (Experiment, Study, StudyError, apply_overrides, canonical, hydra_value, load_study,
@@ -494,7 +494,8 @@ def stale_lines(plan: Plan, path: Path, stale: list[tuple[Experiment, Record, St
             if old is None:
                 unknown.add(commit[:7] or "unknown")
                 continue
-            for key, before, now in differences(old, apply_overrides(plan.base, exp.overrides, str(PARAMS_FILE))):
+            for key, before, now in differences(used_params(old), used_params(apply_overrides(plan.base, exp.overrides,
+                                                                                          str(PARAMS_FILE)))):
                 keys.setdefault(key, (before, now))
         shown = [f"{k}: {_short(a)} → {_short(b)}" for k, (a, b) in list(keys.items())[:4]]
         if len(keys) > 4:
@@ -542,6 +543,8 @@ def missing_lock_outputs(root: Path = Path(".")) -> str | None:
     did not fail them."""
     from stages.guard import missing_outputs
 
+    if not (Path(root) / "dvc.yaml").is_file():
+        return None  # no pipeline: DVC refuses each experiment itself, naming what is missing
     stages = (yamlfile.load(Path(root) / "dvc.yaml") or {}).get("stages") or {}
     deps = {d for body in stages.values() for d in (body.get("do", body).get("deps") or []) if isinstance(d, str)}
     missing = sorted({p for outs in missing_outputs(root).values() for p in outs
@@ -558,9 +561,9 @@ def run(args: argparse.Namespace) -> int:
     plan = planned(args)
     if args.dry_run:  # queues nothing, so it takes no lock: a dry run can look while a run waits
         return _run(args, plan)
-    if (problem := missing_lock_outputs()) is not None:
-        raise StudyError(problem)
     with study_lock(plan.study.name, "run"):
+        if (problem := missing_lock_outputs()) is not None:
+            raise StudyError(problem)
         for line in clean_leftovers(plan.study.name):
             print(f"  {line}", file=sys.stderr)
         return _run(args, plan)

@@ -3,6 +3,7 @@ of freedom, the exact signed-rank null), fidelity on hand-computed logits, the s
 and the table/report from records whose numbers are known."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -424,3 +425,33 @@ def test_with_several_jobs_a_new_study_runs_its_first_experiment_alone(capsys, m
     monkeypatch.setattr(exp_queue, "workers_alive", lambda: len(fake2.workers))
     assert study.main([*args, "--no-warm-up"]) == 0
     assert [e[0] for e in fake2.events[:5]] == ["queue"] * 4 + ["start"] and fake2.events[4][1] == 2
+
+
+def test_the_params_digest_covers_what_the_run_uses_only() -> None:
+    """A data set, model preset or method section the experiment does not use (one added to params.yaml
+    later, as dkd's was) leaves its digest as it was; one it uses, or any other key, changes it."""
+    from kdlib.study.provenance import params_digest, used_params
+    from stages.params import read_params
+
+    base = read_params(REPO / "params.yaml")
+    digest = params_digest(base)
+    for key, value in (("datasets.cifar10.image_size", 64), ("models.deit.lr", 0.5), ("distill.dkd.beta", 2.0),
+                       ("distill.lshl2.beta", 9.0)):
+        other = copy.deepcopy(base)
+        section, name, knob = key.split(".")
+        other[section][name][knob] = value
+        assert params_digest(other) == digest, key
+        other[section]["new_preset"] = {"x": 1}  # a preset added beside
+        assert params_digest(other) == digest, key
+    student, method = base["student"], base["distill"]["method"]
+    for path in (("datasets", base["dataset"], "image_size"), ("models", student, "lr"), ("distill", method, "alpha"),
+                 ("distill", "transfer", "bias_shift"), ("eval", "batch_size")):
+        other = copy.deepcopy(base)
+        node = other
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = 0.123
+        assert params_digest(other) != digest, path
+    used = used_params(base)
+    assert set(used["models"]) == {base["teacher"], student} and set(used["datasets"]) == {base["dataset"]}
+    assert set(k for k, v in used["distill"].items() if isinstance(v, dict)) == {"transfer", method}

@@ -5,8 +5,9 @@ A study's experiments are named by their overrides alone, so a name says nothing
 training code changed, ``run`` would still count every recorded experiment as done and a report would
 mix results of other settings without a word. Each record therefore carries
 
-- ``params``: sha256 of the whole parameter set the experiment ran with (params.yaml with the
-  experiment's overrides applied, as :func:`kdlib.study.spec.apply_overrides` applies them), in
+- ``params``: sha256 of the parameters the experiment ran with (params.yaml with the experiment's
+  overrides applied, as :func:`kdlib.study.spec.apply_overrides` applies them, less the data set and
+  model presets and method sections it does not use: :func:`used_params`), in
   :func:`kdlib.study.spec.canonical` form: comments, key order and YAML spelling do not count,
   types do (``1`` is not ``1.0``);
 - ``code``: sha256 over the sorted ``path<TAB>git blob sha-1`` lines of the files that decide a
@@ -32,9 +33,28 @@ CODE_PATHS = ("kdlib", "stages", "dvc.yaml", "requirements.txt")
 NOT_CODE = ("kdlib/study/", "stages/study.py", "stages/exp_queue.py")
 
 
+def used_params(values: Any) -> Any:
+    """``values`` less the presets no stage of its run reads: the data set presets other than
+    ``dataset``'s, the model presets other than ``teacher``'s and ``student``'s, and the knob sections of
+    the distillation methods other than ``distill.method``'s. A preset or method added to params.yaml (or a
+    change to one the experiment does not use) then leaves every record's digest as it was."""
+    if not isinstance(values, Mapping):
+        return values
+    out = dict(values)
+    for section, chosen in (("datasets", [values.get("dataset")]), ("models", [values.get("teacher"), values.get("student")])):
+        if isinstance(values.get(section), Mapping):
+            out[section] = {k: v for k, v in values[section].items() if k in chosen}
+    distill = values.get("distill")
+    if isinstance(distill, Mapping):
+        out["distill"] = {k: v for k, v in distill.items() if not isinstance(v, Mapping) or k in
+                          ("transfer", distill.get("method"))}
+    return out
+
+
 def params_digest(values: Any) -> str:
-    """sha256 of a resolved parameter mapping (:func:`kdlib.study.spec.canonical`)."""
-    return hashlib.sha256(canonical(values).encode()).hexdigest()
+    """sha256 of the parameters a run uses (:func:`used_params` of a resolved mapping, in
+    :func:`kdlib.study.spec.canonical` form)."""
+    return hashlib.sha256(canonical(used_params(values)).encode()).hexdigest()
 
 
 def is_code(path: str) -> bool:
