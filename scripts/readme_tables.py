@@ -223,6 +223,87 @@ for _name in STUDIES_IN_README:
     generator(f"study_{_name}", f"studies/{_name}/summary.json")(_study(_name))
 
 
+# Hinton, Vinyals & Dean 2015, §3: test errors out of MNIST's 10,000 (the transfer sets as the paper gives them)
+HINTON_PAPER = {"teacher": "67", "student": "146", "distilled": "74", "no3": "206 (133 on 3s)",
+                "no3_fixed": "109 (14 on 3s)", "only78": "47.3 %", "only78_fixed": "13.2 %"}
+
+
+def _errors(row: Mapping[str, Any], key: str, images: int = 10000) -> tuple[float, float]:
+    """Mean and std over seeds of the test errors of ``row[key]`` (a top-1 % spread): (100 − top-1) × N / 100."""
+    spread_ = row[key]
+    return (100.0 - spread_["mean"]) * images / 100.0, (spread_.get("std") or 0.0) * images / 100.0
+
+
+def _count_pm(mean: float, std: float, n: int) -> str:
+    return f"{mean:,.1f} ± {std:.1f}" if n > 1 else f"{mean:,.0f}"
+
+
+@generator("hinton2015", "studies/hinton2015/summary.json")
+def hinton2015(repo_root: Path, reports: Path | None = None) -> str:
+    """The ``hinton2015`` study beside §3 of Hinton, Vinyals & Dean (2015): test errors out of 10,000 of the
+    best (validation-selected) checkpoints, mean ± std over seeds."""
+    d = _json(_reports(repo_root, reports), "studies/hinton2015/summary.json")
+    rows = d["rows"]
+
+    def cell(**wanted: Any) -> dict[str, Any] | None:
+        for r in rows:
+            values = r["cell"]
+            transfer = any(k.startswith("distill.transfer") for k in values)
+            if all(values.get(k) == v for k, v in wanted.items()) and transfer == any(
+                    k.startswith("distill.transfer") for k in wanted):
+                return r
+        return None
+
+    body: list[list[str]] = []
+    main = cell(student="hinton_student", **{"distill.kd.temperature": 20.0})
+    if main is not None:
+        n = main["n"]
+        body.append(["784-1200-1200-10 teacher (dropout, max-norm, ±2 px jitter)", HINTON_PAPER["teacher"],
+                     _count_pm(*_errors(main, "teacher_best"), 1)])
+        body.append(["784-800-800-10 student alone", HINTON_PAPER["student"],
+                     _count_pm(*_errors(main, "baseline_best"), n)])
+        body.append(["the same student distilled, T = 20", HINTON_PAPER["distilled"],
+                     _count_pm(*_errors(main, "distill_best"), n)])
+    for student, label, temperatures in (("hinton_student", "800-800", (2.0, 4.0, 8.0)),
+                                         ("hinton_student30", "30-30", (1.0, 2.5, 4.0, 8.0, 20.0))):
+        if student == "hinton_student30" and (r := cell(student=student, **{"distill.kd.temperature": 1.0})):
+            body.append([f"{label} student alone", "—", _count_pm(*_errors(r, "baseline_best"), r["n"])])
+        for t in temperatures:
+            r = cell(student=student, **{"distill.kd.temperature": t})
+            if r is not None:
+                paper = ("T > 8 all similar (300+ units)" if label == "800-800" else
+                         "T 2.5–4 clearly best (30 units)") if t == temperatures[0] else ""
+                body.append([f"{label} distilled, T = {t:g}", paper, _count_pm(*_errors(r, "distill_best"), r["n"])])
+    for key, label, shifts in (("distill.transfer.exclude_classes", "no 3 in the transfer set", (3.5, "val")),
+                               ("distill.transfer.only_classes", "only 7s and 8s in the transfer set", (7.6, "val"))):
+        for shift in shifts:
+            r = next((x for x in rows if key in x["cell"] and x["cell"].get("distill.transfer.bias_shift") == shift), None)
+            if r is None or "distill_best_transfer_errors" not in r:
+                continue
+            n, images = r["n"], r["distill_transfer_images"]
+            absent = r["distill_transfer_absent_images"]
+
+            def shown(errors: str, on_absent: str) -> str:
+                e = r[f"distill_best_transfer_{errors}"]
+                if key.endswith("only_classes"):  # the paper gives an error rate here
+                    return f"{100 * e['mean'] / images:.1f} % ± {100 * (e.get('std') or 0) / images:.1f}"
+                a = r[f"distill_best_transfer_{on_absent}"]
+                return f"{_count_pm(e['mean'], e.get('std') or 0, n)} ({a['mean']:.1f} of {absent:,} on 3s)"
+            if shift == shifts[0]:
+                body.append([label, HINTON_PAPER["no3" if "exclude" in key else "only78"], shown("errors", "absent_errors")])
+            s = r["distill_best_transfer_bias_shift"]
+            chosen = _minus(f"{s['mean']:.1f}")
+            what = (f"bias of the absent classes +{shift:g} (the paper's)" if shift != "val" else
+                    f"bias shift chosen on validation (s = {chosen} ± {s.get('std') or 0:.1f})")
+            paper = HINTON_PAPER[("no3" if "exclude" in key else "only78") + "_fixed"] if shift != "val" else "—"
+            body.append([f"  … {what}", paper, shown("corrected_errors", "corrected_absent_errors")])
+    seeds = ", ".join(str(s) for s in d["seeds"])
+    text = (f"Test errors out of 10,000 (best checkpoint by validation; mean ± std over seeds {seeds}; one teacher). "
+            f"{_count(sum(r['n'] for r in rows)).capitalize()} experiments"
+            + (f", {_count(len(d['missing']))} not finished" if d["missing"] else "") + ".")
+    return _markdown(_table(["", "paper", "kdlib"], ["---", "---:", "---:"], body), text)
+
+
 @generator("quantization", "quantization.json", pending=True)
 def quantization(repo_root: Path, reports: Path | None = None) -> str:
     """The default run's quantized evaluation: every KD-student precision and the teacher's main ones."""

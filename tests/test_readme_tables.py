@@ -216,3 +216,36 @@ def test_quantization_table_marks_a_flagged_loss_and_a_noisy_latency(tmp_path: P
     assert "⚠ noisy latency: teacher fp32" in block
     unflagged = rt.quantization(REPO, _reports_copy(tmp_path / "plain"))
     assert "⚠" not in unflagged
+
+
+def test_hinton2015_table_puts_the_paper_beside_the_study(tmp_path: Path) -> None:
+    """Errors out of 10,000 from the study's top-1 spreads, (100 − top-1) × 100, and the transfer-set counts."""
+    def top1(mean: float, std: float = 0.0) -> dict:
+        return {"mean": mean, "std": std, "n": 3}
+
+    def count(mean: float, std: float = 0.0) -> dict:
+        return {"mean": mean, "std": std, "n": 3}
+
+    main = {"cell": {"student": "hinton_student", "distill.kd.temperature": 20.0}, "n": 3,
+            "teacher_best": top1(99.2), "baseline_best": top1(98.5, 0.02), "distill_best": top1(99.1, 0.01)}
+    small = {"cell": {"student": "hinton_student30", "distill.kd.temperature": 1.0}, "n": 3,
+             "teacher_best": top1(99.2), "baseline_best": top1(97.0), "distill_best": top1(97.2)}
+    no3 = {"cell": {"student": "hinton_student", "distill.kd.temperature": 20.0,
+                    "distill.transfer.exclude_classes": [3], "distill.transfer.bias_shift": 3.5}, "n": 3,
+           "teacher_best": top1(99.2), "baseline_best": top1(98.5), "distill_best": top1(97.9),
+           "distill_transfer_images": 10000, "distill_transfer_absent_images": 1010,
+           "distill_best_transfer_errors": count(210.0, 4.0), "distill_best_transfer_absent_errors": count(130.0),
+           "distill_best_transfer_bias_shift": count(3.5), "distill_best_transfer_corrected_errors": count(111.0),
+           "distill_best_transfer_corrected_absent_errors": count(15.0)}
+    summary = {"seeds": [0, 1, 2], "missing": [], "rows": [main, small, no3]}
+    (tmp_path / "studies" / "hinton2015").mkdir(parents=True)
+    (tmp_path / "studies" / "hinton2015" / "summary.json").write_text(json.dumps(summary))
+    block = rt.hinton2015(REPO, tmp_path)
+    assert "| 784-1200-1200-10 teacher (dropout, max-norm, ±2 px jitter) | 67 | 80 |" in block
+    assert "| 784-800-800-10 student alone | 146 | 150.0 ± 2.0 |" in block
+    assert "| the same student distilled, T = 20 | 74 | 90.0 ± 1.0 |" in block
+    assert "| 30-30 student alone | — | 300.0 ± 0.0 |" in block and "| 30-30 distilled, T = 1 |" in block
+    assert "| no 3 in the transfer set | 206 (133 on 3s) | 210.0 ± 4.0 (130.0 of 1,010 on 3s) |" in block
+    assert "| … bias of the absent classes +3.5 (the paper's) | 109 (14 on 3s) | 111.0 ± 0.0 (15.0 of 1,010 on 3s) |" \
+        in block.replace("|   …", "| …")
+    assert "Nine experiments." in block
