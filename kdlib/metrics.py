@@ -130,3 +130,14 @@ def multilabel_fidelity(teacher_logits: Tensor, student_logits: Tensor) -> dict[
     log_pt, log_1pt, log_ps, log_1ps = F.logsigmoid(t), F.logsigmoid(-t), F.logsigmoid(s), F.logsigmoid(-s)
     kl = log_pt.exp() * (log_pt - log_ps) + log_1pt.exp() * (log_1pt - log_1ps)
     return {"agreement": 100.0 * float(((t > 0) == (s > 0)).double().mean()), "kl": float(kl.mean())}
+
+
+def confusion_outputs(result: EvalResult, classes: list[str], multilabel: bool
+                      ) -> tuple[list[dict[str, str]], list[list[int]] | None]:
+    """(actual/predicted name pairs for DVC's confusion template, the confusion matrix) of a single-label
+    result; ``([], None)`` for multi-label data, where an image has no one label."""
+    if multilabel:
+        return [], None
+    pairs = [{"actual": classes[a], "predicted": classes[p]}
+             for a, p in zip(result.targets.tolist(), result.predictions.tolist())]
+    return pairs, confusion_matrix(result.targets, result.predictions, len(classes)).tolist()

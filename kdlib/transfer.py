@@ -22,7 +22,7 @@ of its targets is not leaving the image out.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -140,3 +140,22 @@ def choose_shift(logits: Tensor, targets: Tensor, absent: Sequence[int], grid: S
             best = candidate
     assert best is not None
     return best[2]
+
+
+def transfer_errors(test_logits: Tensor, test_targets: Tensor, absent: Sequence[int], bias_shift: float | str | None,
+                    validation: Callable[[], Any]) -> dict[str, Any]:
+    """Test errors of a student whose transfer set left the ``absent`` classes out (Hinton et al. 2015 §3),
+    overall and on those classes, before and after adding ``bias_shift`` to their logits: a number (the
+    paper's fixed value), ``"val"`` (the one with the fewest validation errors, from ``validation()``, a
+    result with ``logits`` and ``targets``: the test split still picks nothing) or None (no correction)."""
+    found: dict[str, Any] = error_counts(test_logits, test_targets, absent)
+    if bias_shift is None:
+        return found
+    if bias_shift == "val":
+        val = validation()
+        shift, chosen_on = choose_shift(val.logits, val.targets, absent), "val"
+    else:
+        shift, chosen_on = float(bias_shift), "fixed"
+    corrected = error_counts(shifted(test_logits, absent, shift), test_targets, absent)
+    return {**found, "bias_shift": shift, "bias_shift_from": chosen_on,
+            "corrected_errors": corrected["errors"], "corrected_absent_errors": corrected["absent_errors"]}

@@ -4,10 +4,8 @@ The test split is read here and nowhere earlier, so it never picks a checkpoint.
 ``reports/evaluate/<role>.json`` (metrics), ``confusion/<role>.json`` (pairs for DVC's confusion
 template) and ``matrix/<role>.json``. A student's row also holds its fidelity to the teacher on the
 test split: top-1 agreement and mean KL(teacher ‖ student) (Stanton et al., NeurIPS 2021). A
-student distilled on a transfer set that left classes out (``distill.transfer``) also gets its
-errors on those classes, before and after the output-bias correction (:mod:`kdlib.transfer`).
-``dvc.yaml`` runs it once per role (``foreach``), so an experiment that changes only the student
-re-evaluates only the student.
+student distilled without some classes (``distill.transfer``) also gets its errors on them, before and
+after the bias correction (:mod:`kdlib.transfer`). ``dvc.yaml`` runs it once per role (``foreach``).
 """
 from __future__ import annotations
 
@@ -21,10 +19,10 @@ from torch import nn
 from kdlib.checkpoint import Checkpoint
 from kdlib.data.index import DatasetIndex
 from kdlib.io import write_json
-from kdlib.metrics import EvalResult, confusion_matrix, evaluate_dataset, fidelity, multilabel_fidelity
+from kdlib.metrics import EvalResult, confusion_outputs, evaluate_dataset, fidelity, multilabel_fidelity
 from kdlib.models import count_parameters
 from kdlib.runtime import Runtime, seed_everything
-from kdlib.transfer import choose_shift, error_counts, shifted, transfer_index
+from kdlib.transfer import transfer_errors, transfer_index
 from stages.guard import stage_outputs
 from stages.params import ROLES, Run, load_params
 from stages.workspace import Workspace
@@ -38,26 +36,6 @@ def evaluate_checkpoint(run: Run, index: DatasetIndex, checkpoint: Checkpoint, m
     return evaluate_dataset(model or checkpoint.model(), test_set, checkpoint.record.mean, checkpoint.record.std,
                             run.params.eval.batch_size, Runtime.from_env(run.params.runtime.device).device,
                             run.dataset.ap_mode, run.dataset.multilabel_convention)
-
-
-def transfer_errors(run: Run, index: DatasetIndex, checkpoint: Checkpoint, model: nn.Module, test: EvalResult,
-                    absent: list[int], ws: Workspace) -> dict[str, Any]:
-    """Test errors of a student whose transfer set left the ``absent`` classes out (Hinton et al. 2015 §3),
-    overall and on those classes, before and after adding ``distill.transfer.bias_shift`` to their
-    logits (the paper's fixed value, or the one with the fewest validation errors: the test split
-    still picks nothing)."""
-    found: dict[str, Any] = error_counts(test.logits, test.targets, absent)
-    setting = run.params.transfer.bias_shift
-    if setting is None:
-        return found
-    if setting == "val":
-        val = evaluate_checkpoint(run, index, checkpoint, model, ws, split="val")
-        shift, chosen_on = choose_shift(val.logits, val.targets, absent), "val"
-    else:
-        shift, chosen_on = float(setting), "fixed"
-    corrected = error_counts(shifted(test.logits, absent, shift), test.targets, absent)
-    return {**found, "bias_shift": shift, "bias_shift_from": chosen_on,
-            "corrected_errors": corrected["errors"], "corrected_absent_errors": corrected["absent_errors"]}
 
 
 def evaluate_role(run: Run, ws: Workspace, role: str, confusion_json: Path, matrix_json: Path) -> dict[str, Any]:
@@ -82,17 +60,12 @@ def evaluate_role(run: Run, ws: Workspace, role: str, confusion_json: Path, matr
             agree = (multilabel_fidelity if run.task == "multilabel" else fidelity)(teacher.logits, result.logits)
             row[which].update(teacher_agreement=round(agree["agreement"], 4), teacher_kl=round(agree["kl"], 6))
         if absent:
-            row[which]["transfer"] = transfer_errors(run, index, checkpoint, model, result, absent, ws)
+            row[which]["transfer"] = transfer_errors(result.logits, result.targets, absent, run.params.transfer.bias_shift,
+                                                      lambda: evaluate_checkpoint(run, index, checkpoint, model, ws, "val"))
         if which == "best":
             row.update(preset=checkpoint.record.preset, arch=checkpoint.record.arch, params=count_parameters(model),
                        checkpoint_bytes=checkpoint.path.stat().st_size)
-            pairs: list[dict[str, Any]] = []
-            matrix: list[list[int]] | None = None
-            if run.task != "multilabel":  # a confusion matrix needs one label per image
-                names = checkpoint.record.classes
-                pairs = [{"actual": names[a], "predicted": names[p]}
-                         for a, p in zip(result.targets.tolist(), result.predictions.tolist())]
-                matrix = confusion_matrix(result.targets, result.predictions, len(names)).tolist()
+            pairs, matrix = confusion_outputs(result, checkpoint.record.classes, run.task == "multilabel")
             write_json(confusion_json, pairs)
             write_json(matrix_json, {"classes": index.meta.classes, "matrix": matrix})
     return row
