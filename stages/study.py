@@ -557,6 +557,25 @@ def missing_lock_outputs(root: Path = Path(".")) -> str | None:
             "once, then the study")
 
 
+LEAVING_WORKER_WAIT_S = 60.0
+
+
+def wait_for_leaving_worker(known: dict[str, tuple[str | None, str]], limit_s: float = LEAVING_WORKER_WAIT_S,
+                            pause_s: float = 1.0) -> None:
+    """Wait until the queue worker of an emptied queue has left, ``limit_s`` at most. dvc_task's monitor finds
+    the queue empty, then shuts its worker down; a task queued in between is received by that worker and
+    lost with it: DVC calls it Running for ever with no process record, and every exp_show fails on it
+    (CI: a study run right after another lost its experiment so). A worker alive after ``limit_s`` runs
+    something of another commit and will take the new tasks."""
+    if any(state in PENDING for state, _ in known.values()) or not exp_queue.workers_alive():
+        return
+    print("  waiting for the queue worker of the emptied queue to leave (a task queued while it stops is lost)",
+          flush=True)
+    deadline = time.monotonic() + limit_s
+    while exp_queue.workers_alive() and time.monotonic() < deadline:
+        time.sleep(pause_s)
+
+
 def run(args: argparse.Namespace) -> int:
     plan = planned(args)
     if args.dry_run:  # queues nothing, so it takes no lock: a dry run can look while a run waits
@@ -627,6 +646,8 @@ def _run(args: argparse.Namespace, plan: Plan) -> int:
     if warm:
         print(f"  {todo[0].name} runs alone first, on every core, so that the stages all experiments share train "
               f"once; then {args.jobs} at a time (--no-warm-up: all at once)", flush=True)
+    if todo and not args.dry_run:
+        wait_for_leaving_worker(known)
     for exp in todo[:1] if warm else todo:
         if args.dry_run:
             # quoted for a shell: a list value ("[fp32, fp16]") pasted unquoted would split at its spaces

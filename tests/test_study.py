@@ -427,6 +427,42 @@ def test_with_several_jobs_a_new_study_runs_its_first_experiment_alone(capsys, m
     assert [e[0] for e in fake2.events[:5]] == ["queue"] * 4 + ["start"] and fake2.events[4][1] == 2
 
 
+def test_a_run_queues_nothing_while_the_worker_of_an_emptied_queue_leaves(capsys, monkeypatch) -> None:
+    """A study run right after another: the first run's worker has found its queue empty and is stopping. A
+    task queued then is received by that worker and lost with it (CI: Running for ever, no process record,
+    every exp_show failing). The run waits for the worker to leave before it queues; a worker that runs a
+    queued or running experiment takes new tasks at once."""
+    from stages import exp_queue, study
+
+    monkeypatch.chdir(REPO)
+    fake = FakeQueue()
+    leaving = iter([1, 1, 1])  # the leaving worker is seen three times, then gone
+    events = fake.events
+
+    def alive() -> int:
+        n = next(leaving, None)
+        if n is not None:
+            events.append(("alive", n))
+            return n
+        return len(fake.workers)
+    monkeypatch.setattr(study, "queue", fake.queue)
+    monkeypatch.setattr(study, "dvc", fake.dvc)
+    monkeypatch.setattr(study, "missing_lock_outputs", lambda: None)
+    monkeypatch.setattr(study.time, "sleep", lambda s: None)
+    monkeypatch.setattr(exp_queue, "states", lambda *a, **k: fake.step() if fake.workers or fake.events[3:] else {})
+    monkeypatch.setattr(exp_queue, "orphaned", lambda known: [])
+    monkeypatch.setattr(exp_queue, "workers_alive", alive)
+    args = ["run", "ls_kd", "--only", "student=mobilenetv2", "--only", "distill.kd.temperature=1", "--only",
+            "teacher_ls=0.0", "--seeds", "7", "--poll", "0"]
+    assert study.main(args) == 0
+    assert "waiting for the queue worker of the emptied queue to leave" in capsys.readouterr().out
+    assert [e[0] for e in events[:4]] == ["alive", "alive", "alive", "queue"]
+
+    # a worker busy with a queued experiment: no wait
+    assert study.wait_for_leaving_worker({"a": ("Running", "abc"), "b": ("Success", "def")}, limit_s=0) is None
+    assert "waiting" not in capsys.readouterr().out
+
+
 def test_the_params_digest_covers_what_the_run_uses_only() -> None:
     """A data set, model preset or method section the experiment does not use (one added to params.yaml
     later, as dkd's was) leaves its digest as it was; one it uses, or any other key, changes it."""
