@@ -27,6 +27,7 @@ from kdlib.losses.base import Method, SetupContext
 from kdlib.models import ModelSpec
 from kdlib.runtime import Runtime
 from kdlib.schema import is_bool, is_float, is_int, one_of, optional, setting
+from kdlib.taps import LayerPlan, layer_shapes, resolve_layers, stage_modules
 from kdlib.teacher import OnlineTeacher
 from kdlib.teacher_cache import CachedTeacher, TeacherCache, build_teacher_cache, cache_key
 from kdlib.train import Recipe, TeacherFn
@@ -102,6 +103,26 @@ def _view0_features(cache: TeacherCache) -> Tensor:
     return cache.features(positions, torch.zeros_like(positions))
 
 
+def plan_layers(objective: Method, student: nn.Module, teacher: nn.Module, student_input: tuple[int, int],
+                teacher_input: tuple[int, int], student_arch: str = "", teacher_arch: str = "") -> LayerPlan:
+    """The layers a ``uses_layers`` method reads of ``student`` and ``teacher``, resolved to module paths,
+    with their per-image shapes for ``(in_chans, input_size)`` inputs. Works on ``meta`` models (the
+    check stage). Raises ``ValueError`` naming a layer that does not exist, unequal pairs, or a pairing
+    the method refuses (:meth:`Method.layer_problem`)."""
+    wanted_s, wanted_t = objective.layer_request(len(stage_modules(student)), len(stage_modules(teacher)))
+    paths_s = resolve_layers(student, wanted_s, "student", student_arch)
+    paths_t = resolve_layers(teacher, wanted_t, "teacher", teacher_arch)
+    if len(paths_s) != len(paths_t) or not paths_s:
+        raise ValueError(f"the student's layers pair with the teacher's one to one: got {len(paths_s)} student layers "
+                         f"({', '.join(paths_s)}) and {len(paths_t)} teacher layers ({', '.join(paths_t)})")
+    plan = LayerPlan(paths_s, paths_t, tuple(layer_shapes(student, paths_s, *student_input)),
+                     tuple(layer_shapes(teacher, paths_t, *teacher_input)))
+    problem = objective.layer_problem(plan)
+    if problem is not None:
+        raise ValueError(problem)
+    return plan
+
+
 def setup_distillation(
     objective: Method,
     student: ModelSpec,
@@ -136,6 +157,16 @@ def setup_distillation(
         model = make_feature_student(model, feature_width(online.model, teacher.record.in_chans,
                                                           teacher.record.input_size),
                                      data.channels, student.input_size or data.image_size, objective.force_feat_fc)
+    plan = None
+    if objective.uses_layers:
+        if cache is not None:
+            raise ValueError(f"{type(objective).__name__} reads the teacher's intermediate layers, which the teacher "
+                             "cache does not hold: distill with the online teacher (cache=None)")
+        plan = plan_layers(objective, model, online.model,
+                           (data.channels, student.input_size or data.image_size),
+                           (teacher.record.in_chans, teacher.record.input_size or data.image_size),
+                           student.arch, teacher.record.arch)
+        online.tap(plan.teacher)
     outputs: TeacherFn
     if cache is not None:
         loaded = TeacherCache.load(cache, expected_key=cache_key)
@@ -145,7 +176,7 @@ def setup_distillation(
         outputs, view_seeds = online, make_view_seeds(seed, len(train_set), num_views)
         view0 = lambda: first_view_features(online, train_set, view_seeds, BatchNormalizer(data.mean, data.std),  # noqa: E731
                                             runtime, teacher_batch_size)
-    objective.setup(SetupContext(seed, online.model, view0))
+    objective.setup(SetupContext(seed, online.model, view0, plan))
     if aligned is not None:
         model.load_state_dict(aligned.state_dict)
     return Distillation(objective, model, outputs, view_seeds, ModelRecord.for_model(role, preset, student, data, seed, model))

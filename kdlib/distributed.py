@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from kdlib.features import student_output
 from kdlib.losses.registry import StudentOutput
+from kdlib.taps import LayerTaps
 
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -167,21 +168,29 @@ class StudentForward(nn.Module):
     only of what runs through the wrapped module's ``forward``, and a feature student's
     ``forward_distill`` is not its ``forward``."""
 
-    def __init__(self, model: nn.Module, features: bool) -> None:
+    def __init__(self, model: nn.Module, features: bool, layers: Sequence[str] = ()) -> None:
         super().__init__()
         self.model = model
         self.features = features
+        # hooks on the student's own modules: they fire inside DDP's forward, so the layers' gradients
+        # are synchronized with the rest
+        self.taps = LayerTaps(model, layers) if layers else None
 
     def forward(self, images: Tensor) -> StudentOutput:
+        if self.taps is not None:
+            logits, layers = self.taps.forward(images)
+            return StudentOutput(logits, layers=layers)
         return student_output(self.model, images, self.features)
 
 
-def wrap_student(model: nn.Module, features: bool, device: torch.device, sync_bn: bool = False) -> nn.Module:
+def wrap_student(model: nn.Module, features: bool, device: torch.device, sync_bn: bool = False,
+                 layers: Sequence[str] = ()) -> nn.Module:
     """The module the training step calls: :class:`StudentForward` of ``model``, in DDP when
     several processes run. ``sync_bn`` converts BatchNorm to SyncBatchNorm first (CUDA only:
     torch's SyncBatchNorm refuses CPU modules). The optimizer and checkpoints keep using
-    ``model`` itself, whose parameters DDP shares."""
-    step = StudentForward(model, features)
+    ``model`` itself, whose parameters DDP shares. ``layers``: module paths of the student whose outputs
+    the step returns too (``StudentOutput.layers``, :mod:`kdlib.taps`)."""
+    step = StudentForward(model, features, layers)
     if not active():
         return step
     if sync_bn:
@@ -196,6 +205,15 @@ def wrap_student(model: nn.Module, features: bool, device: torch.device, sync_bn
         # a frozen backbone (feature alignment) has parameters without gradients; DDP skips those
         # with requires_grad=False, so no unused-parameter search is needed
         find_unused_parameters=False)
+
+
+def release_taps(step: nn.Module) -> None:
+    """Take the layer hooks :func:`wrap_student` put on the student off it (training is over: evaluation
+    and export run the bare model)."""
+    inner = step.module if isinstance(step, nn.parallel.DistributedDataParallel) else step
+    taps = getattr(getattr(inner, "_orig_mod", inner), "taps", None)
+    if taps is not None:
+        taps.remove()
 
 
 def unwrap(step: nn.Module) -> nn.Module:

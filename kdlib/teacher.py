@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from kdlib.features import teacher_output
 from kdlib.losses.registry import TeacherOutput
+from kdlib.taps import LayerTaps
 
 
 def _as_lists(stats: tuple[Sequence[float], Sequence[float]]) -> list[list[float]]:
@@ -42,12 +43,17 @@ class OnlineTeacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.input_size = input_size
+        self.taps: LayerTaps | None = None
         self.renorm: tuple[Tensor, Tensor] | None = None
         if student_stats and teacher_stats and _as_lists(student_stats) != _as_lists(teacher_stats):
             s_mean, s_std = (_channel_tensor(v) for v in student_stats)
             t_mean, t_std = (_channel_tensor(v) for v in teacher_stats)
             # x_t = (x_s·σ_s + μ_s − μ_t) / σ_t, as one multiply-add
             self.renorm = (s_std / t_std, (s_mean - t_mean) / t_std)
+
+    def tap(self, paths: Sequence[str]) -> None:
+        """Return the outputs of the teacher's layers ``paths`` (module paths) with every answer."""
+        self.taps = LayerTaps(self.model, paths)
 
     @torch.no_grad()
     def __call__(self, images: Tensor, positions: Tensor | None = None, views: Tensor | None = None
@@ -61,4 +67,7 @@ class OnlineTeacher:
         if self.input_size is not None and images.shape[-1] != self.input_size:
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
                                    align_corners=False, antialias=True)
+        if self.taps is not None:
+            logits, layers = self.taps.forward(images)
+            return TeacherOutput(logits, layers=layers)
         return teacher_output(self.model, images, self.features)

@@ -534,7 +534,7 @@ def fit(
         if runtime.is_main:
             log.info("resuming from epoch %d of %d (state saved in %s)", last_epoch, recipe.epochs,
                      resume.directory if resume is not None else "")
-    step = distributed.wrap_student(model, objective.needs_features, device, sync_bn)
+    step = distributed.wrap_student(model, objective.needs_features, device, sync_bn, objective.student_layer_paths())
     if compile:
         step = torch.compile(step)
     loop = EpochLoop(model, step, objective, optimizer, scheduler, scaler, views, train_loader, data, teacher,
@@ -588,6 +588,7 @@ def fit(
                 "seen": seen, "train_seconds": train_seconds, "last_val_score": last_val_score,
             }, {"best.pt": out_dir / "best.pt"} if (out_dir / "best.pt").is_file() else {}, distributed.barrier)
 
+    distributed.release_taps(step)
     if runtime.writes_outputs:
         save_checkpoint(out_dir / "last.pt", model,
                         {**record.as_meta(), "epoch": last_epoch, "val_score": last_val_score},
@@ -623,4 +624,5 @@ def own_parameters(objective: Any) -> list[nn.Parameter]:
 
 def _float32(output: Any) -> Any:
     """A Student/TeacherOutput with every tensor in float32."""
-    return output._replace(**{k: v.float() for k, v in output._asdict().items() if v is not None})
+    return output._replace(**{k: tuple(t.float() for t in v) if isinstance(v, tuple) else v.float()
+                              for k, v in output._asdict().items() if v is not None})

@@ -18,7 +18,7 @@ from kdlib import yamlfile
 from kdlib.data.index import DatasetIndex
 from kdlib.data.spec import DatasetSpec
 from kdlib.data.transforms import augment_option_problems
-from kdlib.distill import AlignSettings, CacheSettings, teacher_cache_key
+from kdlib.distill import AlignSettings, CacheSettings, plan_layers, teacher_cache_key
 from kdlib.losses import METHODS, Method, MethodSpec, build_objective, distillation_methods
 from kdlib.features import feature_width
 from kdlib.models import ModelSpec, input_problem, meta_model
@@ -214,6 +214,19 @@ class Run:
         cache = self.params.teacher_cache
         return (cache.views if cache.enabled and cache.views else None) or self.student.recipe.epochs
 
+    @property
+    def cache_used(self) -> bool:
+        """Whether distill reads the teacher cache: enabled, and the method needs nothing it lacks."""
+        return self.params.teacher_cache.enabled and self.cache_skip_reason is None
+
+    @property
+    def cache_skip_reason(self) -> str | None:
+        """Why an enabled teacher cache is not built (distill runs the teacher online), or ``None``."""
+        if self.method.cls.uses_layers:
+            return (f"distill.method = {self.method.name!r} reads the teacher's intermediate layers, and the cache "
+                    "holds its logits and pooled features only: distill runs the teacher online")
+        return None
+
     def model(self, role: str) -> ModelRun:
         return self.teacher if role == "teacher" else self.student
 
@@ -246,6 +259,7 @@ class Run:
         would skip LSHFM's stage 1). Run by the check stage, not by every stage: it takes a few
         tenths of a second."""
         found, widths, channels = [], {}, self.dataset.channels
+        models: dict[str, Any] = {}
         for role in ("teacher", "student"):
             run = self.model(role)
             model = meta_model(run.spec, channels)
@@ -260,6 +274,15 @@ class Run:
                              "true, builds it for another size)")
             elif self.method.cls.needs_features:
                 widths[role] = feature_width(model, channels, run.input_size)
+            models[role] = model
+        if self.method.cls.uses_layers and len(models) == 2:
+            try:
+                plan_layers(self.method.build(self.task), models["student"], models["teacher"],
+                            (channels, self.student.input_size), (channels, self.teacher.input_size),
+                            self.student.spec.arch, self.teacher.spec.arch)
+            except ValueError as err:
+                found.append(f"distill.{self.method.name}: {err} (student {self.student.preset!r}, teacher "
+                             f"{self.teacher.preset!r})")
         method, epochs = self.method.name, self.params.align.epochs
         forced = self.method.knobs.get("force_feat_fc", self.method.cls.arguments().get("force_feat_fc", False))
         if len(widths) == 2 and widths["teacher"] == widths["student"] and epochs and not forced:

@@ -38,10 +38,11 @@ def build_cache(run: Run, ws: Workspace = Workspace(), progress: bool = True, ou
     runtime = Runtime.from_env(run.params.runtime.device) if runtime is None else runtime
     if runtime.writes_outputs:
         shutil.rmtree(out_dir, ignore_errors=True)
-    if not settings.enabled:
+    if not run.cache_used:
+        reason = run.cache_skip_reason if settings.enabled else None
         if runtime.writes_outputs:
-            write_json(out_dir / "cache.json", {"enabled": False})
-        return {"enabled": False, "build_seconds": 0.0}
+            write_json(out_dir / "cache.json", {"enabled": False, **({"reason": reason} if reason else {})})
+        return {"enabled": False, "build_seconds": 0.0, "reason": reason}
     index, size, features = ws.index(), run.student.input_size, run.method.cls.needs_features
     seed_everything(run.seed)
     teacher = load_teacher(Checkpoint.read(ws.teacher_checkpoint), index.meta, runtime, features)
@@ -78,10 +79,10 @@ def main() -> None:
                   f"{summary['bytes'] / 2**20:.1f} MiB{' with features' if summary['features'] else ''}, "
                   f"{summary['build_seconds']:.1f} s, {runtime.world_size} process(es)")
         else:
-            print("teacher_cache: disabled (distill runs the teacher online)")
+            print(f"teacher_cache: {summary.get('reason') or 'disabled (distill runs the teacher online)'}")
 
     stage_main("teacher_cache", args, ["teacher_cache"], (ws.teacher_cache, timing), ws.root, work,
-               prepare=lambda run: run if run.params.teacher_cache.enabled else run.single_process())
+               prepare=lambda run: run if run.cache_used else run.single_process())
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def train_role(run: Run, role: str, ws: Workspace = Workspace(), logger: Metrics
         setup = setup_distillation(
             run.objective(role), model_run.spec, model_run.preset, index.meta, train_set,
             Checkpoint.read(ws.teacher_checkpoint), seed=run.seed, num_views=run.num_views, runtime=runtime,
-            cache=ws.teacher_cache if cache.enabled else None, teacher_batch_size=cache.batch_size,
+            cache=ws.teacher_cache if run.cache_used else None, teacher_batch_size=cache.batch_size,
             cache_key=run.teacher_cache_key(ws.teacher_checkpoint, ws.index_files, index),
             aligned=Checkpoint.read(ws.align_checkpoint) if ws.align_checkpoint.is_file() else None)
         model, objective, teacher, view_seeds, record = setup.student, setup.objective, setup.teacher, \

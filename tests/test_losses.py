@@ -188,7 +188,8 @@ def test_kd_module_rejects_invalid_hyperparameters(kwargs: dict) -> None:
 # Interface of every registered method.
 # ---------------------------------------------------------------------------------------------
 
-ATTRIBUTES = ("needs_teacher", "needs_features", "uses_distillation_token", "uses_progress", "tasks", "soft_targets")
+ATTRIBUTES = ("needs_teacher", "needs_features", "uses_distillation_token", "uses_progress", "uses_layers", "tasks",
+              "soft_targets")
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -197,7 +198,7 @@ def test_every_method_declares_its_capabilities_and_a_docstring(name: str) -> No
     assert isinstance(cls, type) and issubclass(cls, Method), f"{name} must subclass kdlib.losses.base.Method"
     for attribute in ATTRIBUTES:
         assert attribute in vars(cls), f"{name} must set {attribute} explicitly"
-    assert all(isinstance(getattr(cls, a), bool) for a in ATTRIBUTES[:4])
+    assert all(isinstance(getattr(cls, a), bool) for a in ATTRIBUTES[:5])
     assert cls.soft_targets in ("mixed", "argmax", "refused")
     # a method that takes the training progress says so in its forward's signature
     assert ("progress" in inspect.signature(cls.forward).parameters) == cls.uses_progress
@@ -206,7 +207,7 @@ def test_every_method_declares_its_capabilities_and_a_docstring(name: str) -> No
     assert cls.__doc__ and cls.__doc__.strip()
     assert ".. math::" in sys.modules[cls.__module__].__doc__  # the formula, in the module docstring
     # the feature/teacher flags are consistent; a method that fits state from the teacher needs one
-    assert cls.setup is Method.setup or (cls.needs_features and cls.needs_teacher)
+    assert cls.setup is Method.setup or cls.needs_teacher and (cls.needs_features or cls.uses_layers)
     assert not (cls.needs_features or cls.uses_distillation_token) or cls.needs_teacher
     # knobs are the constructor's arguments less the context ones the run supplies
     assert set(cls.knobs()) == set(cls.arguments()) - set(cls.context_args)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from torch import Tensor, nn
 
+from kdlib.taps import Layer, LayerPlan
 from kdlib.losses.registry import METHODS, MULTICLASS, MULTILABEL, LossOutput, StudentOutput, TeacherOutput
 
 
@@ -23,12 +24,15 @@ class SetupContext:
 
     ``teacher``: the trained teacher (eval mode, no gradient). ``first_view_features()``: the
     teacher's pooled features of view 0 of every training image, ``(N, D)`` — computed (one
-    teacher pass, or read from the teacher cache) only when a method calls it.
+    teacher pass, or read from the teacher cache) only when a method calls it. ``layers``: for a
+    method with ``uses_layers``, the layers it reads resolved for these models, with their shapes
+    (adapters are built from them).
     """
 
     seed: int
     teacher: nn.Module
     first_view_features: Callable[[], Tensor]
+    layers: LayerPlan | None = None
 
 
 class Method(nn.Module):
@@ -47,7 +51,13 @@ class Method(nn.Module):
       uses them as they are, ``"argmax"`` takes each row's dominant class (documented in the method's
       file), ``"refused"`` cannot use them, and a run with MixUp or CutMix on is refused before it starts;
     * ``uses_progress``: ``forward`` also gets ``progress=`` a :class:`~kdlib.losses.registry.Progress`
-      (epoch, step, their totals), for warm-ups and schedules.
+      (epoch, step, their totals), for warm-ups and schedules;
+    * ``uses_layers``: the outputs of intermediate layers of both nets, read by forward hooks
+      (:mod:`kdlib.taps`): the method names them in :meth:`layer_request`, may refuse a resolved
+      pairing in :meth:`layer_problem` (checked before any work), gets the resolved
+      :class:`~kdlib.taps.LayerPlan` in ``setup`` and ``StudentOutput.layers`` /
+      ``TeacherOutput.layers`` in ``forward``. The teacher runs online (the cache holds logits and
+      pooled features only).
 
     ``context_args``: constructor arguments the run supplies rather than the method's knob
     section (the student's label smoothing; whether the task is multi-label).
@@ -59,6 +69,7 @@ class Method(nn.Module):
     tasks: ClassVar[tuple[str, ...]] = (MULTICLASS,)
     soft_targets: ClassVar[str] = "mixed"
     uses_progress: ClassVar[bool] = False
+    uses_layers: ClassVar[bool] = False
     context_args: ClassVar[tuple[str, ...]] = ("label_smoothing", "multilabel")
     force_feat_fc: bool = False
 
@@ -88,6 +99,19 @@ class Method(nn.Module):
 
     def setup(self, context: SetupContext) -> None:
         """Fit state from the teacher before training; by default there is none."""
+
+    def layer_request(self, student_stages: int, teacher_stages: int) -> tuple[Sequence[Layer], Sequence[Layer]]:
+        """For ``uses_layers``: the student's and the teacher's layers to read, in pairs (stage indices,
+        module paths or ``"pre_logits"``; :mod:`kdlib.taps`), given how many stages each model lists."""
+        return (), ()
+
+    def layer_problem(self, plan: LayerPlan) -> str | None:
+        """Why this method cannot use the resolved ``plan`` (shapes it cannot pair), or ``None``."""
+        return None
+
+    def student_layer_paths(self) -> tuple[str, ...]:
+        """The student's layers the training step taps (set by ``setup``; none for most methods)."""
+        return ()
 
     def fitted_state(self) -> dict[str, Any]:
         """What :meth:`setup` fitted, small enough to store with a checkpoint (``{}``: nothing)."""

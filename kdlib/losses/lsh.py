@@ -273,6 +273,7 @@ class LSHLoss(LSHMethodBase):
     tasks = (MULTICLASS, MULTILABEL)
     soft_targets = "mixed"
     uses_progress = False
+    uses_layers = False
 
     def forward(
         self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None

@@ -45,6 +45,7 @@ class LSHL2Loss(LSHMethodBase):
     tasks = (MULTICLASS, MULTILABEL)
     soft_targets = "mixed"
     uses_progress = False
+    uses_layers = False
 
     def forward(
         self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None

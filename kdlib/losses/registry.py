@@ -48,20 +48,24 @@ class StudentOutput(NamedTuple):
     ``logits``: ``(B, C)`` class logits (the class head for DeiT token distillation);
     ``dist_logits``: the distillation head's ``(B, C)`` logits, only for methods with
     ``uses_distillation_token``; ``features``: ``(B, D_t)`` pooled features after ``feat_fc``,
-    only for methods with ``needs_features``.
+    only for methods with ``needs_features``; ``layers``: the outputs of the layers a method with
+    ``uses_layers`` reads (:mod:`kdlib.taps`), in the order of its plan.
     """
 
     logits: Tensor
     dist_logits: Tensor | None = None
     features: Tensor | None = None
+    layers: tuple[Tensor, ...] | None = None
 
 
 class TeacherOutput(NamedTuple):
     """The teacher's ``(B, C)`` logits and, for feature methods, its ``(B, D_t)`` pooled features.
-    Both come from the frozen teacher (online or from the cache) and never carry a gradient."""
+    Both come from the frozen teacher (online or from the cache) and never carry a gradient. ``layers``:
+    its intermediate outputs for a method with ``uses_layers`` (online teacher only)."""
 
     logits: Tensor
     features: Tensor | None = None
+    layers: tuple[Tensor, ...] | None = None
 
 
 METHODS: Registry[type] = Registry("distillation method")  # of kdlib.losses.base.Method subclasses

@@ -43,6 +43,9 @@ class SmallCNN(TimmClassifier):
             *_conv_bn_relu(w2, w3),
         )
         self.num_features = self.head_hidden_size = w3
+        # timm's stage list (what features_only and the feature-map methods' stage indices read): each block's ReLU
+        self.feature_info = [{"module": f"features.{i}", "num_chs": w, "reduction": r}
+                             for i, w, r in ((2, w1, 1), (6, w2, 2), (10, w3, 4))]
         self.num_classes = num_classes
         self.pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.drop = nn.Dropout(drop_rate)

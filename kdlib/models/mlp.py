@@ -105,6 +105,9 @@ class MLP(TimmClassifier):
                 layers.append(nn.Dropout(hidden_dropout))
             width = h
         self.hidden = nn.Sequential(*layers)
+        # timm's stage list (the feature-map methods' stage indices): each hidden layer's ReLU, (B, width)
+        relus = [i for i, m in enumerate(layers) if isinstance(m, nn.ReLU)]
+        self.feature_info = [{"module": f"hidden.{i}", "num_chs": h, "reduction": 1} for i, h in zip(relus, widths)]
         self.hidden_linears = [m for m in self.hidden if isinstance(m, nn.Linear)]
         self.drop = nn.Dropout(last_dropout)  # timm's drop_rate: the classifier's input
         self.num_features = self.head_hidden_size = width

@@ -67,12 +67,15 @@ class ResCNN(TimmClassifier):
             nn.ReLU(inplace=True),
         )
         stages: list[nn.Module] = []
-        channels = stem_channels
+        channels, reduction = stem_channels, 1
+        # timm's stage list (features_only, the feature-map methods' stage indices): the stem, then every block
+        self.feature_info = [{"module": "stem", "num_chs": stem_channels, "reduction": 1}]
         for i in range(blocks):
             widen = i % 2 == 1
             out_channels = channels * 2 if widen else channels
             stages.append(BasicBlock(channels, out_channels, stride=2 if widen else 1))
-            channels = out_channels
+            channels, reduction = out_channels, reduction * (2 if widen else 1)
+            self.feature_info.append({"module": f"blocks.{i}", "num_chs": channels, "reduction": reduction})
         self.blocks = nn.Sequential(*stages)
         self.num_features = channels
         self.num_classes = num_classes

@@ -1,0 +1,141 @@
+"""Intermediate features of a model by module path, read with forward hooks.
+
+Feature-map methods (FitNet, AT, NST, SP, ...) compare what named layers of the student and the teacher
+output. The models are never edited for it (mdistiller rewrites every model's ``forward`` to return a
+``feats`` list): a forward hook on each named module keeps its output during the pass, as torchdistill's
+``ForwardHookManager`` does.
+
+A layer is named either by its **module path** (``"layer2"``, ``"blocks.4"``, anything in
+``model.named_modules()``) or by an **integer**, the index of one of the model's stages as timm's
+``feature_info`` lists them (``features_only`` uses the same list): for a ResNet ``0`` is the stem
+(``act1``) and ``1`` … ``4`` are ``layer1`` … ``layer4``, exactly mdistiller's ``feats[0]`` … ``feats[4]``,
+so its hint-layer numbers carry over. Negative integers count from the last stage. :data:`PRE_LOGITS`
+names the pooled pre-logits features (``forward_head(x, pre_logits=True)``: PKT and RKD read them).
+
+Shapes are known before training (:func:`layer_shapes`, one pass on a zero image, which also works on
+torch's ``meta`` device), so a method builds its adapters (FitNet's regressor) in ``setup`` and the
+``check`` stage refuses a layer that does not exist, or a pairing a method cannot use, before any work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+PRE_LOGITS = "pre_logits"
+Layer = int | str
+
+
+def stage_modules(model: nn.Module) -> list[str]:
+    """The module paths of ``model``'s stages, from timm's ``feature_info`` (our own models list theirs
+    the same way); ``[]`` when it lists none."""
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        return []
+    entries = info.info if hasattr(info, "info") else info  # timm's FeatureInfo object or a plain list
+    return [str(entry["module"]) for entry in entries]
+
+
+def resolve_layers(model: nn.Module, layers: Sequence[Layer], role: str, arch: str = "") -> tuple[str, ...]:
+    """Module paths (or :data:`PRE_LOGITS`) for ``layers``. Raises ``ValueError`` naming the layer, the
+    ``role`` model and what it has: a stage index out of range, a model without stages, a module path that
+    does not exist."""
+    name = f"the {role}" + (f" ({arch})" if arch else "")
+    stages = stage_modules(model)
+    modules = dict(model.named_modules())
+    out: list[str] = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, str)):
+            raise ValueError(f"{role}_layers: expected stage indices or module paths, got {layer!r}")
+        if isinstance(layer, int):
+            if not stages:
+                raise ValueError(f"{role}_layers: {name} lists no stages (no timm feature_info); name its layers by "
+                                 f"module path instead, e.g. one of {', '.join(list(modules)[1:6]) or 'none'}")
+            if not -len(stages) <= layer < len(stages):
+                raise ValueError(f"{role}_layers: stage {layer} of {name}, which has {len(stages)} "
+                                 f"(0-{len(stages) - 1}: {', '.join(stages)})")
+            out.append(stages[layer])
+        elif layer == PRE_LOGITS:
+            if not hasattr(model, "forward_head"):
+                raise ValueError(f"{role}_layers: {PRE_LOGITS!r}: {name} has no timm forward_head")
+            out.append(layer)
+        elif layer not in modules or layer == "":
+            close = [m for m in modules if m and (layer in m or m in layer)][:5]
+            raise ValueError(f"{role}_layers: {name} has no module {layer!r}"
+                             + (f"; similar: {', '.join(close)}" if close else "")
+                             + (f"; its stages: {', '.join(stages)}" if stages else ""))
+        else:
+            out.append(layer)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The layers a method reads, resolved for this student and teacher: module paths (or
+    :data:`PRE_LOGITS`) in pairs, and each one's per-image output shape."""
+
+    student: tuple[str, ...]
+    teacher: tuple[str, ...]
+    student_shapes: tuple[tuple[int, ...], ...]
+    teacher_shapes: tuple[tuple[int, ...], ...]
+
+
+class LayerTaps:
+    """Forward hooks that keep the outputs of ``paths`` of ``model`` during each pass.
+
+    ``forward(images)`` returns ``(logits, layers)``: the model's logits and one tensor per path, in
+    order. The hooks stay registered for the life of this object; ``remove()`` takes them off."""
+
+    def __init__(self, model: nn.Module, paths: Sequence[str]) -> None:
+        self.model, self.paths = model, tuple(paths)
+        self._seen: dict[str, Tensor] = {}
+        modules = dict(model.named_modules())
+        self._handles = [modules[p].register_forward_hook(self._keeper(p)) for p in dict.fromkeys(self.paths)
+                         if p != PRE_LOGITS]
+
+    def _keeper(self, path: str):  # noqa: ANN202 - a hook's signature is torch's
+        def keep(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            # a timm stage can return a tuple (a ViT block with attention): the first item is the features
+            self._seen[path] = output[0] if isinstance(output, (tuple, list)) else output
+        return keep
+
+    def forward(self, images: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        self._seen.clear()
+        if PRE_LOGITS in self.paths:
+            feature_map = self.model.forward_features(images)
+            logits = self.model.forward_head(feature_map)
+            self._seen[PRE_LOGITS] = self.model.forward_head(feature_map, pre_logits=True)
+        else:
+            logits = self.model(images)
+        missing = [p for p in self.paths if p not in self._seen]
+        if missing:  # a module the forward pass never called (a branch not taken)
+            raise RuntimeError(f"the layers {', '.join(missing)} produced no output in the forward pass")
+        layers = tuple(self._seen[p] for p in self.paths)
+        self._seen.clear()
+        return logits, layers
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@torch.no_grad()
+def layer_shapes(model: nn.Module, paths: Sequence[str], in_chans: int, input_size: int) -> list[tuple[int, ...]]:
+    """The shape of each layer's output for one image (batch dimension dropped), from one pass on a zero
+    image in eval mode on the model's device (``meta`` included: no memory, no compute)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    taps = LayerTaps(model, paths)
+    try:
+        _, layers = taps.forward(torch.zeros(1, in_chans, input_size, input_size, device=device))
+    finally:
+        taps.remove()
+        model.train(was_training)
+    return [tuple(int(n) for n in t.shape[1:]) for t in layers]
