@@ -162,3 +162,49 @@ def test_a_methods_own_parameters_start_equal_and_step_on_averaged_gradients(tmp
     for name in ("weight", "bias"):
         assert torch.equal(zero[name], one[name])
     assert torch.equal(one["weight_grad"], torch.full((2, 3), 1.5)) and torch.equal(zero["bias_grad"], torch.full((2,), 15.0))
+
+
+def _layer_taps_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from kdlib import distributed
+    from kdlib.models import build_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = build_model("cnn_small", 3, 1)
+        step = distributed.wrap_student(model, False, torch.device("cpu"), layers=("features.6",))
+        images = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(rank))
+        out = step(images)
+        # as a method's loss: a CE-like term on the logits (every parameter gets a gradient, as DDP expects)
+        # and a term on the hooked layer's output
+        (out.layers[0].pow(2).mean() + out.logits.pow(2).mean()).backward()
+        distributed.release_taps(step)
+        torch.save({"grad": model.features[0].weight.grad.clone(), "hooks": sum(len(m._forward_hooks) for m in model.modules())},
+                   f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hooked_layers_under_ddp_send_averaged_gradients(tmp_path: Path) -> None:
+    """A feature-map method's loss reaches the student through a forward hook's output. Under DDP
+    (2 gloo processes, a batch each) the first convolution's gradient is the mean of the two batches'
+    single-process gradients on both processes, and the hooks come off after training."""
+    from kdlib.models import build_model
+    from kdlib.taps import LayerTaps
+
+    torch.multiprocessing.spawn(_layer_taps_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
+    alone = []
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        model = build_model("cnn_small", 3, 1)
+        images = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(rank))
+        logits, (layer,) = LayerTaps(model, ("features.6",)).forward(images)
+        (layer.pow(2).mean() + logits.pow(2).mean()).backward()
+        alone.append(model.features[0].weight.grad.clone())
+    expected = (alone[0] + alone[1]) / 2
+    torch.testing.assert_close(zero["grad"], expected, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(one["grad"], expected, rtol=1e-5, atol=1e-8)
+    assert zero["hooks"] == one["hooks"] == 0

@@ -480,6 +480,19 @@ def test_the_params_digest_covers_what_the_run_uses_only() -> None:
         other[section]["new_preset"] = {"x": 1}  # a preset added beside
         assert params_digest(other) == digest, key
     student, method = base["student"], base["distill"]["method"]
+    # a transfer set of every class is what runs did before distill.transfer existed: its records stay valid
+    assert not base["distill"]["transfer"]["exclude_classes"] and base["distill"]["transfer"]["only_classes"] is None
+    before = copy.deepcopy(base)
+    del before["distill"]["transfer"]
+    assert params_digest(before) == digest
+    shifted = copy.deepcopy(base)
+    shifted["distill"]["transfer"]["bias_shift"] = 2.0  # with no class left out, no logit is shifted
+    assert params_digest(shifted) == digest
+    without_3 = copy.deepcopy(base)
+    without_3["distill"]["transfer"]["exclude_classes"] = [3]
+    assert params_digest(without_3) != digest
+    base = without_3
+    digest = params_digest(base)
     for path in (("datasets", base["dataset"], "image_size"), ("models", student, "lr"), ("distill", method, "alpha"),
                  ("distill", "transfer", "bias_shift"), ("eval", "batch_size")):
         other = copy.deepcopy(base)

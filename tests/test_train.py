@@ -329,3 +329,48 @@ def test_a_method_that_uses_progress_gets_the_epoch_and_step(image_dir, tmp_path
     _, result = run_fit(image_dir, tmp_path, objective=build_objective("dkd", warmup=4), teacher=teacher)
     assert [row["train/warmup"] for row in result.history] == [pytest.approx(0.25), pytest.approx(0.5)]
     assert all(row["train/tckd"] > 0 and row["train/nckd"] > 0 for row in result.history)
+
+
+def fitnet_run(image_dir, out: Path, epochs: int = 4, logger=None, resume=None):
+    """FitNet from a cnn_small teacher (seed 3) into a cnn_small student (seed 0): its layers planned and its
+    regressor built as kdlib.distill does, then trained by fit."""
+    from kdlib.distill import plan_layers
+    from kdlib.losses.base import SetupContext
+
+    torch.manual_seed(3)
+    teacher = OnlineTeacher(build_model("cnn_small", 3, 1))
+    seed_everything(0)
+    student = build_model("cnn_small", 3, 1)
+    method = build_objective("fitnet", student_layers=[1], teacher_layers=[2])
+    plan = plan_layers(method, student, teacher.model, (1, 16), (1, 16))
+    teacher.tap(plan.teacher)
+    method.setup(SetupContext(0, teacher.model, lambda: torch.zeros(0), plan))
+    start = copy.deepcopy(method.state_dict())
+    run_fit(image_dir, out, epochs=epochs, objective=method, teacher=teacher, logger=logger, resume=resume,
+            model=student)
+    return student, method, start
+
+
+def test_a_feature_map_method_trains_its_regressor_through_hooks_and_resumes(image_dir, tmp_path):
+    """FitNet's hint: the student's stage 1 (8x8) regressed onto the teacher's stage 2 (4x4) by a strided
+    convolution the method owns. The hooks feed the loss (the hint term is logged and falls), the
+    regressor and its BatchNorm statistics train, the hooks come off after fit, and a run crashed at
+    epoch 3 resumes to the same regressor and the same checkpoint bytes."""
+    from kdlib.resume import ResumeStore
+
+    student, method, start = fitnet_run(image_dir, tmp_path / "whole", logger=(log := ListLogger()))
+    hints = [row["train/hint"] for row in log.rows if "train/hint" in row]
+    assert len(hints) == 4 and hints[-1] < hints[0]
+    assert tuple(method.regressors[0].conv.weight.shape) == (64, 64, 3, 3)  # 8x8 → 4x4: stride-2 3x3
+    assert not torch.equal(method.regressors[0].conv.weight, start["regressors.0.conv.weight"])
+    assert not torch.equal(method.regressors[0].bn.running_mean, start["regressors.0.bn.running_mean"])
+    assert all(not m._forward_hooks for m in student.modules())  # evaluation and export see the bare model
+
+    store = ResumeStore(tmp_path / "state", "run key")
+    with pytest.raises(Crash):
+        fitnet_run(image_dir, tmp_path / "first", logger=CrashingLogger(at=3), resume=store)
+    _, resumed, _ = fitnet_run(image_dir, tmp_path / "second", resume=store)
+    for name, value in method.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    for name in ("best.pt", "last.pt"):
+        assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name

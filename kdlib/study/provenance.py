@@ -36,7 +36,8 @@ NOT_CODE = ("kdlib/study/", "stages/study.py", "stages/exp_queue.py")
 def used_params(values: Any) -> Any:
     """``values`` less the presets no stage of its run reads: the data set presets other than
     ``dataset``'s, the model presets other than ``teacher``'s and ``student``'s, and the knob sections of
-    the distillation methods other than ``distill.method``'s. A preset or method added to params.yaml (or a
+    the distillation methods other than ``distill.method``'s, and ``distill.transfer`` when it keeps every
+    class (what every run did before the section existed). A preset or method added to params.yaml (or a
     change to one the experiment does not use) then leaves every record's digest as it was."""
     if not isinstance(values, Mapping):
         return values
@@ -48,6 +49,11 @@ def used_params(values: Any) -> Any:
     if isinstance(distill, Mapping):
         out["distill"] = {k: v for k, v in distill.items() if not isinstance(v, Mapping) or k in
                           ("transfer", distill.get("method"))}
+        transfer = distill.get("transfer")
+        # every class in the transfer set is what runs did before the section existed: no bias shift applies
+        if (isinstance(transfer, Mapping) and not transfer.get("exclude_classes")
+                and transfer.get("only_classes") is None):
+            out["distill"].pop("transfer")
     return out
 
 
