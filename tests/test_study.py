@@ -485,6 +485,10 @@ def test_the_params_digest_covers_what_the_run_uses_only() -> None:
     before = copy.deepcopy(base)
     del before["distill"]["transfer"]
     assert params_digest(before) == digest
+    older = copy.deepcopy(base)  # before model presets had `augment` (null: the data set's own)
+    assert base["models"][base["student"]]["augment"] is None
+    del older["models"][base["student"]]["augment"]
+    assert params_digest(older) == digest
     shifted = copy.deepcopy(base)
     shifted["distill"]["transfer"]["bias_shift"] = 2.0  # with no class left out, no logit is shifted
     assert params_digest(shifted) == digest

@@ -57,10 +57,20 @@ def used_params(values: Any) -> Any:
     return out
 
 
+def _without_nulls(values: Any) -> Any:
+    if isinstance(values, Mapping):
+        return {k: _without_nulls(v) for k, v in values.items() if v is not None}
+    if isinstance(values, list):
+        return [_without_nulls(v) for v in values]
+    return values
+
+
 def params_digest(values: Any) -> str:
     """sha256 of the parameters a run uses (:func:`used_params` of a resolved mapping, in
-    :func:`kdlib.study.spec.canonical` form)."""
-    return hashlib.sha256(canonical(used_params(values)).encode()).hexdigest()
+    :func:`kdlib.study.spec.canonical` form). A key set to null counts as absent, as :func:`differences`
+    shows it: a key added to params.yaml with a null default (a model preset's ``augment``) leaves the
+    records made before it valid."""
+    return hashlib.sha256(canonical(_without_nulls(used_params(values))).encode()).hexdigest()
 
 
 def is_code(path: str) -> bool:
