@@ -368,7 +368,7 @@ def test_bad_layers_are_refused_naming_what_exists() -> None:
         METHODS.get("sp")(student_layers=[True])
 
 
-@pytest.mark.parametrize("name", ["fitnet", "at", "nst", "sp", "pkt", "rkd"])
+@pytest.mark.parametrize("name", ["fitnet", "at", "nst", "sp", "pkt", "rkd", "vid"])
 def test_each_feature_map_method_trains_a_step_on_real_models(name: str) -> None:
     """Plan on cnn_small → resnet18 at MNIST's size, set up, one step: finite terms, a gradient in the
     student's first convolution, and FitNet's regressor in the method's own parameters."""
@@ -386,4 +386,49 @@ def test_each_feature_map_method_trains_a_step_on_real_models(name: str) -> None
     assert all(math.isfinite(float(v)) for v in out.terms.values()) and set(out.terms) >= {"ce"}
     out.total.backward()
     assert student.features[0].weight.grad is not None and student.features[0].weight.grad.abs().sum() > 0
-    assert bool(method.trainable_parameters()) == (name == "fitnet")
+    assert bool(method.trainable_parameters()) == (name in ("fitnet", "vid"))
+
+
+# mdistiller's vid_loss (MIT, verbatim; mdistiller/distillers/VID.py)
+def md_vid_loss(regressor, log_scale, f_s, f_t, eps=1e-5):
+    # pool for dimentsion match
+    s_H, t_H = f_s.shape[2], f_t.shape[2]
+    if s_H > t_H:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_H, t_H))
+    elif s_H < t_H:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_H, s_H))
+    else:
+        pass
+    pred_mean = regressor(f_s)
+    pred_var = torch.log(1.0 + torch.exp(log_scale)) + eps
+    pred_var = pred_var.view(1, -1, 1, 1).to(pred_mean)
+    neg_log_prob = 0.5 * ((pred_mean - f_t) ** 2 / pred_var + torch.log(pred_var))
+    loss = torch.mean(neg_log_prob)
+    return loss
+
+
+@pytest.mark.parametrize("case", range(len(PAIRS)))
+def test_vid_equals_mdistillers_vid_loss_and_trains_its_variances(case: int) -> None:
+    """With the same regressors and variances, the value and the student's gradient are mdistiller's; the
+    variances start at init_pred_var (mdistiller's inverse softplus) and, unlike in mdistiller, are the
+    method's own parameters (they get a gradient and join the optimizer)."""
+    s_shapes, t_shapes = PAIRS[case]
+    s, t = maps(case, s_shapes), maps(case + 10, t_shapes)
+    method = METHODS.get("vid")()
+    from kdlib.taps import LayerPlan
+    torch.manual_seed(case)
+    method.build_adapters(LayerPlan(("a",) * len(s), ("b",) * len(t), tuple(x.shape[1:] for x in s),
+                                    tuple(x.shape[1:] for x in t)))
+    for log_scale in method.log_scales:
+        variance = torch.log(1.0 + torch.exp(log_scale)) + 1e-5
+        torch.testing.assert_close(variance, torch.full_like(variance, 5.0))
+    compare(method.feature_loss,
+            lambda a, b: sum(md_vid_loss(r, ls, x, y) for r, ls, x, y in zip(method.regressors, method.log_scales, a, b)),
+            s, t)
+    own = method.trainable_parameters()
+    assert all(any(p is q for q in own) for p in method.log_scales)
+    assert sum(p.numel() for p in own) == sum(p.numel() for r in method.regressors for p in r.parameters()) + sum(
+        x.shape[1] for x in t)
+    method.zero_grad()
+    method.feature_loss(s, t).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.log_scales)
