@@ -534,7 +534,8 @@ def fit(
         if runtime.is_main:
             log.info("resuming from epoch %d of %d (state saved in %s)", last_epoch, recipe.epochs,
                      resume.directory if resume is not None else "")
-    step = distributed.wrap_student(model, objective.needs_features, device, sync_bn, objective.student_layer_paths())
+    layers = objective.student_layer_paths() if isinstance(objective, Method) else ()
+    step = distributed.wrap_student(model, objective.needs_features, device, sync_bn, layers)
     if compile:
         step = torch.compile(step)
     loop = EpochLoop(model, step, objective, optimizer, scheduler, scaler, views, train_loader, data, teacher,
