@@ -5,7 +5,8 @@ student epoch) whose seeds rebuild them exactly; the teacher's logits on each vi
 compressed when a single-label data set has more classes than ``teacher_cache.topk``) and, for
 feature methods, its pooled features. ``distill`` replays the same views and reads these instead
 of running the teacher, after checking the cache's key (teacher checkpoint, prepared data,
-transform, views, seed). With ``teacher_cache.enabled: false`` it writes only ``cache.json``.
+transform, views, seed). With ``teacher_cache.enabled: false``, or a method that reads the teacher's
+intermediate layers (FitNet, AT, ...: the cache holds none), it writes only ``cache.json``, with the reason.
 """
 from __future__ import annotations
 
