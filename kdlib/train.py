@@ -371,9 +371,12 @@ class EpochLoop:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 student = self.step(images)
             student = _float32(student)  # losses in fp32 whatever the autocast dtype
-            out = objective(student, targets, _float32(teacher_out) if teacher_out is not None else None,
-                            **({"progress": Progress(epoch, recipe.epochs, step, len(self.loader))}
-                               if getattr(objective, "uses_progress", False) else {}))
+            context: dict[str, Any] = {}
+            if getattr(objective, "uses_progress", False):
+                context["progress"] = Progress(epoch, recipe.epochs, step, len(self.loader))
+            if getattr(objective, "uses_positions", False):
+                context["positions"] = positions.to(device, non_blocking=True)
+            out = objective(student, targets, _float32(teacher_out) if teacher_out is not None else None, **context)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.total).backward()
             if own:  # DDP averages the student's gradients over processes; the method's are averaged here

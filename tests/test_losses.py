@@ -188,8 +188,8 @@ def test_kd_module_rejects_invalid_hyperparameters(kwargs: dict) -> None:
 # Interface of every registered method.
 # ---------------------------------------------------------------------------------------------
 
-ATTRIBUTES = ("needs_teacher", "needs_features", "uses_distillation_token", "uses_progress", "uses_layers", "tasks",
-              "soft_targets")
+ATTRIBUTES = ("needs_teacher", "needs_features", "uses_distillation_token", "uses_progress", "uses_layers",
+              "uses_positions", "tasks", "soft_targets")
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -198,10 +198,11 @@ def test_every_method_declares_its_capabilities_and_a_docstring(name: str) -> No
     assert isinstance(cls, type) and issubclass(cls, Method), f"{name} must subclass kdlib.losses.base.Method"
     for attribute in ATTRIBUTES:
         assert attribute in vars(cls), f"{name} must set {attribute} explicitly"
-    assert all(isinstance(getattr(cls, a), bool) for a in ATTRIBUTES[:5])
+    assert all(isinstance(getattr(cls, a), bool) for a in ATTRIBUTES[:6])
     assert cls.soft_targets in ("mixed", "argmax", "refused")
     # a method that takes the training progress says so in its forward's signature
     assert ("progress" in inspect.signature(cls.forward).parameters) == cls.uses_progress
+    assert ("positions" in inspect.signature(cls.forward).parameters) == cls.uses_positions
     assert cls.tasks and set(cls.tasks) <= {"multiclass", "multilabel"}
     assert not hasattr(cls, "needs_lsh")  # removed: LSH methods fit their hyperplanes in setup()
     assert cls.__doc__ and cls.__doc__.strip()

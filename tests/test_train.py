@@ -374,3 +374,37 @@ def test_a_feature_map_method_trains_its_regressor_through_hooks_and_resumes(ima
         assert torch.equal(resumed.state_dict()[name], value), name
     for name in ("best.pt", "last.pt"):
         assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+class PositionRecorder(Method):
+    """CE that records the training-set positions it is given (as CRD's memory bank reads them)."""
+
+    needs_teacher = needs_features = uses_distillation_token = uses_progress = uses_layers = False
+    uses_positions = True
+    tasks, soft_targets = ("multiclass",), "mixed"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def forward(self, student, targets, teacher=None, positions=None):
+        self.seen.append(positions.clone())
+        self.labels.append(targets.clone())
+        ce = torch.nn.functional.cross_entropy(student.logits, targets)
+        return LossOutput(ce, {"ce": ce.detach()})
+
+
+def test_a_method_that_uses_positions_gets_each_images_index(image_dir, tmp_path):
+    """Every epoch hands the method each training image's index exactly once, in the loader's shuffled
+    order, beside the batch that holds that image (its label matches the dataset's label at that index)."""
+    method = PositionRecorder()
+    _, result = run_fit(image_dir, tmp_path, epochs=2, objective=method)
+    root, records = image_dir
+    train = [r for r in records if r.split == "train"]
+    seen = torch.cat(method.seen)
+    assert len(seen) == 2 * len(train)
+    first, second = seen[:len(train)], seen[len(train):]
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(len(train)))
+    assert first.tolist() != second.tolist()  # reshuffled each epoch
+    assert torch.cat(method.labels).tolist() == [train[i].label for i in seen.tolist()]

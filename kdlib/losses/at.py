@@ -65,6 +65,7 @@ class ATLoss(LayerMethod):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"  # the attention terms use no labels
     uses_progress = False
+    uses_positions = False
     method_name, feat_term = "at", "at"
 
     def __init__(self, p: float = 2.0, ce_weight: float = 1.0, feat_weight: float = 1000.0,

@@ -52,6 +52,9 @@ class Method(nn.Module):
       file), ``"refused"`` cannot use them, and a run with MixUp or CutMix on is refused before it starts;
     * ``uses_progress``: ``forward`` also gets ``progress=`` a :class:`~kdlib.losses.registry.Progress`
       (epoch, step, their totals), for warm-ups and schedules;
+    * ``uses_positions``: ``forward`` also gets ``positions=``, the ``(B,)`` indices of the batch's images
+      in the training set (the same image has the same index every epoch and on every process; under
+      MixUp/CutMix, the index of each row's first image), for per-image state such as CRD's memory bank;
     * ``uses_layers``: the outputs of intermediate layers of both nets, read by forward hooks
       (:mod:`kdlib.taps`): the method names them in :meth:`layer_request`, may refuse a resolved
       pairing in :meth:`layer_problem` (checked before any work), gets the resolved
@@ -69,6 +72,7 @@ class Method(nn.Module):
     tasks: ClassVar[tuple[str, ...]] = (MULTICLASS,)
     soft_targets: ClassVar[str] = "mixed"
     uses_progress: ClassVar[bool] = False
+    uses_positions: ClassVar[bool] = False
     uses_layers: ClassVar[bool] = False
     context_args: ClassVar[tuple[str, ...]] = ("label_smoothing", "multilabel")
     force_feat_fc: bool = False

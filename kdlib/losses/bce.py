@@ -38,6 +38,7 @@ class BinaryCrossEntropy(Method):
     tasks = (MULTILABEL,)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     uses_layers = False
 
     def forward(

@@ -54,6 +54,7 @@ class CrossEntropy(Method):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     uses_layers = False
 
     def __init__(self, label_smoothing: float = 0.0):

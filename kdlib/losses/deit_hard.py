@@ -60,6 +60,7 @@ class DeiTHardLoss(Method):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     uses_layers = False
 
     def __init__(self, alpha: float = 0.5, label_smoothing: float = 0.0):

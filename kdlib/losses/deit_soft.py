@@ -86,6 +86,7 @@ class DeiTSoftLoss(Method):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     uses_layers = False
 
     def __init__(self, alpha: float = 0.5, temperature: float = 1.0, label_smoothing: float = 0.0):

@@ -61,6 +61,7 @@ class DISTLoss(Method):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"  # the relation terms use no labels
     uses_progress = False
+    uses_positions = False
     uses_layers = False
 
     def __init__(self, tau: float = 1.0, beta: float = 1.0, gamma: float = 1.0, kd_weight: float = 2.0,

@@ -85,6 +85,7 @@ class DKDLoss(Method):
     tasks = (MULTICLASS,)
     soft_targets = "refused"  # TCKD and NCKD split every row at its label's class
     uses_progress = True
+    uses_positions = False
     uses_layers = False
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20,

@@ -75,6 +75,7 @@ class FitNetLoss(LayerMethod):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     method_name, feat_term = "fitnet", "hint"
 
     def __init__(self, ce_weight: float = 1.0, feat_weight: float = 100.0, student_layers=None, teacher_layers=None,

@@ -89,6 +89,7 @@ class KDLoss(Method):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     uses_layers = False
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, label_smoothing: float = 0.0):

@@ -46,6 +46,7 @@ class KDStandardizedLoss(Method):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     uses_layers = False
 
     def __init__(self, temperature: float = 2.0, kd_weight: float = 9.0, ce_weight: float = 0.1,

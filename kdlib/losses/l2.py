@@ -47,6 +47,7 @@ class L2Loss(Method):
     tasks = (MULTICLASS, MULTILABEL)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     uses_layers = False
 
     def __init__(

@@ -273,6 +273,7 @@ class LSHLoss(LSHMethodBase):
     tasks = (MULTICLASS, MULTILABEL)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     uses_layers = False
 
     def forward(

@@ -45,6 +45,7 @@ class LSHL2Loss(LSHMethodBase):
     tasks = (MULTICLASS, MULTILABEL)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     uses_layers = False
 
     def forward(

@@ -81,6 +81,7 @@ class LSHL2SLoss(LSHMethodBase):
     tasks = (MULTICLASS,)
     soft_targets = "argmax"  # its per-sample mask compares the teacher with the dominant class
     uses_progress = False
+    uses_positions = False
     uses_layers = False
 
     def __init__(

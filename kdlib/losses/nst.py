@@ -57,6 +57,7 @@ class NSTLoss(LayerMethod):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     method_name, feat_term = "nst", "nst"
 
     def __init__(self, ce_weight: float = 1.0, feat_weight: float = 50.0, student_layers=None, teacher_layers=None,

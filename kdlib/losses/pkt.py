@@ -59,6 +59,7 @@ class PKTLoss(LayerMethod):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     method_name, feat_term = "pkt", "pkt"
 
     def __init__(self, ce_weight: float = 1.0, feat_weight: float = 30000.0, student_layers=None,

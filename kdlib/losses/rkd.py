@@ -69,6 +69,7 @@ class RKDLoss(LayerMethod):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     method_name, feat_term = "rkd", "rkd"
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, eps: float = 1e-12,

@@ -94,6 +94,7 @@ class SigmoidKDLoss(Method):
     tasks = (MULTILABEL,)  # multi-hot targets
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     uses_layers = False
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9):

@@ -54,6 +54,7 @@ class SPLoss(LayerMethod):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     method_name, feat_term = "sp", "sp"
 
     def __init__(self, ce_weight: float = 1.0, feat_weight: float = 3000.0, student_layers=None, teacher_layers=None,

@@ -62,6 +62,7 @@ class VIDLoss(LayerMethod):
     tasks = (MULTICLASS,)
     soft_targets = "mixed"
     uses_progress = False
+    uses_positions = False
     method_name, feat_term = "vid", "vid"
 
     def __init__(self, init_pred_var: float = 5.0, eps: float = 1e-5, ce_weight: float = 1.0, feat_weight: float = 1.0,
