@@ -272,9 +272,10 @@ class Run:
                 found.append(f"{key} = {run.input_size} (the {role} preset {run.preset!r}): {problem}; expected an "
                              "input size the model accepts (a ViT's kwargs.img_size, or kwargs.dynamic_img_size: "
                              "true, builds it for another size)")
-            elif self.method.cls.needs_features:
+                continue
+            if self.method.cls.needs_features:
                 widths[role] = feature_width(model, channels, run.input_size)
-            models[role] = model
+            models[role] = model  # takes its input size: its layers can be planned
         if self.method.cls.uses_layers and len(models) == 2:
             try:
                 plan_layers(self.method.build(self.task), models["student"], models["teacher"],
