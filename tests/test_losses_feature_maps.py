@@ -230,20 +230,24 @@ def compare(ours, theirs, student: list[torch.Tensor], teacher: list[torch.Tenso
 @pytest.mark.parametrize("p", [2.0, 1.0])
 def test_at_equals_mdistillers_at_loss(case: int, p: float) -> None:
     s_shapes, t_shapes = PAIRS[case]
-    compare(lambda s, t: at_loss(s, t, p), lambda s, t: md_at_loss(s, t, p), maps(case, s_shapes),
+    compare(METHODS.get("at")(p=p).feature_loss, lambda s, t: md_at_loss(s, t, p), maps(case, s_shapes),
             maps(case + 10, t_shapes))
+    compare(lambda s, t: at_loss(s[0], t[0], p), lambda s, t: md_single_stage_at_loss(s[0], t[0], p),
+            maps(case, s_shapes), maps(case + 10, t_shapes))
 
 
 @pytest.mark.parametrize("case", range(len(PAIRS)))
 def test_nst_equals_mdistillers_nst_loss(case: int) -> None:
     s_shapes, t_shapes = PAIRS[case]
-    compare(nst_loss, md_nst_loss, maps(case, s_shapes), maps(case + 10, t_shapes))
+    compare(METHODS.get("nst")().feature_loss, md_nst_loss, maps(case, s_shapes), maps(case + 10, t_shapes))
+    compare(lambda s, t: nst_loss(s[0], t[0]), lambda s, t: md_single_stage_nst_loss(s[0], t[0]),
+            maps(case, s_shapes), maps(case + 10, t_shapes))
 
 
 @pytest.mark.parametrize("case", range(len(PAIRS)))
 def test_sp_equals_mdistillers_sp_loss(case: int) -> None:
     s_shapes, t_shapes = PAIRS[case]
-    compare(sp_loss, md_sp_loss, maps(case, s_shapes), maps(case + 10, t_shapes))
+    compare(METHODS.get("sp")().feature_loss, md_sp_loss, maps(case, s_shapes), maps(case + 10, t_shapes))
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -280,7 +284,7 @@ def test_pkt_and_sp_by_hand() -> None:
     # SP: G_s = I → rows (1,0),(0,1); G_t = [[1,2],[2,4]] → rows (1,2)/√5, (1,2)/√5
     g_t = torch.tensor([[1.0, 2.0], [1.0, 2.0]]) / math.sqrt(5)
     expected = float(((g_t - torch.eye(2)) ** 2).sum()) / 4
-    assert float(sp_loss([f_s], [f_t])) == pytest.approx(expected, rel=1e-6)
+    assert float(sp_loss(f_s, f_t)) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("s_shape,t_shape", [((8, 8, 8), (16, 4, 4)), ((8, 4, 4), (16, 8, 8)),

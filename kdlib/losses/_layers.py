@@ -38,8 +38,8 @@ def last_stages(student_stages: int, teacher_stages: int) -> tuple[list[Layer], 
 
 
 class LayerMethod(Method):
-    """``ce_weight·CE_ε + feat_weight·feature_loss(student layers, teacher layers)``; subclasses define
-    :meth:`feature_loss` and :meth:`default_layers`."""
+    """``ce_weight·CE_ε + feat_weight·Σ_pairs pair_loss(student layer, teacher layer)``; subclasses define
+    :meth:`pair_loss` and, when theirs differ from every stage after the stem, :meth:`default_layers`."""
 
     needs_teacher: ClassVar[bool] = True
     uses_layers: ClassVar[bool] = True
@@ -81,8 +81,14 @@ class LayerMethod(Method):
             raise RuntimeError(f"the {self.method_name!r} method was not set up: its layers are not resolved")
         return self.plan.student
 
-    def feature_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:  # pragma: no cover
+    def pair_loss(self, index: int, f_s: Tensor, f_t: Tensor) -> Tensor:  # pragma: no cover
+        """The feature term of pair ``index`` (student output ``f_s``, detached teacher output ``f_t``)."""
         raise NotImplementedError
+
+    def feature_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        """Σ over the pairs of :meth:`pair_loss` (mdistiller sums its per-stage terms so)."""
+        return sum((self.pair_loss(i, f_s, f_t) for i, (f_s, f_t) in enumerate(zip(student, teacher))),
+                   student[0].new_zeros(()))
 
     def forward(self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None) -> LossOutput:
         teacher = require_teacher(self.method_name, teacher)

@@ -45,13 +45,10 @@ def attention_map(feature: Tensor, p: float) -> Tensor:
     return F.normalize(feature.pow(p).mean(1).reshape(feature.size(0), -1))
 
 
-def at_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], p: float = 2.0) -> Tensor:
-    """Σ over pairs of the mean squared difference of the attention maps."""
-    total = student[0].new_zeros(())
-    for f_s, f_t in zip(student, teacher):
-        f_s, f_t = pool_to_smaller(f_s, f_t)
-        total = total + (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
-    return total
+def at_loss(f_s: Tensor, f_t: Tensor, p: float = 2.0) -> Tensor:
+    """The mean squared difference of one pair's attention maps."""
+    f_s, f_t = pool_to_smaller(f_s, f_t)
+    return (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
 
 
 @register_method("at")
@@ -77,5 +74,5 @@ class ATLoss(LayerMethod):
     def layer_problem(self, plan: LayerPlan) -> str | None:
         return spatial_maps("at", plan)
 
-    def feature_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-        return at_loss(student, teacher, self.p)
+    def pair_loss(self, index: int, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return at_loss(f_s, f_t, self.p)

@@ -96,8 +96,5 @@ class FitNetLoss(LayerMethod):
     def build_adapters(self, plan: LayerPlan) -> None:
         self.regressors = nn.ModuleList(ConvRegressor(s, t) for s, t in zip(plan.student_shapes, plan.teacher_shapes))
 
-    def feature_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-        total = student[0].new_zeros(())
-        for regressor, f_s, f_t in zip(self.regressors, student, teacher):
-            total = total + F.mse_loss(regressor(f_s), f_t)
-        return total
+    def pair_loss(self, index: int, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return F.mse_loss(self.regressors[index](f_s), f_t)

@@ -18,8 +18,6 @@ the deepest. Terms logged: ``ce``, ``nst`` (unweighted). Tested against mdistill
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -34,16 +32,12 @@ def poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
     return (b @ a.transpose(1, 2)).pow(2).mean()
 
 
-def nst_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-    """Σ over pairs of the polynomial-kernel MMD² between the channels' normalized maps."""
-    total = student[0].new_zeros(())
-    for f_s, f_t in zip(student, teacher):
-        f_s, f_t = pool_to_smaller(f_s, f_t)
-        f_s = F.normalize(f_s.reshape(f_s.shape[0], f_s.shape[1], -1), dim=2)
-        f_t = F.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2)
-        total = total + (poly_kernel_mean(f_t, f_t).detach() + poly_kernel_mean(f_s, f_s)
-                         - 2 * poly_kernel_mean(f_s, f_t))
-    return total
+def nst_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
+    """The polynomial-kernel MMD² between one pair's normalized channel maps."""
+    f_s, f_t = pool_to_smaller(f_s, f_t)
+    f_s = F.normalize(f_s.reshape(f_s.shape[0], f_s.shape[1], -1), dim=2)
+    f_t = F.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2)
+    return poly_kernel_mean(f_t, f_t).detach() + poly_kernel_mean(f_s, f_s) - 2 * poly_kernel_mean(f_s, f_t)
 
 
 @register_method("nst")
@@ -67,5 +61,5 @@ class NSTLoss(LayerMethod):
     def layer_problem(self, plan: LayerPlan) -> str | None:
         return spatial_maps("nst", plan)
 
-    def feature_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-        return nst_loss(student, teacher)
+    def pair_loss(self, index: int, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return nst_loss(f_s, f_t)

@@ -18,8 +18,6 @@ ReLU layer) gets a zero gradient, not NaN.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 from torch import Tensor
 
 from kdlib.losses._layers import LayerMethod
@@ -69,8 +67,5 @@ class PKTLoss(LayerMethod):
     def default_layers(self, student_stages: int, teacher_stages: int) -> tuple[list[Layer], list[Layer]]:
         return [PRE_LOGITS], [PRE_LOGITS]
 
-    def feature_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-        total = student[0].new_zeros(())
-        for f_s, f_t in zip(student, teacher):
-            total = total + pkt_loss(f_s, f_t)
-        return total
+    def pair_loss(self, index: int, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return pkt_loss(f_s, f_t)

@@ -21,8 +21,6 @@ Tested against mdistiller's ``rkd_loss``.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -84,8 +82,5 @@ class RKDLoss(LayerMethod):
     def default_layers(self, student_stages: int, teacher_stages: int) -> tuple[list[Layer], list[Layer]]:
         return [PRE_LOGITS], [PRE_LOGITS]
 
-    def feature_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-        total = student[0].new_zeros(())
-        for f_s, f_t in zip(student, teacher):
-            total = total + rkd_loss(f_s, f_t, self.squared, self.eps, self.distance_weight, self.angle_weight)
-        return total
+    def pair_loss(self, index: int, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return rkd_loss(f_s, f_t, self.squared, self.eps, self.distance_weight, self.angle_weight)

@@ -18,8 +18,6 @@ Gram matrix is over each process's shard.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,19 +26,12 @@ from kdlib.losses.registry import MULTICLASS, register_method
 from kdlib.taps import Layer
 
 
-def similarity_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
+def sp_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
     """``‖G̃_t − G̃_s‖_F² / B²`` of one pair of layers."""
     b = f_s.shape[0]
     g_s = F.normalize(f_s.reshape(b, -1) @ f_s.reshape(b, -1).t())
     g_t = F.normalize(f_t.reshape(b, -1) @ f_t.reshape(b, -1).t())
     return (g_t - g_s).pow(2).sum() / (b * b)
-
-
-def sp_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-    total = student[0].new_zeros(())
-    for f_s, f_t in zip(student, teacher):
-        total = total + similarity_loss(f_s, f_t)
-    return total
 
 
 @register_method("sp")
@@ -64,5 +55,5 @@ class SPLoss(LayerMethod):
     def default_layers(self, student_stages: int, teacher_stages: int) -> tuple[list[Layer], list[Layer]]:
         return [-1], [-1]
 
-    def feature_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-        return sp_loss(student, teacher)
+    def pair_loss(self, index: int, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return sp_loss(f_s, f_t)

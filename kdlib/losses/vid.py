@@ -22,7 +22,6 @@ authors' code. Tested against mdistiller's ``vid_loss``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +82,5 @@ class VIDLoss(LayerMethod):
         self.regressors = nn.ModuleList(vid_regressor(s[0], t[0]) for s, t in zip(plan.student_shapes, plan.teacher_shapes))
         self.log_scales = nn.ParameterList(nn.Parameter(torch.full((t[0],), start)) for t in plan.teacher_shapes)
 
-    def feature_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-        total = student[0].new_zeros(())
-        for regressor, log_scale, f_s, f_t in zip(self.regressors, self.log_scales, student, teacher):
-            total = total + vid_loss(regressor, log_scale, f_s, f_t, self.eps)
-        return total
+    def pair_loss(self, index: int, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return vid_loss(self.regressors[index], self.log_scales[index], f_s, f_t, self.eps)
