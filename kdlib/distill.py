@@ -176,7 +176,8 @@ def setup_distillation(
         outputs, view_seeds = online, make_view_seeds(seed, len(train_set), num_views)
         view0 = lambda: first_view_features(online, train_set, view_seeds, BatchNormalizer(data.mean, data.std),  # noqa: E731
                                             runtime, teacher_batch_size)
-    objective.setup(SetupContext(seed, online.model, view0, plan))
+    labels = train_set.targets if train_set.multi_hot is None else None
+    objective.setup(SetupContext(seed, online.model, view0, plan, labels))
     if aligned is not None:
         model.load_state_dict(aligned.state_dict)
     return Distillation(objective, model, outputs, view_seeds, ModelRecord.for_model(role, preset, student, data, seed, model))

@@ -26,13 +26,16 @@ class SetupContext:
     teacher's pooled features of view 0 of every training image, ``(N, D)`` — computed (one
     teacher pass, or read from the teacher cache) only when a method calls it. ``layers``: for a
     method with ``uses_layers``, the layers it reads resolved for these models, with their shapes
-    (adapters are built from them).
+    (adapters are built from them). ``train_labels``: the class index of every training image, ``(N,)``,
+    in the order of the positions ``forward`` gets (``uses_positions``): a memory bank has ``N`` rows,
+    and CRD draws its negatives from the other classes; ``None`` for multi-label data.
     """
 
     seed: int
     teacher: nn.Module
     first_view_features: Callable[[], Tensor]
     layers: LayerPlan | None = None
+    train_labels: Tensor | None = None
 
 
 class Method(nn.Module):
