@@ -1,4 +1,5 @@
-"""The one training loop: teacher, baseline, feature alignment and distillation all use :func:`fit`.
+"""The one training loop: teacher, baseline, feature alignment and distillation all run a :class:`Trainer`
+(:func:`fit` builds one and runs it).
 
 The objective decides what is learned (:mod:`kdlib.losses`) and what each step computes: the
 student's pooled features or its distillation head when the method needs them, and the
@@ -316,71 +317,196 @@ class Selection:
             setattr(self, key, value)
 
 
-@dataclass
-class EpochLoop:
-    """One training epoch's moving parts, built once by :func:`fit`. ``step`` is the student as
-    the step calls it (:func:`kdlib.distributed.wrap_student`: in DDP when several processes
-    run, compiled with ``runtime.compile``); ``model`` is the student itself."""
+def validate(model: nn.Module, data: TrainData, loader: torch.utils.data.DataLoader, device: torch.device,
+             recipe: Recipe) -> EvalResult:
+    """The validation split's loss and metrics, in the training precision."""
+    return evaluate(model, loader, data.normalizer, device, AMP_DTYPES[recipe.amp], data.val_set.ignore,
+                    data.ap_mode, data.multilabel_convention)
 
-    model: nn.Module
-    step: nn.Module
-    objective: Method
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    views: AugmentedViews
-    loader: torch.utils.data.DataLoader
-    data: TrainData
-    teacher: TeacherFn | None
-    recipe: Recipe
-    device: torch.device
 
-    def run(self, epoch: int, progress: bool) -> tuple[dict[str, float], int]:
-        """Train one epoch; returns the epoch's mean loss terms (and train top-1 for
-        single-label data) over every process's images, and the number of images seen by all."""
-        model, objective, recipe, device = self.model, self.objective, self.recipe, self.device
-        amp_dtype = AMP_DTYPES[recipe.amp]
-        batch_transform = self.data.train_set.batch_transform
-        multilabel = self.data.train_set.multi_hot is not None
-        self.loader.sampler.set_epoch(epoch - 1)  # type: ignore[union-attr]
+def reseed(seed: int) -> None:
+    """Seed torch (CPU and CUDA), NumPy and ``random`` for this process's own draws (dropout,
+    drop-path, MixUp): DeiT and timm use ``seed + rank``, so processes do not drop the same units."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One training run as explicit state: the model and the method, optimizer, lr schedule, loss scaler,
+    checkpoint :class:`Selection`, history and counters, with one method per concern: :meth:`train_epoch`,
+    :meth:`validate`, :meth:`end_epoch`, :meth:`save_state` (resume), :meth:`run` (all epochs) and
+    :meth:`result`. :meth:`state_dict` / :meth:`load_state_dict` hold everything a resumed run needs
+    besides the RNG streams (:mod:`kdlib.resume` keeps those per process), so a run killed after epoch ``k``
+    and resumed ends byte-identical to one never stopped.
+
+    Construction moves the model and the method to ``runtime.device``, builds the loaders and the optimizer
+    (the student's parameters and the method's own, :meth:`Method.trainable_parameters`, in one optimizer),
+    and checks what the method needs (a teacher, a distillation head) before any step. Arguments are
+    :func:`fit`'s.
+    """
+
+    def __init__(self, model: nn.Module, objective: Method, recipe: Recipe, data: TrainData, out_dir: Path,
+                 record: ModelRecord, seed: int, teacher: TeacherFn | None = None, logger: MetricsLogger | None = None,
+                 runtime: Runtime = Runtime(), progress: bool = True, select_best: bool = True,
+                 compile: bool = False, sync_bn: bool = False) -> None:
+        if objective.needs_teacher and teacher is None:
+            raise ValueError(f"{type(objective).__name__} needs a teacher")
+        if objective.uses_distillation_token and not hasattr(model, "set_distilled_training"):
+            raise ValueError(f"{type(objective).__name__} needs a student with a distillation token "
+                             f"(timm's *_distilled_* models); {type(model).__name__} has none")
+        self.model, self.objective, self.recipe, self.data = model, objective, recipe, data
+        self.out_dir, self.record, self.seed, self.teacher = Path(out_dir), record, seed, teacher
+        self.logger, self.runtime, self.select_best = logger, runtime, select_best
+        self.progress = progress and runtime.is_main
+        self.device = device = runtime.device
+        model.to(device)
+        data.normalizer.to(device)
+        objective.to(device)  # buffers such as LSH hyperplanes live where the features are
+        if recipe.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        view_seeds = data.view_seeds if data.view_seeds is not None else make_view_seeds(
+            seed, len(data.train_set), recipe.epochs)
+        self.views = AugmentedViews(data.train_set, view_seeds)
+        self.train_loader = make_loader(self.views, recipe.batch_size, True, seed, runtime, recipe.num_workers)
+        self.val_loader = make_loader(data.val_set, recipe.eval_batch_size, False, seed, runtime, recipe.num_workers)
+        self.global_batch = recipe.batch_size * runtime.world_size
+        self.base_lr = recipe.scaled_lr(self.global_batch)
+        # the method's own parameters (a regressor, a head) train, clip and average with the student's; they
+        # start as rank 0's on every process, as DDP does for the student's
+        self.own = own_parameters(objective)
+        distributed.broadcast_parameters(self.own)
+        self.optimizer = build_optimizer(model, recipe, self.base_lr, self.own)
+        steps_per_epoch = len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe))
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.amp == "fp16")
+        self.amp_dtype = AMP_DTYPES[recipe.amp]
+        if self.amp_dtype is not None and not has_native_kernels(self.amp_dtype, device):
+            warnings.warn(f"amp: {recipe.amp} on a CPU without native {recipe.amp} kernels "
+                          f"({torch.backends.cpu.get_cpu_capability()}) is emulated and several times slower than "
+                          "fp32; set amp: none in the model preset", stacklevel=3)
+        if objective.uses_distillation_token:
+            model.set_distilled_training(True)  # training returns (class, distillation) logits
+        self.multilabel = data.train_set.multi_hot is not None
+        # progress: what a resumed run restores (state_dict)
+        self.selection = Selection(recipe.patience if select_best else 0)
+        self.history: list[dict[str, float]] = []
+        self.epoch_seconds: list[float] = []
+        self.seen, self.train_seconds, self.last_val_score, self.epoch, self.resumed_from = 0, 0.0, 0.0, 0, 0
+        reseed(seed + runtime.rank)
+        layers = objective.student_layer_paths() if isinstance(objective, Method) else ()
+        self._compile, self._sync_bn, self._layers = compile, sync_bn, layers
+        self.step: nn.Module | None = None  # the student as the step calls it: built by run()
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run restores except the RNG streams: weights, optimizer, schedule, loss
+        scaler, the method's state (its parameters and buffers), selection, history and counters."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "objective": self.objective.state_dict() if isinstance(self.objective, nn.Module) else None,
+                "selection": self.selection.state_dict(), "history": self.history,
+                "epoch_seconds": self.epoch_seconds, "seen": self.seen, "train_seconds": self.train_seconds,
+                "last_val_score": self.last_val_score}
+
+    def load_state_dict(self, state: dict[str, Any], epoch: int) -> None:
+        """Continue after ``epoch``, from :meth:`state_dict`'s ``state`` of that epoch."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if state.get("objective") is not None and isinstance(self.objective, nn.Module):
+            self.objective.load_state_dict(state["objective"])
+        self.selection.load_state_dict(state["selection"])
+        self.history, self.epoch_seconds = list(state["history"]), list(state["epoch_seconds"])
+        self.seen, self.train_seconds = state["seen"], state["train_seconds"]
+        self.last_val_score, self.epoch = state["last_val_score"], epoch
+        self.resumed_from = epoch
+
+    def resume(self, store: ResumeStore) -> bool:
+        """Load ``store``'s state of this run, if every process has the same epoch's: the model, the
+        checkpoint files written so far and the RNG streams; the logger replays the finished epochs.
+        Returns whether a state was loaded."""
+        saved = store.load()
+        found = distributed.all_gather_objects(saved[0]["epoch"] if saved is not None else 0)
+        if len(set(found)) > 1:  # e.g. a machine whose store lost a state: resuming apart would diverge
+            warnings.warn(f"the processes found resume states of different epochs ({found}); training from the "
+                          "start", ResumeWarning, stacklevel=2)
+            return False
+        if saved is None:
+            return False
+        state, rng, files = saved
+        self.load_state_dict(state, state["epoch"])
+        if self.runtime.writes_outputs:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for name, path in files.items():
+                restore_file(path, self.out_dir, name)  # a bare kept name, read through no symlink
+            if self.logger is not None:  # the run's log restarts empty: replay the finished epochs
+                for row in self.history:
+                    self._log(row)
+        restore_rng(rng)
+        if self.runtime.is_main:
+            log.info("resuming from epoch %d of %d (state saved in %s)", self.epoch, self.recipe.epochs,
+                     store.directory)
+        return True
+
+    def save_state(self, store: ResumeStore) -> None:
+        """Save this epoch's whole state (and ``best.pt`` so far) in ``store``."""
+        best = self.out_dir / "best.pt"
+        store.save(self.epoch, self.state_dict(), {"best.pt": best} if best.is_file() else {}, distributed.barrier)
+
+    # ---- one epoch -----------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> tuple[dict[str, float], int]:
+        """Train one epoch; returns the epoch's mean loss terms (and train top-1 for single-label data)
+        over every process's images, and the number of images seen by all."""
+        if self.step is None:
+            raise RuntimeError("Trainer.train_epoch runs inside Trainer.run (the student's step is built there)")
+        model, objective, recipe, device, data = self.model, self.objective, self.recipe, self.device, self.data
+        batch_transform = data.train_set.batch_transform
+        loader = self.train_loader
+        loader.sampler.set_epoch(epoch - 1)  # type: ignore[union-attr]
         self.step.train()
         sums: dict[str, Tensor | float] = {}
         correct: Tensor | int = 0
         count = 0
-        watch = _FiniteWatch(epoch, len(self.loader))
+        watch = _FiniteWatch(epoch, len(loader))
         # fp16's GradScaler expects inf gradients now and then (it skips those steps and lowers its scale)
         check_grads = not self.scaler.is_enabled()
-        # the method's own parameters (a regressor, a head) train and clip with the student's
-        own = own_parameters(objective)
-        params = [p for p in model.parameters() if p.requires_grad] + own
+        params = [p for p in model.parameters() if p.requires_grad] + self.own
         constrain = getattr(model, "apply_constraints", None)
+        uses_progress = getattr(objective, "uses_progress", False)
+        uses_positions = getattr(objective, "uses_positions", False)
         # disable=None: a progress bar on a terminal, nothing in a log file
-        batches = tqdm(self.loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
-                       disable=None if progress else True)
+        batches = tqdm(loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
+                       disable=None if self.progress else True)
         for step, (images, targets, positions, view_ids) in enumerate(batches, start=1):
             images = images.to(device, non_blocking=True)
             if batch_transform is not None:
                 images = batch_transform(images, self.views.batch_seeds(positions, view_ids))
-            images = self.data.normalizer(images)
+            images = data.normalizer(images)
             targets = targets.to(device, non_blocking=True)
-            if self.data.mix is not None:  # MixUp/CutMix: the teacher below sees the same mixed images
-                images, targets = self.data.mix(images, targets)
+            if data.mix is not None:  # MixUp/CutMix: the teacher below sees the same mixed images
+                images, targets = data.mix(images, targets)
             # the teacher runs in its own precision (float32), not the student's autocast: its
             # outputs are then the same online and from the cache
             teacher_out = self.teacher(images, positions, view_ids) if self.teacher is not None else None
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 student = self.step(images)
             student = _float32(student)  # losses in fp32 whatever the autocast dtype
             context: dict[str, Any] = {}
-            if getattr(objective, "uses_progress", False):
-                context["progress"] = Progress(epoch, recipe.epochs, step, len(self.loader))
-            if getattr(objective, "uses_positions", False):
+            if uses_progress:
+                context["progress"] = Progress(epoch, recipe.epochs, step, len(loader))
+            if uses_positions:
                 context["positions"] = positions.to(device, non_blocking=True)
             out = objective(student, targets, _float32(teacher_out) if teacher_out is not None else None, **context)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.total).backward()
-            if own:  # DDP averages the student's gradients over processes; the method's are averaged here
-                distributed.average_gradients(own)
+            if self.own:  # DDP averages the student's gradients over processes; the method's are averaged here
+                distributed.average_gradients(self.own)
             grad_norm = None
             if recipe.grad_clip:
                 self.scaler.unscale_(self.optimizer)
@@ -398,7 +524,7 @@ class EpochLoop:
             # accumulate on the device: a float() per step would wait for the GPU every step
             n = len(targets)
             count += n
-            if not multilabel:  # with mixed soft targets, against their dominant class
+            if not self.multilabel:  # with mixed soft targets, against their dominant class
                 labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
                 correct = correct + (prediction_logits(student).detach().argmax(dim=1) == labels).sum()
             for name, value in {"loss": out.total.detach(), **out.terms}.items():
@@ -412,24 +538,126 @@ class EpochLoop:
                torch.tensor(float(count), dtype=torch.float64, device=device)])).cpu()
         count_all = float(totals[-1])
         row = {f"train/{k}": float(v) / count_all for k, v in zip(names, totals[:-2])}
-        if not multilabel:
+        if not self.multilabel:
             row["train/top1"] = 100.0 * float(totals[-2]) / count_all
         return row, int(count_all)
 
+    def validate(self, epoch: int) -> tuple[float, float, dict[str, float]]:
+        """Rank 0's validation score, loss and metrics, shared with every process. Raises
+        :class:`NonFiniteError` when any is not finite."""
+        result = None
+        if self.runtime.is_main:
+            val = validate(self.model, self.data, self.val_loader, self.device, self.recipe)
+            result = (val.score, val.loss, val.metrics)
+        score, loss, metrics = distributed.broadcast_object(result)
+        bad = {name: value for name, value in {"loss": loss, "score": score, **metrics}.items()
+               if isinstance(value, float) and not math.isfinite(value)}
+        if bad:
+            raise NonFiniteError(f"validation after epoch {epoch}: " + ", ".join(f"{k} = {v}" for k, v in bad.items())
+                                 + ": the model's outputs are not finite; nothing was written")
+        return score, loss, metrics
 
-def validate(model: nn.Module, data: TrainData, loader: torch.utils.data.DataLoader, device: torch.device,
-             recipe: Recipe) -> EvalResult:
-    """The validation split's loss and metrics, in the training precision."""
-    return evaluate(model, loader, data.normalizer, device, AMP_DTYPES[recipe.amp], data.val_set.ignore,
-                    data.ap_mode, data.multilabel_convention)
+    def end_epoch(self, epoch: int, row: dict[str, float], count: int, seconds: float) -> None:
+        """Validate (when selecting), update the selection and counters, log the epoch's row and write
+        ``best.pt`` when it is the best so far."""
+        self.train_seconds += seconds
+        self.seen += count
+        self.epoch = epoch
+        improved = False
+        distributed.sync_buffers(self.model)  # every process validates and saves rank 0's BatchNorm statistics
+        if self.select_best:
+            score, loss, metrics = self.validate(epoch)
+            self.last_val_score = score
+            row.update({"val/loss": loss, **{f"val/{name}": value for name, value in metrics.items()}})
+            improved = self.selection.update(epoch, score, loss)
+        else:
+            row.pop("train/top1", None)  # the classifier is frozen: its accuracy says nothing
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.epoch_seconds.append(seconds)
+        self.history.append(row)
+        if self.progress:
+            log.info("%s", self.epoch_line(epoch, row, count))
+        if self.runtime.writes_outputs:
+            if self.logger is not None:
+                self._log(row)
+            if improved:
+                self._checkpoint("best.pt", {"epoch": epoch, "val_score": self.last_val_score})
 
+    def epoch_line(self, epoch: int, row: dict[str, float], count: int) -> str:
+        """The epoch in one log line, as timm and DeiT print it: in a batch job's log (``dvc queue logs``, a
+        SLURM ``.out`` file) where no progress bar is drawn, each epoch still says where the run is."""
+        seconds = self.epoch_seconds[-1]
+        terms = {k.removeprefix("train/"): v for k, v in row.items() if k.startswith("train/") and k != "train/top1"}
+        loss = terms.pop("loss", math.nan)
+        parts = [f"{self.record.role or 'train'} epoch {epoch}/{self.recipe.epochs}",
+                 f"loss {loss:.4f}" + (" (" + ", ".join(f"{k} {v:.4f}" for k, v in terms.items()) + ")" if terms else "")]
+        if "train/top1" in row:
+            parts.append(f"train top1 {row['train/top1']:.2f}")
+        if self.select_best:
+            name = "mAP" if self.multilabel else "top1"
+            parts.append(f"val {name} {self.last_val_score:.2f} (best {self.selection.best_score:.2f} "
+                         f"@ {self.selection.best_epoch})")
+        left = self.recipe.epochs - epoch
+        eta = sum(self.epoch_seconds[-3:]) / len(self.epoch_seconds[-3:]) * left
+        parts += [f"lr {row['lr']:.3g}", f"{count / max(seconds, 1e-9):.0f} img/s", f"{seconds:.1f} s",
+                  f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"]
+        return "  ".join(parts)
 
-def reseed(seed: int) -> None:
-    """Seed torch (CPU and CUDA), NumPy and ``random`` for this process's own draws (dropout,
-    drop-path, MixUp): DeiT and timm use ``seed + rank``, so processes do not drop the same units."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    def _log(self, row: dict[str, float]) -> None:
+        for name, value in row.items():
+            self.logger.log_metric(name, value)  # type: ignore[union-attr]
+        self.logger.next_step()  # type: ignore[union-attr]
+
+    def _checkpoint(self, name: str, meta: dict[str, Any]) -> None:
+        save_checkpoint(self.out_dir / name, self.model, {**self.record.as_meta(), **meta},
+                        self.objective.fitted_state())
+
+    # ---- the run ---------------------------------------------------------------------------------------
+    def run(self, resume: ResumeStore | None = None) -> FitResult:
+        """Every epoch left (after a resumed state in ``resume``, which also gets each epoch's state), then
+        ``last.pt``. Returns the :class:`FitResult`."""
+        if resume is not None:
+            self.resume(resume)
+        step = distributed.wrap_student(self.model, self.objective.needs_features, self.device, self._sync_bn,
+                                        self._layers)
+        self.step = torch.compile(step) if self._compile else step
+        try:
+            for epoch in range(self.epoch + 1, self.recipe.epochs + 1):
+                if self.selection.should_stop:  # a resumed run that had already stopped early
+                    break
+                start = time.perf_counter()
+                row, count = self.train_epoch(epoch)
+                self.end_epoch(epoch, row, count, time.perf_counter() - start)
+                if resume is not None:
+                    self.save_state(resume)
+        finally:
+            distributed.release_taps(step)
+            self.step = None
+        if self.runtime.writes_outputs:
+            self._checkpoint("last.pt", {"epoch": self.epoch, "val_score": self.last_val_score})
+        distributed.barrier()
+        return self.result()
+
+    def result(self) -> FitResult:
+        return FitResult(
+            best_epoch=self.selection.best_epoch,
+            score_name="mAP" if self.multilabel else "top1",
+            best_val_score=self.selection.best_score,
+            last_epoch=self.epoch,
+            last_val_score=self.last_val_score,
+            stopped_early=self.selection.should_stop,
+            train_seconds=self.train_seconds,
+            images_per_second=self.seen / max(self.train_seconds, 1e-9),
+            history=self.history,
+            epoch_seconds=self.epoch_seconds,
+            world_size=self.runtime.world_size,
+            global_batch=self.global_batch,
+            lr=self.base_lr,
+            lr_rule=self.recipe.lr_rule(self.global_batch),
+            resumed_from_epoch=self.resumed_from,
+            peak_cuda_memory_bytes=int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None,
+            machine=machine_label(describe_machine(self.device)),
+        )
 
 
 def fit(
@@ -449,9 +677,9 @@ def fit(
     compile: bool = False,
     sync_bn: bool = False,
 ) -> FitResult:
-    """Train ``model`` with ``objective``; write ``best.pt`` (the :class:`Selection`'s best
-    epoch: val top-1, or mAP for multi-hot targets) and ``last.pt`` into ``out_dir``, each with
-    ``record`` and the objective's fitted state.
+    """Train ``model`` with ``objective`` (a :class:`Trainer`'s whole run); write ``best.pt`` (the
+    :class:`Selection`'s best epoch: val top-1, or mAP for multi-hot targets) and ``last.pt`` into
+    ``out_dir``, each with ``record`` and the objective's fitted state.
 
     With ``select_best=False`` (feature alignment, whose classifier is not being trained)
     nothing is validated and only ``last.pt`` is written. The test split never enters here:
@@ -464,160 +692,8 @@ def fit(
     if it holds a state of this run, continue after its last epoch (:mod:`kdlib.resume`).
     ``compile``: ``torch.compile`` the training step. ``sync_bn``: SyncBatchNorm under DDP (CUDA).
     """
-    device = runtime.device
-    model.to(device)
-    data.normalizer.to(device)
-    objective.to(device)  # buffers such as LSH hyperplanes live where the features are
-    if recipe.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    view_seeds = data.view_seeds if data.view_seeds is not None else make_view_seeds(
-        seed, len(data.train_set), recipe.epochs)
-    views = AugmentedViews(data.train_set, view_seeds)
-    train_loader = make_loader(views, recipe.batch_size, True, seed, runtime, recipe.num_workers)
-    val_loader = make_loader(data.val_set, recipe.eval_batch_size, False, seed, runtime, recipe.num_workers)
-    global_batch = recipe.batch_size * runtime.world_size
-    base_lr = recipe.scaled_lr(global_batch)
-    # a method's own parameters start as rank 0's on every process, as DDP does for the student's
-    distributed.broadcast_parameters(own_parameters(objective))
-    optimizer = build_optimizer(model, recipe, base_lr, own_parameters(objective))
-    steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe))
-    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
-    scaler = torch.amp.GradScaler(device.type, enabled=recipe.amp == "fp16")
-    if objective.needs_teacher and teacher is None:
-        raise ValueError(f"{type(objective).__name__} needs a teacher")
-    amp_dtype = AMP_DTYPES[recipe.amp]
-    if amp_dtype is not None and not has_native_kernels(amp_dtype, device):
-        warnings.warn(f"amp: {recipe.amp} on a CPU without native {recipe.amp} kernels "
-                      f"({torch.backends.cpu.get_cpu_capability()}) is emulated and several times slower than "
-                      "fp32; set amp: none in the model preset", stacklevel=2)
-    if objective.uses_distillation_token:
-        if not hasattr(model, "set_distilled_training"):
-            raise ValueError(f"{type(objective).__name__} needs a student with a distillation token "
-                             f"(timm's *_distilled_* models); {type(model).__name__} has none")
-        model.set_distilled_training(True)  # training returns (class, distillation) logits
-
-    out_dir = Path(out_dir)
-    selection = Selection(recipe.patience if select_best else 0)
-    history: list[dict[str, float]] = []
-    epoch_times: list[float] = []
-    seen, train_seconds, last_val_score, last_epoch, start_epoch = 0, 0.0, 0.0, 0, 1
-    reseed(seed + runtime.rank)
-    saved = resume.load() if resume is not None else None
-    found = distributed.all_gather_objects(saved[0]["epoch"] if saved is not None else 0)
-    if len(set(found)) > 1:  # e.g. a machine whose store lost a state: resuming apart would diverge
-        warnings.warn(f"the processes found resume states of different epochs ({found}); training from the start",
-                      ResumeWarning, stacklevel=2)
-        saved = None
-    if saved is not None:
-        state, rng, files = saved
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if state.get("objective") is not None and isinstance(objective, nn.Module):
-            objective.load_state_dict(state["objective"])
-        selection.load_state_dict(state["selection"])
-        history, epoch_times = list(state["history"]), list(state["epoch_seconds"])
-        seen, train_seconds = state["seen"], state["train_seconds"]
-        last_val_score, last_epoch = state["last_val_score"], state["epoch"]
-        start_epoch = last_epoch + 1
-        if runtime.writes_outputs:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for name, path in files.items():
-                restore_file(path, out_dir, name)  # a bare kept name, read through no symlink
-            if logger is not None:  # the run's log restarts empty: replay the finished epochs
-                for row in history:
-                    for name, value in row.items():
-                        logger.log_metric(name, value)
-                    logger.next_step()
-        restore_rng(rng)
-        if runtime.is_main:
-            log.info("resuming from epoch %d of %d (state saved in %s)", last_epoch, recipe.epochs,
-                     resume.directory if resume is not None else "")
-    layers = objective.student_layer_paths() if isinstance(objective, Method) else ()
-    step = distributed.wrap_student(model, objective.needs_features, device, sync_bn, layers)
-    if compile:
-        step = torch.compile(step)
-    loop = EpochLoop(model, step, objective, optimizer, scheduler, scaler, views, train_loader, data, teacher,
-                     recipe, device)
-
-    for epoch in range(start_epoch, recipe.epochs + 1):
-        if selection.should_stop:  # a resumed run that had already stopped early
-            break
-        start = time.perf_counter()
-        row, count = loop.run(epoch, progress and runtime.is_main)
-        epoch_seconds = time.perf_counter() - start
-        train_seconds += epoch_seconds
-        seen += count
-        last_epoch = epoch
-        improved = False
-        distributed.sync_buffers(model)  # every process validates and saves rank 0's BatchNorm statistics
-        if select_best:
-            result = None
-            if runtime.is_main:
-                val = validate(model, data, val_loader, device, recipe)
-                result = (val.score, val.loss, val.metrics)
-            score, loss, metrics = distributed.broadcast_object(result)
-            bad = {name: value for name, value in {"loss": loss, "score": score, **metrics}.items()
-                   if isinstance(value, float) and not math.isfinite(value)}
-            if bad:
-                raise NonFiniteError(f"validation after epoch {epoch}: " + ", ".join(f"{k} = {v}" for k, v in bad.items())
-                                     + ": the model's outputs are not finite; nothing was written")
-            last_val_score = score
-            row.update({"val/loss": loss, **{f"val/{name}": value for name, value in metrics.items()}})
-            improved = selection.update(epoch, score, loss)
-        else:
-            row.pop("train/top1", None)  # the classifier is frozen: its accuracy says nothing
-        row["lr"] = optimizer.param_groups[0]["lr"]
-        epoch_times.append(epoch_seconds)
-        history.append(row)
-        if runtime.writes_outputs:
-            if logger is not None:
-                for name, value in row.items():
-                    logger.log_metric(name, value)
-                logger.next_step()
-            if improved:
-                save_checkpoint(out_dir / "best.pt", model,
-                                {**record.as_meta(), "epoch": epoch, "val_score": score},
-                                objective.fitted_state())
-        if resume is not None:
-            resume.save(epoch, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "objective": objective.state_dict() if isinstance(objective, nn.Module) else None,
-                "selection": selection.state_dict(), "history": history, "epoch_seconds": epoch_times,
-                "seen": seen, "train_seconds": train_seconds, "last_val_score": last_val_score,
-            }, {"best.pt": out_dir / "best.pt"} if (out_dir / "best.pt").is_file() else {}, distributed.barrier)
-
-    distributed.release_taps(step)
-    if runtime.writes_outputs:
-        save_checkpoint(out_dir / "last.pt", model,
-                        {**record.as_meta(), "epoch": last_epoch, "val_score": last_val_score},
-                        objective.fitted_state())
-    distributed.barrier()
-    multilabel = data.train_set.multi_hot is not None
-    return FitResult(
-        best_epoch=selection.best_epoch,
-        score_name="mAP" if multilabel else "top1",
-        best_val_score=selection.best_score,
-        last_epoch=last_epoch,
-        last_val_score=last_val_score,
-        stopped_early=selection.should_stop,
-        train_seconds=train_seconds,
-        images_per_second=seen / max(train_seconds, 1e-9),
-        history=history,
-        epoch_seconds=epoch_times,
-        world_size=runtime.world_size,
-        global_batch=global_batch,
-        lr=base_lr,
-        lr_rule=recipe.lr_rule(global_batch),
-        resumed_from_epoch=start_epoch - 1,
-        peak_cuda_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
-        machine=machine_label(describe_machine(device)),
-    )
+    return Trainer(model, objective, recipe, data, out_dir, record, seed, teacher, logger, runtime, progress,
+                   select_best, compile, sync_bn).run(resume)
 
 
 def own_parameters(objective: Any) -> list[nn.Parameter]:

@@ -2,6 +2,8 @@
 teacher handling and the logger contract."""
 from __future__ import annotations
 
+import re
+
 import copy
 from pathlib import Path
 
@@ -408,3 +410,55 @@ def test_a_method_that_uses_positions_gets_each_images_index(image_dir, tmp_path
     assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(len(train)))
     assert first.tolist() != second.tolist()  # reshuffled each epoch
     assert torch.cat(method.labels).tolist() == [train[i].label for i in seen.tolist()]
+
+
+def _trainer(image_dir, out: Path, epochs: int = 3, progress: bool = False):
+    from kdlib.train import Trainer
+
+    root, records = image_dir
+    train = IndexedImageDataset(root, [r for r in records if r.split == "train"], 1, None, preload=True)
+    val = IndexedImageDataset(root, [r for r in records if r.split == "val"], 1, None, preload=True)
+    seed_everything(0)
+    recipe = Recipe(epochs=epochs, batch_size=8, lr=0.05, warmup_epochs=1)
+    return Trainer(build_model("cnn_small", 3, 1), build_objective("ce"), recipe,
+                   TrainData(train, val, BatchNormalizer([0.5], [0.25])), out, RECORD, seed=0, progress=progress)
+
+
+def _same_state(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _same_state(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same_state(x, y)
+    else:
+        assert a == b
+
+
+def test_a_trainer_state_saved_after_an_epoch_loads_into_a_new_trainer_whole(image_dir, tmp_path, caplog):
+    """The Trainer's state is explicit: what ``state_dict`` gives after epoch 2 (weights, optimizer moments,
+    lr schedule, selection, history, counters) comes back whole from a resume store into a fresh Trainer,
+    which then continues at epoch 3 and logs it in one line; a step outside ``run`` is refused."""
+    from kdlib.resume import ResumeStore
+
+    first = _trainer(image_dir, tmp_path / "a", epochs=2)
+    store = ResumeStore(tmp_path / "state", "key")
+    first.run(store)
+    assert first.epoch == 2 and len(first.history) == 2 and first.selection.best_epoch in (1, 2)
+    second = _trainer(image_dir, tmp_path / "b", epochs=3, progress=True)
+    assert second.resume(store) and second.epoch == 2 and second.resumed_from == 2
+    _same_state(first.state_dict(), second.state_dict())
+    with pytest.raises(RuntimeError, match="inside Trainer.run"):
+        second.train_epoch(3)
+    with caplog.at_level("INFO", logger="kdlib.train"):
+        result = second.run()
+    lines = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
+    assert len(lines) == 1 and re.fullmatch(
+        r"train epoch 3/3  loss \d+\.\d{4} \(ce \d+\.\d{4}\)  train top1 \d+\.\d\d  val top1 \d+\.\d\d "
+        r"\(best \d+\.\d\d @ [123]\)  lr \S+  \d+ img/s  \d+\.\d s  ETA 0:00:00", lines[0]), lines
+    assert result.last_epoch == 3 and result.resumed_from_epoch == 2 and len(result.history) == 3
+    assert result.history[:2] == first.history
