@@ -29,7 +29,11 @@ teacher's:
 
 Sources: the arithmetic is the author's ``KD_SVD`` (github.com/sseung0703/KD_methods_with_TF,
 ``nets/Shared.py`` and ``nets/SVP.py``, MIT), which mdistiller ports to PyTorch
-(``mdistiller/distillers/KDSVD.py``). Differences, and why:
+(``mdistiller/distillers/KDSVD.py``). The author's two other versions differ from it and are not followed,
+except where said below: the ECCV code (SSKD_SVD ``nets/Distillation.py``) flips the teacher's vectors to the
+student's and weights ``tf.nn.l2_loss`` by ``√k``; the TensorFlow 2 code projects the student's (connected) map
+on the teacher's left singular vectors instead of decomposing it, and clips the distillation gradient to the
+norm of the CE one. Differences from KD_methods_with_TF / mdistiller, and why:
 
 * **Layout.** mdistiller's ``svd`` does ``feat.view(B, C·H, W)`` on PyTorch's NCHW maps — the TensorFlow
   ``reshape(X, [B, H·W, C])`` transcribed without moving the channels last — so it decomposes a
@@ -37,20 +41,21 @@ Sources: the arithmetic is the author's ``KD_SVD`` (github.com/sseung0703/KD_met
   relations compare columns of pixels. This method permutes to NHWC first, as the original's layout is
   (the golden test feeds mdistiller's functions NHWC maps to compare the arithmetic, and shows the raw
   view gives another value).
-* **Batch mean.** mdistiller divides the summed squared differences by the batch size (kept); the author's
-  TensorFlow code sums over the batch too, so its weight 1 is ``B`` times this one.
+* **Batch mean.** mdistiller divides the summed squared differences by the batch size (kept, with its
+  weights); the author's TensorFlow code sums over the batch without dividing, so its weight 1 is ``B``
+  times this one.
 * **Gradient of the SVD.** Only the student's SVD is differentiated (the teacher's maps are detached, as the
   original's teacher is frozen and its relation is under ``stop_gradient``). The gradient is the analytic
-  derivative of ``(σ, V)`` (Townsend 2016) — what ``torch.svd`` gives mdistiller, and what the ECCV code's
-  ``Svd_grad`` (github.com/sseung0703/SSKD_SVD, ``nets/Distillation.py``) computes — with the author's guard:
-  the coupling ``1 / (σ_j² − σ_i²)`` of two equal singular values is set to 0 rather than inf (the author's
-  ``removenan(KT)``), and ``1/σ`` is ``1/(σ + 1e-8)`` (the author's ``left_grad``). PyTorch's own backward
-  gives NaN there (0/0 on a rank-deficient map, e.g. a 2×2 map with more than 4 channels whose trailing
-  singular values are all 0), which mdistiller's forward-only ``removenan`` does not catch. Where the
-  singular values are distinct the gradient is PyTorch's (tested). The author's later code (KD_methods_with_TF,
-  Knowledge_distillation_via_TF2.0) drops the ``/2`` of ``msym``, doubling the rotation part of the gradient;
-  the ECCV code and PyTorch do not, and neither does this method. As in both originals the SVD runs in
-  float32 (no float64).
+  derivative of ``(σ, V)`` (Townsend 2016), which is what ``torch.svd`` gives mdistiller and the form of the
+  ECCV code's ``Svd_grad`` (github.com/sseung0703/SSKD_SVD, ``nets/Distillation.py``, which also restricts it to
+  the first five singular triplets), with the author's guard (KD_methods_with_TF ``nets/SVP.py``): the
+  coupling ``1 / (σ_j² − σ_i²)`` of two equal singular values is 0 rather than inf (``removenan(KT)``), and
+  ``1/σ`` is ``1/(σ + 1e-8)`` (``left_grad``). PyTorch's own backward gives NaN there (0/0, e.g. on an all-zero
+  map: a dead stage), which mdistiller's ``removenan`` does not catch, as it cleans only the forward (tested).
+  Where the singular values are distinct the gradient is PyTorch's (tested, and against finite differences).
+  The author's later code (KD_methods_with_TF, Knowledge_distillation_via_TF2.0) drops the ``/2`` of ``msym``,
+  doubling the rotation part of the gradient; the ECCV code and PyTorch do not, and neither does this method.
+  As in both originals the SVD runs in float32 (no float64).
 * **Unequal channel counts.** The relations of a pair compare ``C``-dimensional vectors, so the original
   needs a student as wide as the teacher at every paired layer (its ResNets share their widths). When a
   pair's widths differ (cnn_small's 64 channels against resnet18's 256 and 512), the student's map first
