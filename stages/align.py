@@ -1,10 +1,10 @@
-"""align: feature alignment, LSHFM's (Wang et al., TPAMI 2021) stage 1, for feature-mimicking methods.
-
-Trains only the student's ``feat_fc`` with ``align.beta × (the method's feature terms)`` against
-the teacher — no classification loss, backbone and its BatchNorm statistics frozen — and hands
-``models/align/last.pt`` to ``distill``. When there is nothing to align (a method without
-features, equal widths without a forced projection, ``align.epochs: 0``) it writes only
-``models/align/align.json`` saying why, in one Python start."""
+"""align: a method's first stage. Feature alignment, LSHFM's (Wang et al., TPAMI 2021) stage 1, for
+feature-mimicking methods: only the student's ``feat_fc`` trains, with ``align.beta × (the method's feature
+terms)`` — no classification loss, backbone and its BatchNorm statistics frozen. FitNets' hint stage
+(Romero et al., ICLR 2015; ``distill.fitnet.hint_stage: true``): the student up to its guided layer and the
+regressor train on ``align.beta × hint`` alone. Either hands ``models/align/last.pt`` to ``distill``. When
+there is nothing to align (a method with no first stage, equal widths without a forced projection,
+``align.epochs: 0``) it writes only ``models/align/align.json`` saying why, in one Python start."""
 from __future__ import annotations
 
 import shutil
@@ -40,17 +40,20 @@ def align(run: Run, ws: Workspace = Workspace(), out_dir: Path | None = None, ru
         seed_everything(run.seed)  # the same student initialization as distill's
         recipe = settings.recipe(student.recipe)
         setup = setup_distillation(
-            run.objective("distill", **run.method.cls.alignment_knobs(settings.beta)), student.spec, student.preset, index.meta,
-            train_set, Checkpoint.read(ws.teacher_checkpoint), seed=run.seed, num_views=run.num_views,
-            runtime=runtime, teacher_batch_size=run.params.teacher_cache.batch_size, role="align")
-        if not is_projected(setup.student):
+            run.objective("distill", **run.method.cls.alignment_knobs(settings.beta, run.method.knobs)), student.spec,
+            student.preset, index.meta, train_set, Checkpoint.read(ws.teacher_checkpoint), seed=run.seed,
+            num_views=run.num_views, runtime=runtime, teacher_batch_size=run.params.teacher_cache.batch_size,
+            role="align")
+        hint_stage = not setup.objective.needs_features  # FitNets' stage 1: the student up to its hint trains
+        if not hint_stage and not is_projected(setup.student):
             reason = f"student and teacher features have the same width and {method}.force_feat_fc is false"
     if reason is not None:
         summary = {"aligned": False, "reason": reason}
         if runtime.writes_outputs:
             write_json(out_dir / "align.json", summary)
         return summary
-    setup.student.freeze_backbone()
+    if not hint_stage:
+        setup.student.freeze_backbone()
     data = TrainData(train_set, val_set, BatchNormalizer(index.meta.mean, index.meta.std, recipe.channels_last))
     result = fit(setup.student, setup.objective, recipe, data, out_dir, setup.record, run.seed, setup.teacher,
                  runtime=runtime, progress=False, select_best=False, resume=resume, **run.engine)

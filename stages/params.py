@@ -297,8 +297,12 @@ class Run:
     @property
     def align_skip_reason(self) -> str | None:
         """Why the align stage has nothing to train, when the parameters alone tell."""
-        if not self.method.cls.needs_features:
-            return f"distill.method = {self.method.name!r} mimics no features: nothing to align"
+        cls, name = self.method.cls, self.method.name
+        if cls.uses_layers and cls.alignment_knobs(self.params.align.beta, self.method.knobs) is None:
+            return (f"distill.method = {name!r} has no hint stage here: nothing to align"
+                    + (f" (distill.{name}.hint_stage is false)" if "hint_stage" in cls.knobs() else ""))
+        if not cls.needs_features and not cls.uses_layers:
+            return f"distill.method = {name!r} mimics no features: nothing to align"
         return "align.epochs = 0" if self.params.align.epochs == 0 else None
 
     @property

@@ -386,6 +386,33 @@ def test_align_and_distill_fit_the_same_lsh_hyperplanes(setup):
         assert saved["seed"] == run.seed
 
 
+def test_fitnet_in_two_stages_trains_its_hint_in_align_then_distills_from_it(setup):
+    """FitNets (Romero et al. 2015) as the paper trains it: ``hint_stage`` makes ``align`` its stage 1 (the
+    student up to the guided layer and the regressor, on the hint alone: the layers after it and the
+    classifier keep their initial weights), and ``distill`` starts from those weights with CE + KD
+    (``feat_weight`` 0, ``kd_weight`` 1). Without ``hint_stage`` align has nothing to do."""
+    index, ws, params = setup
+    with_method(params, "fitnet")
+    assert align(resolve(params), ws) == {"aligned": False, "reason": "distill.method = 'fitnet' has no hint stage "
+                                          "here: nothing to align (distill.fitnet.hint_stage is false)"}
+    params["distill"]["fitnet"].update(hint_stage=True, feat_weight=0.0, kd_weight=1.0, student_layers=[1],
+                                       teacher_layers=[2])
+    run = resolve(params)
+    seed_everything(run.seed)
+    student = run.student.spec.build(index.meta.num_classes, index.meta.channels)
+    initial = {name: param.detach().clone() for name, param in student.named_parameters()}
+    summary = align(run, ws)
+    assert summary["aligned"] is True and summary["epochs"] == 1 and set(summary["final"]) == {"loss", "hint"}
+    aligned = Checkpoint.read(ws.align_checkpoint).state_dict
+    changed = {k.split(".")[1] if k.startswith("features.") else k.split(".")[0]
+               for k in initial if not torch.equal(initial[k], aligned[k])}
+    # cnn_small's guided layer here is stage 1 (features.6): the weights of its convolutions and BatchNorms
+    # (features.0-5) trained; stage 2's (features.8, .9) and the classifier's got no gradient
+    assert changed == {"0", "1", "4", "5"}, changed
+    result, _ = train_role(run, "distill", ws, progress=False)
+    assert set(result.history[0]) >= {"train/ce", "train/hint", "train/kd"} and result.last_epoch == 2
+
+
 def test_teacher_ls_smooths_the_teachers_labels_only(setup):
     """`teacher_ls` (the LS–KD study's LS teacher) changes the teacher's objective, not the student's."""
     index, ws, params = setup

@@ -95,10 +95,20 @@ class LayerMethod(Method):
         if student.layers is None or teacher.layers is None or len(student.layers) != len(teacher.layers):
             raise ValueError(f"the {self.method_name!r} method needs the student's and the teacher's layer outputs "
                              "in pairs (StudentOutput.layers, TeacherOutput.layers)")
-        hard = ce_loss(student.logits, targets, self.label_smoothing)
         feat = self.feature_loss([t.float() for t in student.layers], [t.detach().float() for t in teacher.layers])
-        total = self.ce_weight * hard + self.feat_weight * feat
-        return LossOutput(total, {"ce": hard.detach(), self.feat_term: feat.detach()})
+        total, terms = self.feat_weight * feat, {self.feat_term: feat.detach()}
+        # a zero-weighted CE (a hint stage) is left out, not multiplied by 0: the classifier and the layers after
+        # the hint then get no gradient at all, so the optimizer (and its weight decay) leaves them as they are
+        if self.ce_weight:
+            hard = ce_loss(student.logits, targets, self.label_smoothing)
+            total, terms = total + self.ce_weight * hard, {"ce": hard.detach(), **terms}
+        total, terms = self.extra_terms(student, targets, teacher, total, terms)
+        return LossOutput(total, terms)
+
+    def extra_terms(self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput, total: Tensor,
+                    terms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Terms a method adds beside CE and its layer term (FitNet's KD of its second stage); none here."""
+        return total, terms
 
 
 def spatial_maps(method: str, plan: LayerPlan) -> str | None:

@@ -96,13 +96,14 @@ class Method(nn.Module):
         return task in cls.tasks
 
     @classmethod
-    def alignment_knobs(cls, beta: float) -> dict[str, Any] | None:
-        """Knob overrides that make this method the objective of feature alignment (LSHFM's
-        stage 1: the feature terms only, weighted ``beta``), or ``None`` when it cannot be
-        aligned. The default fits methods written as ``gamma·hard + beta·features``; a feature
-        method with other knobs overrides this."""
-        knobs = cls.knobs()
-        return {"gamma": 0.0, "beta": beta} if cls.needs_features and {"gamma", "beta"} <= set(knobs) else None
+    def alignment_knobs(cls, beta: float, knobs: Mapping[str, Any] = {}) -> dict[str, Any] | None:
+        """Knob overrides that make this method the objective of the ``align`` stage, or ``None`` when it
+        has no such stage (given the run's ``knobs``). Two kinds: a feature method's (``needs_features``)
+        is LSHFM's stage 1, the feature terms only, weighted ``beta``, training only the student's
+        ``feat_fc``; a layer method's (``uses_layers``) is a hint stage (FitNets' stage 1), its layer term
+        only, training the student up to its hinted layers and the method's own adapters. The default
+        fits feature methods written as ``gamma·hard + beta·features``; other methods override this."""
+        return {"gamma": 0.0, "beta": beta} if cls.needs_features and {"gamma", "beta"} <= set(cls.knobs()) else None
 
     def setup(self, context: SetupContext) -> None:
         """Fit state from the teacher before training; by default there is none."""
