@@ -25,7 +25,7 @@ BN, ``pool_l`` the adaptive average pool to l×l and :math:`l_1, l_2, … ` the 
 height H (k counts them from 1), MSE the mean over every element, ``e`` the 1-based epoch: the review term
 ramps up over the first W epochs. ``m = min(max_mid_channels, channels of the deepest student map)``.
 
-Layers (:meth:`ReviewKDLoss.layer_request`): every stage after the stem of each net, paired from the deepest
+Layers (``layer_request``, from :meth:`ReviewKDLoss.default_layers`): every stage after the stem of each net, paired from the deepest
 (a student with fewer stages meets the teacher's last ones), then ``"pre_logits"`` of both — mdistiller's
 ``feats[1:] + [pooled_feat]``. ``student_layers`` / ``teacher_layers`` override them (shallow to deep; a
 ``pre_logits`` vector becomes a ``(C, 1, 1)`` map, every other layer must give a ``(C, H, W)`` map). A model
@@ -47,7 +47,8 @@ the same ABF weights):
 * **Post-activation maps, for now.** The original reads the teacher's *pre-ReLU* stage outputs
   (``preact_feats``; the student's too in mdistiller's ImageNet recipes, ``STU_PREACT``); :mod:`kdlib.taps`
   has no pre-ReLU taps yet, so both nets' stages are their post-activation outputs (mdistiller's CIFAR
-  student default, ``feats``). The switch to pre-ReLU taps is pending: it changes :meth:`layer_request` only.
+  student default, ``feats``). The switch to pre-ReLU taps is pending: it changes
+  :meth:`ReviewKDLoss.default_layers` (the layers ``layer_request`` gives without overrides) only.
 * ``max_mid_channels`` is applied: mdistiller reads ``MAX_MID_CHANNEL`` but hard-codes 512 (its ImageNet
   r50→mv1 recipe's 256 has no effect there); with the default 512 the modules are the same.
 * Maps may be non-square: the attention and the resizes use (H, W), where mdistiller's square ``shape``
@@ -192,7 +193,6 @@ class ReviewKDLoss(LayerMethod):
                              f"got {max_mid_channels!r}")
         self.max_mid_channels = int(max_mid_channels)
         self.abfs = nn.ModuleList()
-        self.out_sizes: tuple[tuple[int, int], ...] = ()
 
     def default_layers(self, student_stages: int, teacher_stages: int) -> tuple[list[Layer], list[Layer]]:
         # Post-activation stage outputs until kdlib.taps has pre-ReLU ones (the original's preact_feats):
@@ -214,7 +214,6 @@ class ReviewKDLoss(LayerMethod):
         student = [map_shape(p, s) for p, s in zip(plan.student, plan.student_shapes)]
         teacher = [map_shape(p, s) for p, s in zip(plan.teacher, plan.teacher_shapes)]
         self.abfs = build_abfs(student, teacher, self.max_mid_channels)  # type: ignore[arg-type]
-        self.out_sizes = tuple((t[1], t[2]) for t in teacher)  # type: ignore[index]
 
     def feature_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         """Σ HCL between the ABF-fused ``student`` maps and the ``teacher`` maps (both shallow to deep)."""
