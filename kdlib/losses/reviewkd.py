@@ -25,8 +25,8 @@ BN, ``pool_l`` the adaptive average pool to l×l and :math:`l_1, l_2, … ` the 
 height H (k counts them from 1), MSE the mean over every element, ``e`` the 1-based epoch: the review term
 ramps up over the first W epochs. ``m = min(max_mid_channels, channels of the deepest student map)``.
 
-Layers (``layer_request``, from :meth:`ReviewKDLoss.default_layers`): every stage after the stem of each net, paired from the deepest
-(a student with fewer stages meets the teacher's last ones), then ``"pre_logits"`` of both — mdistiller's
+Layers (``layer_request``, from :meth:`ReviewKDLoss.default_layers`): every stage after the stem of each net,
+paired from the deepest (a student with fewer stages meets the teacher's last ones), then ``"pre_logits"`` of both — mdistiller's
 ``feats[1:] + [pooled_feat]``. ``student_layers`` / ``teacher_layers`` override them (shallow to deep; a
 ``pre_logits`` vector becomes a ``(C, 1, 1)`` map, every other layer must give a ``(C, H, W)`` map). A model
 whose stages are not maps (a ViT's tokens, the ``mlp``'s vectors) or that lists no stages is refused before
