@@ -111,7 +111,7 @@ def _resolve_pre_relu(model: nn.Module, layer: str, role: str, name: str) -> str
     index = int(layer[len(PRE_RELU_PREFIX):])
     stages = pre_relu_stages(model)
     if stages is None:
-        raise ValueError(f"{role}_layers: {name} ({type(model).__name__}) has no known pre-ReLU stage features; the "
+        raise ValueError(f"{role}_layers: {name} has no known pre-ReLU stage features; the "
                          f"models that have them: {PRE_RELU_MODELS}")
     if not -len(stages) <= index < len(stages):
         raise ValueError(f"{role}_layers: {layer!r}: stage {index} of {name}, which has {len(stages)} "
