@@ -69,9 +69,10 @@ def stage_modules(model: nn.Module) -> list[str]:
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[Layer], role: str, arch: str = "") -> tuple[str, ...]:
-    """Module paths (or :data:`PRE_LOGITS`) for ``layers``. Raises ``ValueError`` naming the layer, the
-    ``role`` model and what it has: a stage index out of range, a model without stages, a module path that
-    does not exist."""
+    """Module paths (or :data:`PRE_LOGITS`, or ``"<path>:input"`` names) for ``layers``; a ``"pre_relu:<i>"``
+    resolves to where that stage's pre-ReLU output is. Raises ``ValueError`` naming the layer, the ``role``
+    model and what it has: a stage index out of range, a model without stages, a module path that does not
+    exist, a model without known pre-ReLU stages (naming those that have them)."""
     name = f"the {role}" + (f" ({arch})" if arch else "")
     stages = stage_modules(model)
     modules = dict(model.named_modules())
@@ -127,7 +128,7 @@ def _resolve_pre_relu(model: nn.Module, layer: str, role: str, name: str) -> str
 @dataclass(frozen=True)
 class LayerPlan:
     """The layers a method reads, resolved for this student and teacher: module paths (or
-    :data:`PRE_LOGITS`) in pairs, and each one's per-image output shape."""
+    :data:`PRE_LOGITS`, or a module's ``":input"``) in pairs, and each one's per-image output shape."""
 
     student: tuple[str, ...]
     teacher: tuple[str, ...]
@@ -136,7 +137,8 @@ class LayerPlan:
 
 
 class LayerTaps:
-    """Forward hooks that keep the outputs of ``paths`` of ``model`` during each pass.
+    """Forward hooks that keep the outputs of ``paths`` of ``model`` (the inputs, for ``":input"`` names)
+    during each pass.
 
     ``forward(images)`` returns ``(logits, layers)``: the model's logits and one tensor per path, in
     order. The hooks stay registered for the life of this object; ``remove()`` takes them off."""

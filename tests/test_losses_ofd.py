@@ -416,6 +416,20 @@ def test_a_stage_that_ends_in_hard_swish_is_refused() -> None:
     assert plan.teacher == ("blocks.2", "blocks.4")
 
 
+def test_input_and_pre_relu_names_are_checked_and_read_beside_outputs() -> None:
+    model = resnet18_teacher(2)  # timm zero-initializes each block's last BN: its pre-ReLU sum would be ≥ 0
+    with pytest.raises(ValueError, match=r"has no module 'layer9.act2:input'"):
+        resolve_layers(model, ["layer9.act2:input"], "teacher")
+    with pytest.raises(ValueError, match=r"'pre_relu:x': expected pre_relu:<stage index>"):
+        resolve_layers(model, ["pre_relu:x"], "teacher")
+    with pytest.raises(ValueError, match=r"'pre_relu:5': stage 5 of the teacher \(ResNet\), which has 5"):
+        resolve_layers(model, [pre_relu(5)], "teacher")
+    with torch.no_grad():
+        _, (before, after) = LayerTaps(model, ["layer4.1.act2:input", "layer4.1.act2"]).forward(torch.randn(2, 1, 32, 32))
+    torch.testing.assert_close(after, F.relu(before))
+    assert bool((before < 0).any())
+
+
 @pytest.mark.parametrize("knobs, match", [
     ({"kernel_size": 2}, "kernel_size must be a positive odd integer"),
     ({"kernel_size": 0}, "kernel_size must be a positive odd integer"),

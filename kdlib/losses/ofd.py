@@ -86,8 +86,8 @@ def ofd_connector(student_channels: int, teacher_channels: int, kernel_size: int
     return nn.Sequential(conv, bn)
 
 
-def _check_stages(name: str, value: object) -> None:
-    if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):  # type: ignore[union-attr]
+def _check_stages(name: str, value: Sequence[Layer] | None) -> None:
+    if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise ValueError(f"{name} must be null or a list of stage indices (OFD reads each stage's pre-ReLU output), "
                          f"e.g. [2, 3]; got {value!r}")
 
