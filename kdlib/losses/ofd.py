@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlib.losses._layers import LayerMethod, last_stages, spatial_maps
+from kdlib.losses._layers import LayerMethod, spatial_maps
 from kdlib.losses.base import SetupContext
 from kdlib.losses.registry import MULTICLASS, register_method
 from kdlib.models.pre_relu import PRE_RELU_MODELS, pre_relu_bn
@@ -119,10 +119,8 @@ class OFDLoss(LayerMethod):
         self.kernel_size = kernel_size
         self.connectors = nn.ModuleList()
 
-    def default_layers(self, student_stages: int, teacher_stages: int) -> tuple[list[Layer], list[Layer]]:
-        return last_stages(student_stages, teacher_stages)
-
     def layer_request(self, student_stages: int, teacher_stages: int) -> tuple[Sequence[Layer], Sequence[Layer]]:
+        # the stage indices (the knobs, or every stage after the stem: LayerMethod's default) → their pre-ReLU outputs
         stages_s, stages_t = super().layer_request(student_stages, teacher_stages)
         return [pre_relu(int(i)) for i in stages_s], [pre_relu(int(i)) for i in stages_t]
 
