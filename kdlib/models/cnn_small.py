@@ -14,6 +14,8 @@ from timm.models import register_model
 from torch import Tensor, nn
 
 from kdlib.models.base import TimmClassifier, entry_kwargs, own_model
+from kdlib.models.pre_relu import PreReluStage
+from kdlib.taps import module_input
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -53,6 +55,10 @@ class SmallCNN(TimmClassifier):
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.features(x)
+
+    def pre_relu_stages(self) -> list[PreReluStage]:
+        """Each stage's pre-ReLU output (:mod:`kdlib.models.pre_relu`): the input of its ReLU, after its BN."""
+        return [PreReluStage(module_input(f"features.{i}"), f"features.{i - 1}") for i in (2, 6, 10)]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.drop(self.pool(x))

@@ -19,6 +19,8 @@ from timm.models import register_model
 from torch import Tensor, nn
 
 from kdlib.models.base import TimmClassifier, entry_kwargs, own_model
+from kdlib.models.pre_relu import PreReluStage
+from kdlib.taps import module_input
 
 
 class BasicBlock(nn.Module):
@@ -92,6 +94,12 @@ class ResCNN(TimmClassifier):
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.blocks(self.stem(x))
+
+    def pre_relu_stages(self) -> list[PreReluStage]:
+        """Each stage's pre-ReLU output (:mod:`kdlib.models.pre_relu`): the stem's ReLU input after its BN, and
+        each block's last ReLU input (``bn2`` plus the shortcut) with ``bn2``."""
+        return [PreReluStage(module_input("stem.2"), "stem.1")] + [
+            PreReluStage(module_input(f"blocks.{i}.relu2"), f"blocks.{i}.bn2") for i in range(len(self.blocks))]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.head_hidden(self.pool(x))
