@@ -54,7 +54,6 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from kdlib import distributed
 from kdlib.losses._common import check_positive, check_unit_interval, require_teacher
 from kdlib.losses._layers import LayerMethod
 from kdlib.losses.base import SetupContext
@@ -191,9 +190,11 @@ class CRDLoss(LayerMethod):
                           v_t.view(batch, -1, 1))
         out_s, out_t = torch.exp(torch.div(out_s, self.nce_t)), torch.exp(torch.div(out_t, self.nce_t))
         if bool(self.z[0] < 0):  # the first batch sets both; the mean over every process's keeps them equal
+            distributed = _distributed()
             with torch.no_grad():
                 means = torch.stack([out_s.mean(), out_t.mean()])
-                self.z.copy_(distributed.all_reduce_sum(means) / _world() * self.n_data)
+                world = torch.distributed.get_world_size() if distributed.active() else 1
+                self.z.copy_(distributed.all_reduce_sum(means) / world * self.n_data)
         loss = (nce_loss(torch.div(out_s, self.z[0]).squeeze(-1), self.n_data)
                 + nce_loss(torch.div(out_t, self.z[1]).squeeze(-1), self.n_data))
         self._update_banks(positions, v_s.detach(), v_t.detach())
@@ -201,6 +202,7 @@ class CRDLoss(LayerMethod):
 
     @torch.no_grad()
     def _update_banks(self, positions: Tensor, v_s: Tensor, v_t: Tensor) -> None:
+        distributed = _distributed()
         positions = distributed.all_gather_rows(positions)
         v_s, v_t = distributed.all_gather_rows(v_s), distributed.all_gather_rows(v_t)
         unique, inverse = torch.unique(positions, return_inverse=True)
@@ -230,5 +232,7 @@ class CRDLoss(LayerMethod):
         return LossOutput(total, {"ce": hard.detach(), self.feat_term: crd.detach()})
 
 
-def _world() -> int:
-    return torch.distributed.get_world_size() if distributed.active() else 1
+def _distributed():  # noqa: ANN202 - the module
+    # imported when first needed: kdlib.distributed imports kdlib.features, which imports this package
+    from kdlib import distributed
+    return distributed
