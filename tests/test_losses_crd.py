@@ -468,6 +468,11 @@ def test_state_round_trip_trainable_embeddings_and_a_repeated_position():
     for name, value in method.state_dict().items():
         assert torch.equal(other.state_dict()[name], value), name
 
+    method.load_state_dict(crd(seed=2).state_dict())  # a state whose Z is not set yet: the next batch sets it
+    assert torch.equal(method.z, torch.full((2,), -1.0))
+    method.contrast(f_s, f_t, positions, idx)
+    assert bool((method.z > 0).all())
+
     before = method.memory_s[3].clone()
     v_s = torch.nn.functional.normalize(torch.randn(3, FEAT, generator=gen), dim=1)
     method._update_banks(torch.tensor([3, 5, 3]), v_s, v_s)

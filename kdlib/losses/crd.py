@@ -134,6 +134,9 @@ class CRDLoss(LayerMethod):
         self.embed_s: Embed | None = None
         self.embed_t: Embed | None = None
         self.n_data, self.bank_seed = 0, 0
+        self._z_set: bool | None = None  # whether Z is set; None: read it from the buffer
+        # a loaded state brings its own Z (set or not)
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_z_set", None))
 
     def default_layers(self, student_stages: int, teacher_stages: int) -> tuple[list[Layer], list[Layer]]:
         return [PRE_LOGITS], [PRE_LOGITS]
@@ -189,12 +192,15 @@ class CRDLoss(LayerMethod):
         out_t = torch.bmm(self.memory_s.index_select(0, contrast_idx.reshape(-1)).view(batch, rows, -1),
                           v_t.view(batch, -1, 1))
         out_s, out_t = torch.exp(torch.div(out_s, self.nce_t)), torch.exp(torch.div(out_t, self.nce_t))
-        if bool(self.z[0] < 0):  # the first batch sets both; the mean over every process's keeps them equal
+        if self._z_set is None:  # read once (a host sync), not every step
+            self._z_set = bool(self.z[0] >= 0)
+        if not self._z_set:  # the first batch sets both; the mean over every process's keeps them equal
             distributed = _distributed()
             with torch.no_grad():
                 means = torch.stack([out_s.mean(), out_t.mean()])
                 world = torch.distributed.get_world_size() if distributed.active() else 1
                 self.z.copy_(distributed.all_reduce_sum(means) / world * self.n_data)
+            self._z_set = True
         loss = (nce_loss(torch.div(out_s, self.z[0]).squeeze(-1), self.n_data)
                 + nce_loss(torch.div(out_t, self.z[1]).squeeze(-1), self.n_data))
         self._update_banks(positions, v_s.detach(), v_t.detach())
@@ -205,11 +211,12 @@ class CRDLoss(LayerMethod):
         distributed = _distributed()
         positions = distributed.all_gather_rows(positions)
         v_s, v_t = distributed.all_gather_rows(v_s), distributed.all_gather_rows(v_t)
-        unique, inverse = torch.unique(positions, return_inverse=True)
-        if len(unique) < len(positions):  # a position twice: its last copy writes the row
-            order = torch.arange(len(positions), device=positions.device)
-            last = torch.full_like(unique, -1).scatter_reduce_(0, inverse, order, "amax")
-            positions, v_s, v_t = positions[last], v_s[last], v_t[last]
+        # a position twice (a padded shard): every copy writes its last copy's row, so the order in which
+        # index_copy_ writes repeated indices (unspecified on CUDA) cannot matter; no host sync, unlike unique()
+        order = torch.arange(len(positions), device=positions.device)
+        last = torch.full((self.n_data,), -1, dtype=torch.long, device=positions.device)
+        pick = last.scatter_reduce_(0, positions, order, "amax")[positions]
+        v_s, v_t = v_s[pick], v_t[pick]
         for name, v in zip(self.bank_names, (v_s, v_t)):
             bank = getattr(self, name)
             rows = bank.index_select(0, positions)
