@@ -5,7 +5,8 @@ The reference classes below are copied verbatim from RepDistiller (HobbitLong/Re
 License, Copyright (c) 2020, Yonglong Tian; its notice follows); only their imports are shared. The
 comparisons give both the same memory banks, embedding weights, features and negative indices
 (``contrast_idx``) and compare, over several steps, the loss, the gradients into both features and both
-embeddings, the banks after the momentum update and the normalization constants Z.
+embeddings, the banks after the momentum update and the normalization constants Z. Largest relative
+difference of each, on CPU in float32: 0 (the same operations in the same order).
 
     BSD 2-Clause License
 
@@ -359,7 +360,8 @@ def test_loss_gradients_banks_and_z_match_repdistiller_over_steps(reference):
         pairs = {
             "loss": (ours, theirs.reshape(())),
             "grad f_s": (ours_s.grad, theirs_s.grad), "grad f_t": (ours_t.grad, theirs_t.grad),
-            "memory_s": (method.memory_s, ref.contrast.memory_v1), "memory_t": (method.memory_t, ref.contrast.memory_v2),
+            "memory_s": (method.memory_s, ref.contrast.memory_v1),
+            "memory_t": (method.memory_t, ref.contrast.memory_v2),
             "Z": (method.z, ref.contrast.params[2:4]),
         }
         for side in ("embed_s", "embed_t"):
@@ -381,7 +383,8 @@ def test_loss_gradients_banks_and_z_match_repdistiller_over_steps(reference):
     touched = torch.zeros(N, dtype=torch.bool)
     touched[torch.cat(seen)] = True
     for bank, start in ((method.memory_s, start_s), (method.memory_t, start_t)):
-        assert torch.equal(bank[~touched], start[~touched]) and not torch.isclose(bank[touched], start[touched]).all(1).any()
+        assert torch.equal(bank[~touched], start[~touched])
+        assert not torch.isclose(bank[touched], start[touched]).all(1).any()
         torch.testing.assert_close(bank[touched].norm(dim=1), torch.ones(int(touched.sum())))
     print("largest relative differences to RepDistiller:", worst)
 
@@ -413,7 +416,8 @@ def test_forward_draws_negatives_from_torchs_rng_and_weights_the_terms(reference
 def test_negatives_are_distinct_images_of_other_classes_and_cover_them():
     """Uneven classes (sizes 10, 20, 30): each row's nce_k negatives are distinct, never of the anchor's class, and
     over repeated draws every other-class image turns up; nce_k may equal the fewest other-class images."""
-    labels = torch.tensor([0] * 10 + [1] * 20 + [2] * 30)[torch.randperm(60, generator=torch.Generator().manual_seed(3))]
+    shuffle = torch.randperm(60, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0] * 10 + [1] * 20 + [2] * 30)[shuffle]
     positions = torch.arange(60)
     torch.manual_seed(0)
     drawn = torch.stack([other_class_negatives(labels, positions, 12) for _ in range(60)])  # (draws, 60, 12)
@@ -437,7 +441,8 @@ def test_bad_knobs_too_many_negatives_multilabel_and_layer_pairs_are_refused():
                                  ("feat_weight", -1.0, "feat_weight must be a finite number >= 0")]:
         with pytest.raises(ValueError, match=message):
             build_objective("crd", **{knob: value})
-    with pytest.raises(ValueError, match=r"nce_k = 46 .* the 45 training images outside class .*; expected nce_k <= 45"):
+    limit = r"nce_k = 46 .* the 45 training images outside class .*; expected nce_k <= 45"
+    with pytest.raises(ValueError, match=limit):
         crd(nce_k=46)  # 60 images, 15 a class: 45 of other classes
     crd(nce_k=45)
     assert not METHODS.get("crd").fits("multilabel")
@@ -462,7 +467,8 @@ def test_state_round_trip_trainable_embeddings_and_a_repeated_position():
         method.contrast(torch.randn(B, S_DIM, generator=gen), torch.randn(B, T_DIM, generator=gen),
                         torch.randperm(N, generator=gen)[:B])
     other.load_state_dict(copy.deepcopy(method.state_dict()))
-    f_s, f_t, positions = torch.randn(B, S_DIM, generator=gen), torch.randn(B, T_DIM, generator=gen), torch.randperm(N)[:B]
+    f_s, f_t = torch.randn(B, S_DIM, generator=gen), torch.randn(B, T_DIM, generator=gen)
+    positions = torch.randperm(N, generator=gen)[:B]
     idx = torch.cat([positions[:, None], other_class_negatives(method.labels, positions, K)], 1)
     assert torch.equal(method.contrast(f_s, f_t, positions, idx), other.contrast(f_s, f_t, positions, idx))
     for name, value in method.state_dict().items():

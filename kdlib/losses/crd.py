@@ -45,6 +45,8 @@ original code, and why:
   updates its row, as the original's ``index_copy_`` on CPU does with a repeated index.
 * The banks are drawn from a generator seeded with the run's seed (the original draws them from the global
   RNG at construction), the same on every process.
+* Only the embeddings count as the method's extra parameters (mdistiller's ``get_extra_parameters`` adds
+  the banks' N × 2 × feat_dim buffer entries): they are state, not trained parameters.
 """
 from __future__ import annotations
 
