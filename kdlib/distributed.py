@@ -125,6 +125,22 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return out
 
 
+def all_gather_rows(tensor: Tensor) -> Tensor:
+    """Every process's ``tensor`` concatenated along dim 0 in rank order, on every process (the row counts
+    may differ between processes); ``tensor`` itself outside several processes."""
+    if not active():
+        return tensor
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device))
+    counts = [int(s) for s in sizes]
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))  # all_gather takes equal shapes
+    padded[:tensor.shape[0]] = tensor
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat([o[:n] for o, n in zip(out, counts)])
+
+
 def average_gradients(params: Sequence[nn.Parameter]) -> None:
     """Replace each gradient of ``params`` by its mean over processes, in one all-reduce (what DDP does
     for the student's parameters, for parameters outside it: a method's own)."""
