@@ -9,6 +9,7 @@ loss values and the gradients they send into the student's features.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -28,6 +29,9 @@ from kdlib.losses.registry import Progress, StudentOutput, TeacherOutput
 from kdlib.losses.rkd import rkd_loss
 from kdlib.losses.sp import sp_loss
 from kdlib.taps import PRE_LOGITS, LayerTaps, layer_shapes, resolve_layers, stage_modules
+from stages.params import read_params
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- mdistiller (MIT), verbatim -------------------------------------------------------------------------
@@ -374,16 +378,16 @@ def test_bad_layers_are_refused_naming_what_exists() -> None:
 
 @pytest.mark.parametrize("name", [m for m in METHODS.names() if METHODS.get(m).uses_layers])
 def test_each_feature_map_method_trains_a_step_on_real_models(name: str) -> None:
-    """Every registered method that reads layers, with its default knobs: planned on cnn_small → resnet18 at
+    """Every registered method that reads layers, with its params.yaml knobs: planned on cnn_small → resnet18 at
     MNIST's size, set up, one step: finite terms, a gradient in the student's first convolution and in every
     parameter the method owns (FitNet's regressor, VID's variances, ...)."""
     torch.manual_seed(0)
     student = timm.create_model("cnn_small", num_classes=10, in_chans=1)
     teacher = timm.create_model("resnet18", num_classes=10, in_chans=1).eval()
     cls = METHODS.get(name)
-    method = cls()
+    method = cls(**read_params(REPO / "params.yaml")["distill"][name])  # the knobs the pipeline runs with
     plan = plan_layers(method, student, teacher, (1, 28), (1, 28))
-    labels = torch.arange(200) % 10  # a training set of 200 images, 20 per class
+    labels = torch.arange(2000) % 10  # a training set of 2000 images, 200 per class
     method.setup(SetupContext(0, teacher, lambda: torch.zeros(0), plan, labels))
     x, y = torch.randn(8, 1, 28, 28), torch.arange(8)
     logits, layers = LayerTaps(student, method.student_layer_paths()).forward(x)

@@ -348,13 +348,20 @@ def plan_for(student_arch: str, teacher_arch: str, size: int = 28, **knobs):
 
 def test_layers_every_stage_after_the_stem_and_the_pooled_feature() -> None:
     _, _, _, plan = plan_for("rescnn", "resnet18", 32)  # 5 stages each: mdistiller's feats[1:] + [pooled_feat]
+    # the teacher's stages before their last ReLU (the original's preact_feats), the student's after it
     assert plan.student == ("blocks.0", "blocks.1", "blocks.2", "blocks.3", PRE_LOGITS)
-    assert plan.teacher == ("layer1", "layer2", "layer3", "layer4", PRE_LOGITS)
+    assert plan.teacher == ("layer1.1.act2:input", "layer2.1.act2:input", "layer3.1.act2:input",
+                            "layer4.1.act2:input", PRE_LOGITS)
     _, _, _, plan = plan_for("cnn_small", "resnet18")  # 3 stages: the teacher's deepest meet them
     assert plan.student == ("features.6", "features.10", PRE_LOGITS)
-    assert plan.teacher == ("layer3", "layer4", PRE_LOGITS)
+    assert plan.teacher == ("layer3.1.act2:input", "layer4.1.act2:input", PRE_LOGITS)
     assert plan.student_shapes == ((64, 14, 14), (64, 7, 7), (64,))
     assert plan.teacher_shapes == ((256, 2, 2), (512, 1, 1), (512,))
+    _, _, _, plan = plan_for("rescnn", "resnet18", 32, student_preact=True)  # mdistiller's STU_PREACT
+    assert plan.student == ("blocks.0.relu2:input", "blocks.1.relu2:input", "blocks.2.relu2:input",
+                            "blocks.3.relu2:input", PRE_LOGITS)
+    with pytest.raises(ValueError, match="no known pre-ReLU stage features"):  # a teacher without them
+        plan_for("cnn_small", "convnext_atto")
 
 
 def test_models_without_feature_maps_and_bad_knobs_are_refused() -> None:
@@ -368,6 +375,7 @@ def test_models_without_feature_maps_and_bad_knobs_are_refused() -> None:
         plan_for("cnn_small", "resnet18", student_layers=[1, 2], teacher_layers=[4])
     for knobs, text in [({"warmup": -1}, "warmup must be"), ({"warmup": True}, "warmup must be"),
                         ({"warmup": float("nan")}, "warmup must be"), ({"max_mid_channels": 0}, "max_mid_channels"),
+                       ({"student_preact": 1}, "student_preact must be true or false"),
                         ({"max_mid_channels": 2.5}, "max_mid_channels"), ({"feat_weight": -1}, "feat_weight")]:
         with pytest.raises(ValueError, match=text):
             build_objective("reviewkd", **knobs)

@@ -44,11 +44,11 @@ preset's ``label_smoothing`` on the CE term. Terms logged: ``ce``, ``hcl`` (the 
 Differences from mdistiller's ``ReviewKD`` (``mdistiller/distillers/ReviewKD.py``, tested on its code with
 the same ABF weights):
 
-* **Post-activation maps, for now.** The original reads the teacher's *pre-ReLU* stage outputs
-  (``preact_feats``; the student's too in mdistiller's ImageNet recipes, ``STU_PREACT``); :mod:`kdlib.taps`
-  has no pre-ReLU taps yet, so both nets' stages are their post-activation outputs (mdistiller's CIFAR
-  student default, ``feats``). The switch to pre-ReLU taps is pending: it changes
-  :meth:`ReviewKDLoss.default_layers` (the layers ``layer_request`` gives without overrides) only.
+* None in which maps are read: as the original, the teacher's stages are its *pre-ReLU* outputs
+  (``preact_feats[1:]``; ``"pre_relu:<i>"`` in :mod:`kdlib.taps`, which :mod:`kdlib.models.pre_relu` knows for
+  resnet, mobilenetv2/v3, cnn_small and rescnn: another teacher is refused before any work), and the student's
+  its post-activation outputs, or its pre-ReLU ones with ``student_preact: true`` (mdistiller's
+  ``STU_PREACT``, true in its ImageNet recipes).
 * ``max_mid_channels`` is applied: mdistiller reads ``MAX_MID_CHANNEL`` but hard-codes 512 (its ImageNet
   r50→mv1 recipe's 256 has no effect there); with the default 512 the modules are the same.
 * Maps may be non-square: the attention and the resizes use (H, W), where mdistiller's square ``shape``
@@ -68,11 +68,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlib.losses._common import require_teacher
+from kdlib.losses._common import check_bool, require_teacher
 from kdlib.losses._layers import LayerMethod, last_stages
 from kdlib.losses.ce import ce_loss
 from kdlib.losses.registry import MULTICLASS, LossOutput, Progress, StudentOutput, TeacherOutput, register_method
-from kdlib.taps import PRE_LOGITS, Layer, LayerPlan
+from kdlib.taps import PRE_LOGITS, Layer, LayerPlan, pre_relu
 
 HCL_LEVELS = (4, 2, 1)  # the pyramid's pooled sizes (the authors' ``hcl``)
 
@@ -180,9 +180,10 @@ class ReviewKDLoss(LayerMethod):
     method_name, feat_term = "reviewkd", "hcl"
 
     def __init__(self, warmup: float = 20, max_mid_channels: int = 512, ce_weight: float = 1.0,
-                 feat_weight: float = 1.0, student_layers: Sequence[Layer] | None = None,
+                 feat_weight: float = 1.0, student_preact: bool = False, student_layers: Sequence[Layer] | None = None,
                  teacher_layers: Sequence[Layer] | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__(ce_weight, feat_weight, student_layers, teacher_layers, label_smoothing)
+        self.student_preact = check_bool("student_preact", student_preact)
         if (not isinstance(warmup, numbers.Real) or isinstance(warmup, bool) or not math.isfinite(warmup)
                 or warmup < 0):
             raise ValueError(f"warmup must be a number of epochs >= 0 (0: none), got {warmup!r}")
@@ -195,10 +196,9 @@ class ReviewKDLoss(LayerMethod):
         self.abfs = nn.ModuleList()
 
     def default_layers(self, student_stages: int, teacher_stages: int) -> tuple[list[Layer], list[Layer]]:
-        # Post-activation stage outputs until kdlib.taps has pre-ReLU ones (the original's preact_feats):
-        # this is the one place that changes then.
         stages_s, stages_t = last_stages(student_stages, teacher_stages)
-        return [*stages_s, PRE_LOGITS], [*stages_t, PRE_LOGITS]
+        student = [pre_relu(i) for i in stages_s] if self.student_preact else list(stages_s)
+        return [*student, PRE_LOGITS], [*(pre_relu(i) for i in stages_t), PRE_LOGITS]
 
     def layer_problem(self, plan: LayerPlan) -> str | None:
         for role, paths, shapes in (("student", plan.student, plan.student_shapes),
