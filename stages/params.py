@@ -299,7 +299,7 @@ class Run:
         """Why the align stage has nothing to train, when the parameters alone tell."""
         cls, name = self.method.cls, self.method.name
         if cls.uses_layers and cls.alignment_knobs(self.params.align.beta, self.method.knobs) is None:
-            return (f"distill.method = {name!r} has no hint stage here: nothing to align"
+            return (f"distill.method = {name!r} trains in one stage: nothing to align"
                     + (f" (distill.{name}.hint_stage is false)" if "hint_stage" in cls.knobs() else ""))
         if not cls.needs_features and not cls.uses_layers:
             return f"distill.method = {name!r} mimics no features: nothing to align"
