@@ -22,6 +22,7 @@ from kdlib.distill import first_view_features, load_teacher, setup_distillation,
 from kdlib.features import FeatureStudent
 from kdlib.losses import METHODS, distillation_methods
 from kdlib.losses.lsh import LSHMethodBase
+from kdlib.models import count_parameters
 from kdlib.runtime import Runtime, seed_everything
 from kdlib.teacher_cache import CacheMismatch, TeacherCache
 from stages.align import align
@@ -104,6 +105,16 @@ def test_every_multiclass_method_distills_with_the_cache(method, setup):
     result, n_params = results["distill"]
     assert result.last_epoch == 2 and n_params > 0
     assert all(row["train/loss"] == row["train/loss"] for row in result.history)  # no NaN
+    # the parameters it trained: the student's and those the method owns (its "extra params"), counted
+    # apart from the stage through the same setup
+    seed_everything(run.seed)
+    train_set = run.dataset.load(index, "train", run.student.input_size, True)
+    again = setup_distillation(run.objective("distill"), run.student.spec, run.student.preset, index.meta, train_set,
+                               Checkpoint.read(ws.teacher_checkpoint), seed=run.seed, num_views=run.num_views,
+                               runtime=Runtime())
+    own = sum(p.numel() for p in again.objective.trainable_parameters())
+    assert n_params == count_parameters(again.student) + own
+    assert (own > 0) == any(p.requires_grad for p in again.objective.parameters())
     if method in LAYER_METHODS:  # the cache holds no intermediate layers: the teacher ran online, and says why
         assert not run.cache_used and "intermediate layers" in run.cache_skip_reason
         assert json.loads((ws.teacher_cache / "cache.json").read_text()) == {"enabled": False,

@@ -8,6 +8,7 @@ row 1: log(e^0.5+e^-1+e²) − 0.5 = 1.74131; mean 1.07446.
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 
 import pytest
@@ -265,3 +266,14 @@ def test_terms_are_detached() -> None:
     out = build_objective("kd")(StudentOutput(student), Y, TeacherOutput(T_))
     assert out.total.requires_grad
     assert not any(v.requires_grad for v in out.terms.values())
+
+
+@pytest.mark.parametrize("name,knob", [(m, k) for m in METHODS.names() for k in METHODS.get(m).knobs()])
+def test_every_knob_of_every_method_refuses_a_value_of_the_wrong_kind_by_name(name: str, knob: str) -> None:
+    """No hand-kept list: each registered method's every knob is checked in ``__init__`` — a value of the
+    wrong kind (a word for a number or a switch, a mapping for a list of layers, a word or an optional number) is a
+    ``ValueError`` that names the knob, before any training."""
+    default = METHODS.get(name).knobs()[knob]
+    wrong: object = "not-a-number" if isinstance(default, (int, float)) else {"not": "valid"}
+    with pytest.raises(ValueError, match=re.escape(knob)):
+        METHODS.get(name)(**{knob: wrong})
