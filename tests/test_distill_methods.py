@@ -569,5 +569,76 @@ def test_a_new_feature_method_is_aligned_or_refused_up_front(toy_center, setup, 
     assert Checkpoint.read(ws.align_checkpoint).method_state.keys() == {"center"}
 
 
+TOY_CHANNELS = textwrap.dedent('''
+    """toy_channels: CE + w_feat * sum over layer pairs of MSE(mean_hw(a(F_s)), mean_hw(F_t)), a a trained 1x1
+    convolution to the teacher's width (a stand-in for any feature-map method with an adapter).
+
+    .. math::
+
+        L = w_{ce} CE + w_{feat} \\sum_l \\lVert \\bar a(F^s_l) - \\bar F^t_l \\rVert^2
+    """
+    from __future__ import annotations
+
+    from torch import Tensor, nn
+
+    from kdlib.losses._layers import LayerMethod, spatial_maps
+    from kdlib.losses.registry import MULTICLASS, register_method
+    from kdlib.taps import LayerPlan
+
+
+    @register_method("toy_channels")
+    class ToyChannels(LayerMethod):
+        """CE + per-channel means of adapted student maps against the teacher's."""
+
+        needs_teacher = True
+        needs_features = False
+        uses_distillation_token = False
+        uses_layers = True
+        uses_progress = False
+        uses_positions = False
+        tasks = (MULTICLASS,)
+        soft_targets = "mixed"
+        method_name, feat_term = "toy_channels", "channels"
+
+        def layer_problem(self, plan: LayerPlan) -> str | None:
+            return spatial_maps("toy_channels", plan)
+
+        def build_adapters(self, plan: LayerPlan) -> None:
+            self.adapters = nn.ModuleList(nn.Conv2d(s[0], t[0], 1) for s, t in zip(plan.student_shapes,
+                                                                                   plan.teacher_shapes))
+
+        def pair_loss(self, index: int, f_s: Tensor, f_t: Tensor) -> Tensor:
+            return (self.adapters[index](f_s).mean((2, 3)) - f_t.mean((2, 3))).pow(2).mean()
+''')
+
+
+def test_a_new_feature_map_method_is_one_file(tmp_path, setup):
+    """A feature-map method written outside kdlib — one file, no edit to kdlib/ or stages/ — reads hooked
+    layers of both nets, owns an adapter that trains with the student (counted in its parameters) and runs
+    through the pipeline's stages; its layers are knobs, checked before any work."""
+    path = tmp_path / "toy_channels.py"
+    path.write_text(TOY_CHANNELS)
+    spec = importlib.util.spec_from_file_location("toy_channels", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        index, ws, params = setup
+        params["distill"]["method"] = "toy_channels"
+        params["distill"]["toy_channels"] = {"feat_weight": 2.0, "student_layers": [1, 2], "teacher_layers": [3, 4]}
+        run = resolve(params)
+        result, n_params = train_pipeline(run, ws, roles=("distill",))["distill"]
+        student = Checkpoint.read(ws.checkpoint("distill")).model()
+        adapters = (64 * 256 + 256) + (64 * 512 + 512)  # cnn_small's 64 channels to layer3's 256, layer4's 512
+        assert n_params == count_parameters(student) + adapters
+        assert all({"train/ce", "train/channels"} <= set(row) for row in result.history)
+        bad = copy.deepcopy(params)
+        bad["distill"]["toy_channels"]["teacher_layers"] = ["layer9"]
+        with pytest.raises((ParamError, ValueError), match="has no module 'layer9'"):
+            train_pipeline(resolve(bad), ws, roles=("distill",))
+    finally:
+        METHODS._items.pop("toy_channels", None)
+
+
 def test_the_new_method_is_gone_after_its_test():
     assert "toy_center" not in METHODS and "toy_center" not in distillation_methods()
+    assert "toy_channels" not in METHODS
