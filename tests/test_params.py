@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 from pathlib import Path
 from typing import Any
@@ -563,3 +564,24 @@ def test_a_method_that_refuses_soft_targets_is_refused_with_mixup_or_cutmix(repo
     assert "distill.method = 'dkd' needs integer labels" in message
     assert "datasets.mnist.mixup = 0.8 and cutmix = 1.0 give soft targets" in message
     validate(mutated(mutated(repo_params, "datasets.mnist.mixup", 0.8), "teacher_cache.enabled", False))  # kd's CE
+
+
+def test_params_yaml_is_in_the_style_dvc_writes_back(tmp_path: Path) -> None:
+    """`dvc exp run -S` rewrites params.yaml through DVC's own writer (Hydra overrides, ruamel): the committed
+    file is already in that style (block lists, empty nulls), so an experiment's params.yaml differs from main's
+    in exactly the lines it sets, and `git diff` shows only them."""
+    from dvc.utils.hydra import apply_overrides
+
+    original = (REPO_ROOT / "params.yaml").read_text()
+    copy_path = tmp_path / "params.yaml"
+    copy_path.write_text(original)
+    apply_overrides(str(copy_path), ["seed=0"])  # the value it has: nothing changes
+    assert copy_path.read_text() == original
+    apply_overrides(str(copy_path), ["distill.kd.temperature=2", "eval.precisions=[fp32,int8]", "seed=3"])
+    diff = list(difflib.unified_diff(original.splitlines(), copy_path.read_text().splitlines(), lineterm="", n=0))
+    removed = [line[1:].split("#")[0].strip() for line in diff if line.startswith("-") and not line.startswith("---")]
+    added = [line[1:].split("#")[0].strip() for line in diff if line.startswith("+") and not line.startswith("+++")]
+    assert removed == ["seed: 0", "temperature: 4.0", "- bf16", "- fp16", "- int8_dynamic", "- int8_static", "- fp8",
+                       "- onnx_fp32", "- onnx_int8"], diff
+    assert added == ["seed: 3", "temperature: 2", "- int8"], diff
+    assert read_params(copy_path)["distill"]["kd"]["temperature"] == 2
