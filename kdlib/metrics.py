@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from kdlib.logline import PhaseLog
+
 
 def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int]) -> dict[int, int]:
     """Number of samples whose target is among the top-``k`` logits, for each ``k``
@@ -68,12 +70,14 @@ def evaluate(
     was_training = model.training
     model.eval()
     all_logits, all_targets = [], []
+    phase = PhaseLog("evaluate", len(loader.dataset) if hasattr(loader.dataset, "__len__") else None)
     for images, targets, _ in loader:
         images = prepare(images.to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = model(images)
         all_logits.append(logits.float().cpu())
         all_targets.append(targets)
+        phase.update(len(targets))
     model.train(was_training)
     logits, targets = torch.cat(all_logits), torch.cat(all_targets)
     if targets.ndim == 2:

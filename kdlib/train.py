@@ -32,6 +32,7 @@ from kdlib.data.dataset import IndexedImageDataset
 from kdlib.data.transforms import BatchNormalizer
 from kdlib.data.views import AugmentedViews, make_view_seeds
 from kdlib.features import prediction_logits
+from kdlib.logline import PhaseLog, on_terminal
 from kdlib.losses.base import Method
 from kdlib.losses.registry import Progress, TeacherOutput
 from kdlib.machine import describe as describe_machine
@@ -483,6 +484,9 @@ class Trainer:
         # disable=None: a progress bar on a terminal, nothing in a log file
         batches = tqdm(loader, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
                        disable=None if self.progress else True)
+        # where no bar draws (a batch job's log), a line every minute within a long epoch
+        phase = PhaseLog(f"{self.record.role or 'train'} epoch {epoch}/{recipe.epochs}", len(loader), "steps",
+                         every=60.0, enabled=self.progress and not on_terminal())
         for step, (images, targets, positions, view_ids) in enumerate(batches, start=1):
             images = images.to(device, non_blocking=True)
             if batch_transform is not None:
@@ -529,6 +533,7 @@ class Trainer:
                 correct = correct + (prediction_logits(student).detach().argmax(dim=1) == labels).sum()
             for name, value in {"loss": out.total.detach(), **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value * n
+            phase.update(1, lambda: f"loss {float(sums['loss']) / count:.4f}  lr {self.optimizer.param_groups[0]['lr']:.3g}")
         watch.check()
         # one all-reduce of every sum: the logged epoch means are over all processes' images
         names = list(sums)

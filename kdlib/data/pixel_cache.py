@@ -80,6 +80,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdlib.data.decode import decode_at_short_side
 from kdlib.data.index import Record
+from kdlib.logline import PhaseLog
 
 MAGIC = b"KDPIXC02"
 FORMAT = 2  # 2: a crc32 column in the index
@@ -323,12 +324,14 @@ def build(path: Path, root: Path, records: Sequence[Record], size: int, channels
         with open(partial, "wb") as handle:
             handle.write(b"\0" * HEADER_BYTES)  # no magic until the end: an unfinished file never parses
             offset = 0
+            phase = PhaseLog(f"pixel cache {path.name}", len(records))
             for i, image in enumerate(decoded_images(root, records, channels, size, num_workers)):
                 c, h, w = image.shape
                 data = image.contiguous().numpy().tobytes()
                 handle.write(data)
                 index[i] = (offset, c, h, w, zlib.crc32(data))  # of the bytes written, not recomputed
                 offset += c * h * w
+                phase.update()
             index_offset = HEADER_BYTES + offset + (-offset % 8)
             handle.write(b"\0" * (-offset % 8))
             handle.write(index.tobytes())
