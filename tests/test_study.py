@@ -508,3 +508,29 @@ def test_the_params_digest_covers_what_the_run_uses_only() -> None:
     used = used_params(base)
     assert set(used["models"]) == {base["teacher"], student} and set(used["datasets"]) == {base["dataset"]}
     assert set(k for k, v in used["distill"].items() if isinstance(v, dict)) == {"transfer", method}
+
+
+def test_each_cell_against_the_reference_cell_paired_by_seed(tmp_path: Path) -> None:
+    """`reference: {distill.method: kd}`: every cell's distilled student against KD's of the same student and
+    seed (the methods study's "which beat KD"), over the seeds both have; a cell from another grid block, with
+    an axis KD's cell lacks (DKD's warm-up), still finds it. Figures by hand: DKD's differences 1.0, 2.0, 3.0 →
+    mean 2, sd 1, t = 2/(1/√3) = 3.46 on 2 df, p = 0.074; CI 2 ± 4.303/√3."""
+    study = load_study(write_study(tmp_path, "seeds: [0, 1, 2]\n"
+                                              "grid:\n  - {distill.method: [kd, at]}\n"
+                                              "  - {distill.method: [dkd], distill.dkd.warmup: [3]}\n"
+                                              "reference: {distill.method: kd}\n"))
+    kd, at, dkd = {"distill.method": "kd"}, {"distill.method": "at"}, {"distill.method": "dkd", "distill.dkd.warmup": 3}
+    records = [record(study, kd, s, 97.0, 90.0, 92.0 + s) for s in (0, 1, 2)]
+    records += [record(study, dkd, s, 97.0, 90.0, 92.0 + 2 * s + 1.0) for s in (0, 1, 2)]
+    records += [record(study, at, s, 97.0, 90.0, 91.0 + s) for s in (0, 1)]  # seed 2 not finished
+    rows = {r["cell"]["distill.method"]: r for r in study_rows(study, records)}
+    assert rows["kd"]["vs_reference"] is None
+    vs = rows["dkd"]["vs_reference"]
+    assert vs["reference"] == "distill.method=kd" and vs["n"] == 3 and vs["mean"] == pytest.approx(2.0)
+    assert vs["p_t"] == pytest.approx(0.0742, abs=1e-3)
+    assert vs["ci95_high"] - 2.0 == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert rows["at"]["vs_reference"]["n"] == 2 and rows["at"]["vs_reference"]["mean"] == pytest.approx(-1.0)
+    head, body = main_table(study, list(rows.values()))
+    assert head[-2:] == ["vs kd best [95% CI]", "p vs kd (t)"] and body[0][-2:] == ["—", "—"]
+    with pytest.raises(StudyError, match="reference"):
+        load_study(write_study(tmp_path, "grid: {distill.method: [kd]}\nreference: {distill.method: dist}\n"))

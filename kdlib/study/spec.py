@@ -9,6 +9,7 @@
       - {student: [cnn_small, deit], teacher_ls: [0.0, 0.1]}   # a list of mappings is their union
     pivot: {rows: [student, teacher_ls], columns: distill.kd.temperature}   # optional: gain as a grid
     families: {resnet18: ResNet, deit: ViT}            # optional: model families (same vs cross claims)
+    reference: {distill.method: kd}                    # optional: each cell against this one (paired by seed)
     precisions: true                                   # optional: the per-precision table
     max_experiments: 5000                              # optional: the grid's limit (default 2,000)
 
@@ -42,7 +43,8 @@ import yaml
 
 from kdlib import yamlfile
 
-KNOWN_KEYS = {"title", "about", "seeds", "set", "grid", "pivot", "families", "precisions", "max_experiments"}
+KNOWN_KEYS = {"title", "about", "seeds", "set", "grid", "pivot", "families", "precisions", "max_experiments",
+              "reference"}
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # A study's experiments (cells × seeds) unless its file raises ``max_experiments``: the largest
 # built-in study has 72, and each experiment trains three models.
@@ -98,6 +100,9 @@ class Study:
     families: dict[str, str] = field(default_factory=dict)
     precisions: bool = False
     max_experiments: int = MAX_EXPERIMENTS
+    # grid values that name the cell every other is compared with (its distilled student, seed by seed): a
+    # cell's reference has these values and the cell's own values for the reference's other axes
+    reference: dict[str, Any] = field(default_factory=dict)
 
     @property
     def axes(self) -> list[str]:
@@ -360,8 +365,14 @@ def load_study(path: Path) -> Study:
     pivot = raw.get("pivot")
     study = Study(name, path, str(raw.get("title") or name), str(raw.get("about") or "").strip(), seeds, settings,
                   [dict(b) for b in blocks], pivot, dict(raw.get("families") or {}), bool(raw.get("precisions")),
-                  limit)
+                  limit, dict(raw.get("reference") or {}))
     study.check_size()
+    reference = raw.get("reference")
+    if reference is not None and (not isinstance(reference, dict) or not reference or not any(
+            all(k in cell.values and canonical(cell.values[k]) == canonical(v) for k, v in reference.items())
+            for cell in study.cells())):
+        raise StudyError(f"{path}: reference = {reference!r}: expected {{grid key: value}} naming at least one cell "
+                         "of the grid (e.g. {distill.method: kd})")
     if pivot is not None:
         if not isinstance(pivot, dict) or set(pivot) != {"rows", "columns"} or pivot["columns"] not in study.axes \
                 or not all(k in study.axes for k in pivot["rows"]):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -155,7 +156,8 @@ def precision_rows(cell_records: Sequence[Record]) -> list[dict[str, Any]]:
 
 
 def study_rows(study: Study, records: Sequence[Record]) -> list[dict[str, Any]]:
-    """One row per cell with at least one finished experiment, in the study's cell order."""
+    """One row per cell with at least one finished experiment, in the study's cell order; with a
+    ``reference``, each row's ``vs_reference`` (:func:`reference_difference`)."""
     by_cell: dict[str, list[Record]] = {}
     for r in records:
         by_cell.setdefault(r.experiment.cell.key, []).append(r)
@@ -164,7 +166,33 @@ def study_rows(study: Study, records: Sequence[Record]) -> list[dict[str, Any]]:
         mine = sorted(by_cell.get(cell.key, []), key=lambda r: r.experiment.seed)
         if mine:
             rows.append(cell_row(study, mine))
+    if study.reference:
+        for row in rows:
+            row["vs_reference"] = reference_difference(study.reference, row, rows)
     return rows
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def reference_difference(reference: Mapping[str, Any], row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
+                         ) -> dict[str, Any] | None:
+    """``row``'s distilled student against its reference cell's, paired by seed (the seeds both have): the
+    mean difference of the best checkpoints' test scores, its 95 % CI and p. The reference cell has the
+    ``reference`` values and ``row``'s values for its other axes; ``None`` where there is none (or the row is
+    it)."""
+    for other in rows:
+        cell, mine = other["cell"], row["cell"]
+        if all(k in cell and _same(cell[k], v) for k, v in reference.items()) and all(
+                _same(cell[k], mine.get(k)) for k in cell if k not in reference):
+            if other is row:
+                return None
+            theirs = {s["seed"]: s["distill_best"] for s in other["per_seed"]}
+            pairs = [(s["distill_best"], theirs[s["seed"]]) for s in row["per_seed"] if s["seed"] in theirs]
+            label = ", ".join(f"{k}={_scalar(v)}" for k, v in reference.items())
+            return {"reference": label, **paired_difference([a for a, _ in pairs], [b for _, b in pairs]).as_dict()}
+    return None
 
 
 # ---- rendering -------------------------------------------------------------------------------
@@ -205,6 +233,10 @@ def main_table(study: Study, rows: Sequence[Mapping[str, Any]]) -> tuple[list[st
     speed = bool(getattr(study, "families", None))  # the teacher-zoo study compares models' cost too
     if speed:
         head += ["teacher: batch-1 ms / MiB", "KD student: batch-1 ms / MiB"]
+    reference = getattr(study, "reference", None)
+    if reference:
+        name = "/".join(_scalar(v) for v in reference.values())
+        head += [f"vs {name} best [95% CI]", f"p vs {name} (t)"]
     out = []
     for r in rows:
         gb, gl = r["gain_best"], r["gain_last"]
@@ -219,6 +251,9 @@ def main_table(study: Study, rows: Sequence[Mapping[str, Any]]) -> tuple[list[st
         if speed:
             out[-1] += [f"{_num(r[f'{role}_latency_b1_ms'], 3)} / {_num(r[f'{role}_inference_mib'], 0)}"
                         for role in ("teacher", "distill")]
+        if reference:
+            vs = r.get("vs_reference")
+            out[-1] += ["—", "—"] if not vs else [_gain(vs), _p(vs["p_t"])]
     return head, out
 
 
