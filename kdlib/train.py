@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -238,9 +238,12 @@ def lr_factor(step: int, steps_per_epoch: int, recipe: Recipe) -> float:
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None,
-                    extra: Sequence[nn.Parameter] = ()) -> torch.optim.Optimizer:
+                    extra: Sequence[nn.Parameter] = (), extra_options: Mapping[str, float | None] | None = None
+                    ) -> torch.optim.Optimizer:
     """The recipe's optimizer over ``model``'s trainable parameters and ``extra`` (a method's own,
-    :meth:`kdlib.losses.base.Method.trainable_parameters`), which follow the same weight-decay rule."""
+    :meth:`kdlib.losses.base.Method.trainable_parameters`), which follow the same weight-decay rule unless
+    ``extra_options`` (:meth:`~kdlib.losses.base.Method.optimizer_options`) give them their own lr scale or
+    weight decay: then they form groups of their own (the schedule scales every group alike)."""
     # No weight decay on biases and norm parameters (1-d tensors), nor on what the model itself
     # exempts (timm's no_weight_decay(): position embeddings, class/distillation tokens), as
     # timm and DeiT do.
@@ -249,13 +252,25 @@ def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None,
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 or name in exempt else decay).append(param)
+    lr = recipe.lr if lr is None else lr
+    options = {"lr_scale": 1.0, "weight_decay": None, **(extra_options or {})}
+    own_groups = options["lr_scale"] != 1.0 or options["weight_decay"] is not None
+    own_decay: list[nn.Parameter] = []
+    own_no_decay: list[nn.Parameter] = []
     for param in extra:
-        (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [
+        if own_groups:
+            (own_no_decay if param.ndim <= 1 and options["weight_decay"] is None else own_decay).append(param)
+        else:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups: list[dict[str, Any]] = [
         {"params": decay, "weight_decay": recipe.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    lr = recipe.lr if lr is None else lr
+    if own_groups:
+        own_lr = lr * float(options["lr_scale"])
+        wd = recipe.weight_decay if options["weight_decay"] is None else float(options["weight_decay"])
+        groups += [{"params": own_decay, "weight_decay": wd, "lr": own_lr},
+                   {"params": own_no_decay, "weight_decay": 0.0, "lr": own_lr}]
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
     if recipe.optimizer == "adamw":
@@ -379,7 +394,8 @@ class Trainer:
         # start as rank 0's on every process, as DDP does for the student's
         self.own = own_parameters(objective)
         distributed.broadcast_parameters(self.own)
-        self.optimizer = build_optimizer(model, recipe, self.base_lr, self.own)
+        self.optimizer = build_optimizer(model, recipe, self.base_lr, self.own,
+                                         objective.optimizer_options() if isinstance(objective, Method) else None)
         steps_per_epoch = len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, steps_per_epoch, recipe))

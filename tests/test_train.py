@@ -462,3 +462,36 @@ def test_a_trainer_state_saved_after_an_epoch_loads_into_a_new_trainer_whole(ima
         r"\(best \d+\.\d\d @ [123]\)  lr \S+  \d+ img/s  \d+\.\d s  ETA 0:00:00", lines[0]), lines
     assert result.last_epoch == 3 and result.resumed_from_epoch == 2 and len(result.history) == 3
     assert result.history[:2] == first.history
+
+
+class FastHeadCE(HeadedCE):
+    """HeadedCE whose head trains at 10 x the student's lr and without weight decay (a paper's own rate)."""
+
+    def optimizer_options(self):
+        return {"lr_scale": 10.0, "weight_decay": 0.0}
+
+
+def test_a_methods_own_parameters_can_train_at_their_own_lr_and_weight_decay(image_dir, tmp_path):
+    """``Method.optimizer_options``: the method's parameters get groups of their own, at lr × lr_scale and
+    their own weight decay, and the schedule (warm-up, cosine) moves every group by the same factor."""
+    from kdlib.train import Trainer, build_optimizer
+
+    method = FastHeadCE()
+    optimizer = build_optimizer(build_model("cnn_small", 3, 1), Recipe(epochs=1, batch_size=8, lr=0.1,
+                                weight_decay=0.1), extra=method.trainable_parameters(),
+                                extra_options=method.optimizer_options())
+    student_groups, own_groups = optimizer.param_groups[:2], optimizer.param_groups[2:]
+    assert [g["lr"] for g in student_groups] == [0.1, 0.1] and [g["weight_decay"] for g in student_groups] == [0.1, 0.0]
+    assert [g["lr"] for g in own_groups] == [pytest.approx(1.0)] * 2 and [g["weight_decay"] for g in own_groups] == [0, 0]
+    assert {id(p) for g in own_groups for p in g["params"]} == {id(p) for p in method.trainable_parameters()}
+    start = copy.deepcopy(method.state_dict())
+    root, records = image_dir
+    train = IndexedImageDataset(root, [r for r in records if r.split == "train"], 1, None, preload=True)
+    val = IndexedImageDataset(root, [r for r in records if r.split == "val"], 1, None, preload=True)
+    seed_everything(0)
+    trainer = Trainer(build_model("cnn_small", 3, 1), method, Recipe(epochs=2, batch_size=8, lr=0.05, warmup_epochs=1),
+                      TrainData(train, val, BatchNormalizer([0.5], [0.25])), tmp_path, RECORD, seed=0, progress=False)
+    trainer.run()
+    lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+    assert lrs[2] == pytest.approx(10 * lrs[0]) and lrs[3] == pytest.approx(10 * lrs[1])
+    assert not torch.equal(method.head.weight, start["head.weight"])

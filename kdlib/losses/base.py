@@ -133,6 +133,12 @@ class Method(nn.Module):
         hyperplanes) are not parameters. Most methods own none."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def optimizer_options(self) -> dict[str, float | None]:
+        """How the optimizer treats :meth:`trainable_parameters`: ``lr_scale`` (their lr over the student's,
+        for a paper that trains its head at its own rate) and ``weight_decay`` (``None``: the student's rule,
+        none on 1-d tensors). A method whose paper says so overrides this, from its knobs if it likes."""
+        return {"lr_scale": 1.0, "weight_decay": None}
+
     def forward(self, student: StudentOutput, targets: Tensor, teacher: TeacherOutput | None = None
                 ) -> LossOutput:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
