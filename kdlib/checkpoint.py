@@ -1,7 +1,8 @@
 """Checkpoints: the format, writing and reading.
 
 A checkpoint file holds ``{"state_dict", "meta"}`` (and ``"method_state"`` when the method
-fitted something, e.g. LSHFM's hyperplane bias), loadable with ``torch.load(...,
+fitted something, e.g. LSHFM's hyperplane bias, or trained parameters of its own beside the student,
+``method_state["trained_parameters"]``: FitNet's regressor, ReviewKD's fusion modules), loadable with ``torch.load(...,
 weights_only=True)``: no pickled code. ``meta`` is a :class:`ModelRecord` — what rebuilds the
 model and where it came from — plus the ``epoch`` and ``val_score`` it was saved at.
 :meth:`Checkpoint.read` reads one once; :meth:`Checkpoint.model` rebuilds the model from it.

@@ -630,8 +630,13 @@ class Trainer:
         self.logger.next_step()  # type: ignore[union-attr]
 
     def _checkpoint(self, name: str, meta: dict[str, Any]) -> None:
-        save_checkpoint(self.out_dir / name, self.model, {**self.record.as_meta(), **meta},
-                        self.objective.fitted_state())
+        """The student, and beside it the method's fitted state and the parameters it trained (a regressor,
+        fusion modules: ``method_state["trained_parameters"]``, by name; evaluation never reads them)."""
+        state = dict(self.objective.fitted_state())
+        if self.own:
+            state["trained_parameters"] = {name: p.detach().cpu().contiguous()
+                                           for name, p in self.objective.named_parameters() if p.requires_grad}
+        save_checkpoint(self.out_dir / name, self.model, {**self.record.as_meta(), **meta}, state)
 
     # ---- the run ---------------------------------------------------------------------------------------
     def run(self, resume: ResumeStore | None = None) -> FitResult:

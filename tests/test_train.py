@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kdlib.checkpoint import ModelRecord, load_checkpoint, model_from_checkpoint
+from kdlib.checkpoint import Checkpoint, ModelRecord, load_checkpoint, model_from_checkpoint
 from kdlib.data import BatchNormalizer, IndexedImageDataset, Record, build_transforms
 from kdlib.losses import build_objective
 from kdlib.losses.base import Method
@@ -492,6 +492,8 @@ def test_a_methods_own_parameters_can_train_at_their_own_lr_and_weight_decay(ima
     trainer = Trainer(build_model("cnn_small", 3, 1), method, Recipe(epochs=2, batch_size=8, lr=0.05, warmup_epochs=1),
                       TrainData(train, val, BatchNormalizer([0.5], [0.25])), tmp_path, RECORD, seed=0, progress=False)
     trainer.run()
+    saved = Checkpoint.read(tmp_path / "last.pt").method_state["trained_parameters"]  # beside the student
+    assert set(saved) == {"head.weight", "head.bias"} and torch.equal(saved["head.weight"], method.head.weight)
     lrs = [g["lr"] for g in trainer.optimizer.param_groups]
     assert lrs[2] == pytest.approx(10 * lrs[0]) and lrs[3] == pytest.approx(10 * lrs[1])
     assert not torch.equal(method.head.weight, start["head.weight"])
