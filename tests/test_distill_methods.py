@@ -152,6 +152,10 @@ def test_every_multiclass_method_distills_with_the_cache(method, setup):
             assert set(state) == {"bias", "seed", "weight_std"}
             assert state["bias"].shape == (32 * 512,) and state["seed"] == run.seed
             assert state["weight_std"] > 0
+        elif own:  # the parameters the method trained, by name, beside the student
+            trained = dict(again.objective.named_parameters())
+            assert set(state) == {"trained_parameters"} and set(state["trained_parameters"]) == set(trained)
+            assert all(t.shape == trained[k].shape for k, t in state["trained_parameters"].items())
         else:
             assert state == {}
 
