@@ -2,11 +2,14 @@
 
 For each training image, ``K`` augmented views (``teacher_cache.views``; by default one per
 student epoch) whose seeds rebuild them exactly; the teacher's logits on each view (top-k
-compressed when a single-label data set has more classes than ``teacher_cache.topk``) and, for
-feature methods, its pooled features. ``distill`` replays the same views and reads these instead
+compressed when a single-label data set has more classes than ``teacher_cache.topk``), for
+feature methods its pooled features, and for a method that reads the teacher's intermediate layers
+(FitNet, AT, ...) their outputs (float16). ``distill`` replays the same views and reads these instead
 of running the teacher, after checking the cache's key (teacher checkpoint, prepared data,
-transform, views, seed). With ``teacher_cache.enabled: false``, or a method that reads the teacher's
-intermediate layers (FitNet, AT, ...: the cache holds none), it writes only ``cache.json``, with the reason.
+transform, views, seed, teacher layers). With ``teacher_cache.enabled: false`` it writes only
+``cache.json`` saying so; when the layers would take more than ``teacher_cache.max_layer_mib``
+(known before any teacher pass, from the layer plan) it writes only ``cache.json`` with the reason and
+the numbers, and ``distill`` runs the teacher online.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from kdlib.distill import load_teacher
 from kdlib.io import write_json
 from kdlib.resume import ResumeStore
 from kdlib.runtime import Runtime, seed_everything
-from kdlib.teacher_cache import build_teacher_cache
+from kdlib.teacher_cache import build_teacher_cache, save_skipped
 from stages.launch import parse_stage_args, stage_main
 from stages.params import Run
 from stages.workspace import Workspace
@@ -40,20 +43,27 @@ def build_cache(run: Run, ws: Workspace = Workspace(), progress: bool = True, ou
     if runtime.writes_outputs:
         shutil.rmtree(out_dir, ignore_errors=True)
     if not run.cache_used:
-        reason = run.cache_skip_reason if settings.enabled else None
         if runtime.writes_outputs:
-            write_json(out_dir / "cache.json", {"enabled": False, **({"reason": reason} if reason else {})})
-        return {"enabled": False, "build_seconds": 0.0, "reason": reason}
+            write_json(out_dir / "cache.json", {"enabled": False})
+        return {"enabled": False, "build_seconds": 0.0, "reason": None}
     index, size, features = ws.index(), run.student.input_size, run.method.cls.needs_features
+    key = run.teacher_cache_key(ws.teacher_checkpoint, ws.index_files, index)
+    reason = run.cache_skip_reason(index)
+    if reason is not None:  # distill finds this marker (for its key) and runs the teacher online
+        if runtime.writes_outputs:
+            save_skipped(out_dir, reason, key)
+        return {"enabled": False, "build_seconds": 0.0, "reason": reason}
     seed_everything(run.seed)
     teacher = load_teacher(Checkpoint.read(ws.teacher_checkpoint), index.meta, runtime, features)
+    layers = run.teacher_layers[0]
+    if layers:
+        teacher.tap(layers)
     train_set = run.train_dataset("distill").load(run.training_index(index, "distill"), "train", size, True,
                                                   *ws.pixel_cache_for(run))
     views = AugmentedViews(train_set, make_view_seeds(run.seed, len(train_set), run.num_views))
     # top-k with a uniform tail approximates a softmax; independent sigmoids need every logit
     topk = None if run.task == "multilabel" else settings.topk
     start = time.perf_counter()
-    key = run.teacher_cache_key(ws.teacher_checkpoint, ws.index_files, index)
     cache = build_teacher_cache(teacher, views, BatchNormalizer(index.meta.mean, index.meta.std), runtime.device,
                                 settings.batch_size, key=key, topk=topk, progress=progress and runtime.is_main,
                                 rank=runtime.rank, world=runtime.world_size)
@@ -61,7 +71,7 @@ def build_cache(run: Run, ws: Workspace = Workspace(), progress: bool = True, ou
         cache.save(out_dir)
     peak = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else None
     return {"enabled": True, "images": cache.num_images, "views": cache.num_views, "features": features,
-            "bytes": cache.nbytes, "build_seconds": time.perf_counter() - start, "peak_cuda_memory_bytes": peak}
+            "layers": list(cache.layer_paths), "bytes": cache.nbytes, "build_seconds": time.perf_counter() - start, "peak_cuda_memory_bytes": peak}
 
 
 def main() -> None:
@@ -77,7 +87,8 @@ def main() -> None:
             return
         if summary["enabled"]:
             print(f"teacher_cache: {summary['images']} images x {summary['views']} views, "
-                  f"{summary['bytes'] / 2**20:.1f} MiB{' with features' if summary['features'] else ''}, "
+                  f"{summary['bytes'] / 2**20:.1f} MiB{' with features' if summary['features'] else ''}"
+                  f"{' with the layers ' + ', '.join(summary['layers']) if summary['layers'] else ''}, "
                   f"{summary['build_seconds']:.1f} s, {runtime.world_size} process(es)")
         else:
             print(f"teacher_cache: {summary.get('reason') or 'disabled (distill runs the teacher online)'}")
