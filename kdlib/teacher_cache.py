@@ -155,8 +155,8 @@ def cache_key(teacher_checkpoint: Path, data_files: Sequence[Path], transform: d
       options, input size, mean/std, ...): what turns a seed into the tensor the teacher saw;
     * ``views``: ``K``; ``seed``: the seed of the view-seed table
       (:func:`kdlib.data.views.make_view_seeds`);
-    * ``layers``: the teacher layer paths whose outputs are cached, in order (JSON), only when
-      there are some.
+    * ``layers``: the teacher layer paths whose outputs are cached, in order, each once (JSON),
+      only when there are some.
     """
     if not data_files:
         raise ValueError("cache_key needs at least one data file (e.g. index.csv and dataset.json)")
@@ -168,7 +168,7 @@ def cache_key(teacher_checkpoint: Path, data_files: Sequence[Path], transform: d
         "seed": str(int(seed)),
     }
     if layers:
-        key[LAYERS_KEY] = canonical_json(list(layers))
+        key[LAYERS_KEY] = canonical_json(distinct(layers))
     return key
 
 
@@ -207,6 +207,8 @@ def check_key(directory: Path, built: Mapping[str, str], expected: Mapping[str, 
         what = {"teacher": "teacher sha256", "data": "data sha256", "transform": "transform",
                 "views": "number of views", "seed": "view seed", LAYERS_KEY: "teacher layers"}.get(name, name)
         line = f"{what} {_short(have)} but distillation uses {_short(want)}"
+        if name == LAYERS_KEY:  # DVC reruns teacher_cache for the method's name, not for its (layer) knobs
+            line += " (the method's layer knobs changed; under DVC: dvc repro -f -s teacher_cache)"
         if name == "transform" and have is not None and want is not None:
             line += _transform_difference(have, want)
         problems.append(line)
@@ -219,6 +221,12 @@ def check_key(directory: Path, built: Mapping[str, str], expected: Mapping[str, 
 
 def _positions_views(positions: Tensor, views: Tensor) -> tuple[Tensor, Tensor]:
     return positions.detach().to("cpu", torch.long), views.detach().to("cpu", torch.long)
+
+
+def distinct(paths: Sequence[str]) -> list[str]:
+    """``paths`` each once, in order of first appearance: a method may pair one teacher layer with
+    several student layers, and the cache holds each layer once."""
+    return list(dict.fromkeys(paths))
 
 
 def _layer_name(index: int) -> str:
@@ -234,15 +242,18 @@ def layer_table_bytes(shapes: Sequence[Sequence[int]], num_images: int, num_view
 
 # ----------------------------------------------------------------------- skipped caches
 
-def save_skipped(directory: Path, reason: str, key: Mapping[str, str]) -> None:
+def save_skipped(directory: Path, reason: str | None, key: Mapping[str, str] | None) -> None:
     """Write, instead of a cache, the marker saying why none was built for the run of ``key``
-    (say, its layers would not fit): :func:`skipped_reason` reads it back for that run only."""
+    (say, its layers would not fit): :func:`skipped_reason` reads it back for that run only.
+    Without a reason (the cache disabled) the marker is ``{"enabled": false}``, which no run follows."""
     directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    (directory / META_FILE).write_text(json.dumps({"enabled": False, "reason": reason, "key": dict(key)},
-                                                  indent=2) + "\n")
+    marker: dict[str, Any] = {"enabled": False}
+    if reason is not None and key is not None:
+        marker.update(reason=reason, key=dict(key))
+    (directory / META_FILE).write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def skipped_reason(directory: Path, expected_key: Mapping[str, str] | None = None) -> str | None:
@@ -619,8 +630,10 @@ def build_teacher_cache(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if topk is not None and topk < 1:
         raise ValueError(f"topk must be >= 1 or None, got {topk}")
-    layer_paths = teacher.taps.paths if teacher.taps is not None else ()
-    if key and key.get(LAYERS_KEY) != (canonical_json(list(layer_paths)) if layer_paths else None):
+    tapped = teacher.taps.paths if teacher.taps is not None else ()
+    layer_paths = distinct(tapped)
+    first = [tapped.index(path) for path in layer_paths]  # where each distinct layer is in the teacher's answer
+    if key and key.get(LAYERS_KEY) != (canonical_json(layer_paths) if layer_paths else None):
         raise ValueError(f"the cache key names the teacher layers {key.get(LAYERS_KEY) or '(none)'}, but the teacher "
                          f"taps {list(layer_paths) or '(none)'}: the key must say which layers the cache holds")
     base = views.base
@@ -666,10 +679,10 @@ def build_teacher_cache(
                     raise ValueError("the teacher has features=True but returned no features")
                 feature_table = torch.empty(n, k_views, out.features.shape[1], dtype=FEATURE_DTYPE)
             if layer_paths:
-                if out.layers is None or len(out.layers) != len(layer_paths):
-                    raise ValueError(f"the teacher taps {list(layer_paths)} but returned "
+                if out.layers is None or len(out.layers) != len(tapped):
+                    raise ValueError(f"the teacher taps {list(tapped)} but returned "
                                      f"{0 if out.layers is None else len(out.layers)} layer outputs")
-                layer_tables = [torch.empty(n, k_views, *t.shape[1:], dtype=LAYER_DTYPE) for t in out.layers]
+                layer_tables = [torch.empty(n, k_views, *out.layers[i].shape[1:], dtype=LAYER_DTYPE) for i in first]
         if compressed:
             assert top_values is not None and top_indices is not None and fill is not None and topk is not None
             values, indices, tail = compress_topk(logits, topk)
@@ -685,8 +698,9 @@ def build_teacher_cache(
             if feats.abs().max() > _FP16_MAX:
                 raise ValueError(f"teacher features up to {feats.abs().max().item():.3g} do not fit float16")
             feature_table[positions, view_ids] = feats.to(FEATURE_DTYPE)
-        for path, table, layer in zip(layer_paths, layer_tables, out.layers or ()):
-            values = layer.float().cpu()
+        for path, table, i in zip(layer_paths, layer_tables, first):
+            assert out.layers is not None
+            values = out.layers[i].float().cpu()
             if values.abs().max() > _FP16_MAX:
                 raise ValueError(f"the teacher's layer {path} outputs values up to {values.abs().max().item():.3g}, "
                                  "which do not fit float16")
@@ -731,7 +745,8 @@ class CachedTeacher:
     The loop must train on the cache's views (``view_seeds=cache.seeds``); the cache key
     guarantees the same teacher, data and transform built them. ``layers``: the teacher layer
     paths a feature-map method reads (its ``LayerPlan.teacher``), returned as
-    ``TeacherOutput.layers``; a cache that holds other layers raises :class:`CacheMismatch`.
+    ``TeacherOutput.layers`` in that order (a path named twice, twice); a cache that holds other
+    layers raises :class:`CacheMismatch`.
     """
 
     def __init__(self, cache: TeacherCache, device: torch.device, features: bool = False,
@@ -739,14 +754,15 @@ class CachedTeacher:
         if features and not cache.has_features:
             raise ValueError("features were asked of a teacher-output cache built without them; "
                              "rebuild it with a feature method (dvc repro teacher_cache)")
-        if layers is not None and tuple(layers) != cache.layer_paths:
+        if layers is not None and tuple(distinct(layers)) != cache.layer_paths:
             raise CacheMismatch(f"the teacher-output cache holds the teacher layers "
                                 f"{', '.join(cache.layer_paths) or '(none)'} but distillation reads "
                                 f"{', '.join(layers) or '(none)'}; {REBUILD_HINT}")
         self.cache = cache
         self.device = torch.device(device)
         self.features = features
-        self.layers = layers is not None
+        # which cached table answers each layer the method reads
+        self.layer_order = None if layers is None else [cache.layer_paths.index(path) for path in layers]
 
     def __call__(self, images: Tensor | None, positions: Tensor | None = None, views: Tensor | None = None
                  ) -> TeacherOutput:
@@ -757,6 +773,7 @@ class CachedTeacher:
         if self.features:
             feats = self.cache.features(positions, views).to(self.device, non_blocking=True)
         layers = None
-        if self.layers:
-            layers = tuple(t.to(self.device, non_blocking=True) for t in self.cache.layers(positions, views))
+        if self.layer_order is not None:
+            tables = [t.to(self.device, non_blocking=True) for t in self.cache.layers(positions, views)]
+            layers = tuple(tables[i] for i in self.layer_order)
         return TeacherOutput(logits, feats, layers)

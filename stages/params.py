@@ -232,7 +232,8 @@ class Run:
     @cached_property
     def teacher_layers(self) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
         """``(paths, per-image shapes)`` of the teacher layers distill's method reads (its
-        :class:`~kdlib.taps.LayerPlan`), empty for a method that reads none. Planned on models built on
+        :class:`~kdlib.taps.LayerPlan`), each once (a teacher layer paired with several student layers is
+        cached once), empty for a method that reads none. Planned on models built on
         torch's meta device, as the check stage plans them: no trained teacher, no weights, no memory."""
         if not self.method.cls.uses_layers:
             return (), ()
@@ -244,7 +245,8 @@ class Run:
         plan = plan_layers(self.method.build(self.task), models["student"], models["teacher"],
                            (channels, self.student.input_size), (channels, self.teacher.input_size),
                            self.student.spec.arch, self.teacher.spec.arch)
-        return plan.teacher, plan.teacher_shapes
+        shapes = dict(zip(plan.teacher, plan.teacher_shapes))
+        return tuple(shapes), tuple(shapes.values())
 
     def cache_skip_reason(self, index: DatasetIndex) -> str | None:
         """Why the teacher_cache stage builds no cache for this run although it is enabled (distill then

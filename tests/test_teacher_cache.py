@@ -413,6 +413,19 @@ def test_cached_layers_equal_the_online_teacher_taps(gray: Setup, tmp_path: Path
             TeacherCache.load(target, expected_key={"views": str(NUM_VIEWS)})
     finally:
         teacher.taps.remove()  # the model is the module's fixture: leave no hooks on it
+    # a teacher layer paired with two student layers is cached once and answered twice
+    twice = LAYERS + ("features.6",)
+    teacher.tap(twice)
+    try:
+        again = build_teacher_cache(teacher, gray.views, gray.normalizer, torch.device("cpu"), 8, key, progress=False)
+        assert again.layer_paths == LAYERS
+        online = teacher(torch.cat([gray.replay(i, k) for i, k in pairs]), positions, views)
+        cached = CachedTeacher(again, torch.device("cpu"), layers=twice)(None, positions, views)
+        assert len(cached.layers) == len(online.layers) == 4 and torch.equal(cached.layers[3], cached.layers[0])
+        for a, b in zip(cached.layers, online.layers):
+            torch.testing.assert_close(a, b, **FP16)
+    finally:
+        teacher.taps.remove()
 
 
 def test_a_skipped_cache_marker_serves_its_run_only(tmp_path: Path):
