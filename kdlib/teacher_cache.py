@@ -208,7 +208,8 @@ def check_key(directory: Path, built: Mapping[str, str], expected: Mapping[str, 
                 "views": "number of views", "seed": "view seed", LAYERS_KEY: "teacher layers"}.get(name, name)
         line = f"{what} {_short(have)} but distillation uses {_short(want)}"
         if name == LAYERS_KEY:  # DVC reruns teacher_cache for the method's name, not for its (layer) knobs
-            line += " (the method's layer knobs changed; under DVC: dvc repro -f -s teacher_cache)"
+            line += (" (the method's layer knobs changed, and DVC reruns teacher_cache for them only when forced: "
+                     "dvc repro -f -s teacher_cache)")
         if name == "transform" and have is not None and want is not None:
             line += _transform_difference(have, want)
         problems.append(line)

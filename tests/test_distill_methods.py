@@ -277,9 +277,15 @@ def test_a_cache_of_other_teacher_layers_is_refused(setup):
     run = resolve(params)
     assert run.teacher_layers[0] == ("layer4",)
     with pytest.raises(CacheMismatch, match=r'teacher layers \["layer3","layer4"\] but distillation uses '
-                                            r'\["layer4"\]; rebuild it') as err:
+                                            r'\["layer4"\] \(the method.s layer knobs changed') as err:
         train_role(run, "distill", ws, progress=False)
-    assert "number of views" not in str(err.value) and "teacher sha256" not in str(err.value)
+    message = str(err.value)
+    assert "dvc repro -f -s teacher_cache" in message
+    assert "number of views" not in message and "teacher sha256" not in message
+    # rebuilt for the new layers, it serves again
+    build_cache(run, ws, progress=False)
+    assert TeacherCache.load(ws.teacher_cache).layer_paths == ("layer4",)
+    assert train_role(run, "distill", ws, progress=False)[0].last_epoch == 2
 
 
 def test_baseline_and_distill_start_from_the_same_student(setup):
