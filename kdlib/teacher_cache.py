@@ -254,7 +254,7 @@ def save_skipped(directory: Path, reason: str | None, key: Mapping[str, str] | N
     marker: dict[str, Any] = {"enabled": False}
     if reason is not None and key is not None:
         marker.update(reason=reason, key=dict(key))
-    (directory / META_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    (directory / META_FILE).write_text(json.dumps(marker, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def skipped_reason(directory: Path, expected_key: Mapping[str, str] | None = None) -> str | None:
@@ -266,7 +266,7 @@ def skipped_reason(directory: Path, expected_key: Mapping[str, str] | None = Non
     if not meta_path.is_file() or (Path(directory) / TENSORS_FILE).exists():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except ValueError:
         return None
     if not (isinstance(meta, dict) and meta.get("enabled") is False and isinstance(meta.get("key"), dict)
