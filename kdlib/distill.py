@@ -4,11 +4,13 @@ The align, teacher_cache and distill stages (and any script) get the same studen
 training views from here: :func:`setup_distillation` builds the student (right after the
 caller seeds, so its initial weights are the baseline's), loads the teacher, wraps the student
 with its ``feat_fc`` for feature methods, picks the teacher's outputs (online, or the teacher
-cache, checked against its key), lets the method fit its state (:meth:`Method.setup`) and
+cache, checked against its key; or online, when the cache's marker says why it holds none), lets
+the method fit its state (:meth:`Method.setup`) and
 loads the aligned ``feat_fc``. Nothing here reads a parameter file.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -29,8 +31,11 @@ from kdlib.runtime import Runtime
 from kdlib.schema import is_bool, is_float, is_int, one_of, optional, setting
 from kdlib.taps import LayerPlan, layer_shapes, resolve_layers, stage_modules
 from kdlib.teacher import OnlineTeacher
-from kdlib.teacher_cache import CachedTeacher, TeacherCache, build_teacher_cache, cache_key
+from kdlib.teacher_cache import (LAYERS_KEY, CachedTeacher, TeacherCache, _short, build_teacher_cache, cache_key,
+                                 check_key, skipped_reason)
 from kdlib.train import Recipe, TeacherFn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,12 +59,15 @@ class AlignSettings:
 @dataclass(frozen=True, kw_only=True)
 class CacheSettings:
     """The teacher-output cache: ``views`` per image (None: one per student epoch), ``topk``
-    logits kept per view when there are more classes (None: all), the teacher's batch size."""
+    logits kept per view when there are more classes (None: all), the teacher's batch size, and
+    ``max_layer_mib``: the most MiB the outputs of the teacher layers a feature-map method reads
+    may take in it (``N × K × Σ numel × 2`` bytes); beyond, distill runs the teacher online."""
 
     enabled: bool = setting(is_bool)
     views: int | None = setting(optional(is_int(1)), None, required=True)
     topk: int | None = setting(optional(is_int(1)), None, required=True)
     batch_size: int = setting(is_int(1))
+    max_layer_mib: float = setting(is_float(0, lo_open=True))
 
 
 @dataclass
@@ -80,14 +88,17 @@ def load_teacher(checkpoint: Checkpoint, data: DatasetMeta, runtime: Runtime, fe
 
 
 def teacher_cache_key(teacher: Path, data_files: Sequence[Path], dataset: DatasetSpec, input_size: int,
-                      num_views: int, seed: int, transfer_classes: Sequence[int] | None = None) -> dict[str, str]:
+                      num_views: int, seed: int, transfer_classes: Sequence[int] | None = None,
+                      teacher_layers: Sequence[str] = ()) -> dict[str, str]:
     """What a teacher cache must have been built from to serve this run. ``transfer_classes``: the classes
     of a transfer set that leaves some out (:mod:`kdlib.transfer`), whose images are the only ones cached;
-    left out of the key when every class is in, so the keys of earlier caches stay valid."""
+    left out of the key when every class is in, so the keys of earlier caches stay valid.
+    ``teacher_layers``: the teacher layer paths a feature-map method reads (its ``LayerPlan.teacher``),
+    whose outputs the cache holds."""
     views = dataset.view_key(input_size)
     if transfer_classes is not None:
         views["transfer_classes"] = list(transfer_classes)
-    return cache_key(teacher, data_files, views, num_views, seed)
+    return cache_key(teacher, data_files, views, num_views, seed, teacher_layers)
 
 
 def first_view_features(teacher: OnlineTeacher, train_set: IndexedImageDataset, view_seeds: Tensor,
@@ -143,8 +154,11 @@ def setup_distillation(
     """The student (preset ``preset`` built from ``student``), the teacher and the views to
     distill on. The caller seeds first (:func:`kdlib.runtime.seed_everything`).
 
-    ``cache``: a teacher cache directory, checked against ``cache_key``; without one the
-    teacher runs online on ``num_views`` fresh views per image. ``aligned``: a checkpoint of
+    ``cache``: a teacher cache directory, checked against ``cache_key`` (which names the teacher
+    layers of a feature-map method: the cache serves their outputs); without one, or when the
+    directory holds the marker of a cache left unbuilt for this run (its layers did not fit:
+    :func:`kdlib.teacher_cache.save_skipped`, logged with its reason), the teacher runs online on
+    ``num_views`` fresh views per image. ``aligned``: a checkpoint of
     the aligned student (the align stage's) whose weights the student starts from.
     """
     model = student.build(data.num_classes, data.channels)
@@ -159,18 +173,22 @@ def setup_distillation(
                                      data.channels, student.input_size or data.image_size, objective.force_feat_fc)
     plan = None
     if objective.uses_layers:
-        if cache is not None:
-            raise ValueError(f"{type(objective).__name__} reads the teacher's intermediate layers, which the teacher "
-                             "cache does not hold: distill with the online teacher (cache=None)")
         plan = plan_layers(objective, model, online.model,
                            (data.channels, student.input_size or data.image_size),
                            (teacher.record.in_chans, teacher.record.input_size or data.image_size),
                            student.arch, teacher.record.arch)
         online.tap(plan.teacher)
+    if cache is not None and (reason := skipped_reason(cache, cache_key)) is not None:
+        log.warning("%s: no teacher-output cache for this run (%s)", role, reason)
+        cache = None
     outputs: TeacherFn
+    if cache is not None and cache_key is not None and (reason := _other_layers(cache, cache_key)) is not None:
+        log.warning("%s: %s", role, reason)
+        cache = None
     if cache is not None:
         loaded = TeacherCache.load(cache, expected_key=cache_key)
-        outputs, view_seeds = CachedTeacher(loaded, runtime.device, features), loaded.seeds
+        outputs = CachedTeacher(loaded, runtime.device, features, plan.teacher if plan is not None else None)
+        view_seeds = loaded.seeds
         view0 = lambda: _view0_features(loaded)  # noqa: E731
     else:
         outputs, view_seeds = online, make_view_seeds(seed, len(train_set), num_views)
@@ -181,6 +199,21 @@ def setup_distillation(
     if aligned is not None:
         model.load_state_dict(aligned.state_dict)
     return Distillation(objective, model, outputs, view_seeds, ModelRecord.for_model(role, preset, student, data, seed, model))
+
+
+def _other_layers(cache: Path, expected: Mapping[str, str]) -> str | None:
+    """Why a cache that matches this run in all but the teacher layers it holds is not used: DVC reruns
+    ``teacher_cache`` when the method changes, not when only its layer knobs do, so a sweep over layers
+    finds the previous layers' cache. The teacher then runs online (the same outputs, slower), and the
+    message says how to rebuild; ``None`` when the layers match (any other difference still raises)."""
+    built = dict(TeacherCache.load(cache).key)
+    if built.get(LAYERS_KEY) == expected.get(LAYERS_KEY):
+        return None
+    check_key(cache, {k: v for k, v in built.items() if k != LAYERS_KEY},
+              {k: v for k, v in expected.items() if k != LAYERS_KEY})
+    return (f"the teacher-output cache {cache} holds the teacher layers {_short(built.get(LAYERS_KEY))}, and this run "
+            f"reads {_short(expected.get(LAYERS_KEY))}: the teacher runs online (to cache these layers: "
+            "dvc repro -f -s teacher_cache)")
 
 
 def is_projected(model: nn.Module) -> bool:

@@ -52,8 +52,11 @@ class OnlineTeacher:
             self.renorm = (s_std / t_std, (s_mean - t_mean) / t_std)
 
     def tap(self, paths: Sequence[str]) -> None:
-        """Return the outputs of the teacher's layers ``paths`` (module paths) with every answer."""
-        self.taps = LayerTaps(self.model, paths)
+        """Return the outputs of the teacher's layers ``paths`` (module paths) with every answer;
+        no paths: none (the teacher answers as untapped, with its pooled features if asked)."""
+        if self.taps is not None:
+            self.taps.remove()
+        self.taps = LayerTaps(self.model, paths) if paths else None
 
     @torch.no_grad()
     def __call__(self, images: Tensor, positions: Tensor | None = None, views: Tensor | None = None

@@ -7,6 +7,13 @@ that pass gives the same answer every epoch for the same input. The cache runs i
 * the logits, ``(N, K, C)`` float32 exactly, or top-k compressed when classes are many
   (below);
 * the pooled penultimate features ``(N, K, D)`` in float16, for feature-mimicking methods;
+* the outputs of the teacher layers a feature-map method reads (FitNet, AT, ...: its
+  :class:`~kdlib.taps.LayerPlan`), one ``(N, K, *shape)`` float16 table per layer, in the order
+  the method reads them (``"pre_logits"`` included: ``forward_head(pre_logits=True)``). They
+  are often far larger than the logits, ``N × K × Σ numel × 2`` bytes
+  (:func:`layer_table_bytes`), so the caller decides up front whether they fit; when they do
+  not, the cache directory holds a marker saying why (:func:`save_skipped`) and distillation
+  runs the teacher online;
 * optionally the LSH bias of :mod:`kdlib.losses.lsh` (its weights are rebuilt from a seed);
 * the ``(N, K)`` view seeds that rebuild every view (:mod:`kdlib.data.views`).
 
@@ -49,12 +56,16 @@ teacher probability by ≤ 1 % relative and the KL term by a second-order amount
 the variation between augmented views; in exchange the dominant storage term is halved
 (4 instead of 6 bytes per kept class with its index), as FKD stores its soft labels in half
 precision. Exact logits, used when ``k`` is not smaller than ``C``, stay float32: they are the
-small-``C`` case, where storage is cheap and some methods read raw logits. Features are
-float16 for the same reason as top-k values (pooled activations are O(1)).
+small-``C`` case, where storage is cheap and some methods read raw logits. Features and
+layer outputs are float16 for the same reason as top-k values (activations are O(1), and each
+is rounded by at most 2⁻¹¹ relative; a value beyond float16's range is refused, never clipped).
+The teacher is frozen and in eval mode, so a layer's output is a pure function of the view, as
+the logits are.
 
 **The key.** A cache is valid only for the teacher checkpoint, training data, student
-transform, number of views and seed it was built with. :func:`cache_key` condenses them into
-strings, stored in ``cache.json``; :meth:`TeacherCache.load` with ``expected_key`` compares
+transform, number of views and seed it was built with, and (when it holds layers) for the
+teacher layer paths it tapped. :func:`cache_key` condenses them into strings, stored in
+``cache.json``; :meth:`TeacherCache.load` with ``expected_key`` compares
 them component by component and raises :class:`CacheMismatch` naming every difference.
 
 On disk a cache is a directory: ``teacher_outputs.pt`` (``torch.save`` of a dict of tensors,
@@ -85,15 +96,17 @@ TENSORS_FILE = "teacher_outputs.pt"
 META_FILE = "cache.json"
 FORMAT_VERSION = 1
 KEY_COMPONENTS = ("teacher", "data", "transform", "views", "seed")
+LAYERS_KEY = "layers"  # a key component only when layers are cached: older caches' keys stay valid
 LSH_META_KEYS = ("num_hyperplanes", "sigma", "seed", "bias_mode")
 TOPK_VALUE_DTYPE = torch.float16  # see the module docstring for why half precision
 FEATURE_DTYPE = torch.float16
+LAYER_DTYPE = torch.float16
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 REBUILD_HINT = "rebuild it (dvc repro teacher_cache)"
 
 
 class CacheMismatch(ValueError):
-    """The cache was built for another teacher, data set, transform, view count or seed."""
+    """The cache was built for another teacher, data set, transform, view count, seed or teacher layers."""
 
 
 # --------------------------------------------------------------------------------------- key
@@ -132,7 +145,7 @@ def canonical_json(value: Any) -> str:
 
 
 def cache_key(teacher_checkpoint: Path, data_files: Sequence[Path], transform: dict[str, Any],
-              num_views: int, seed: int) -> dict[str, str]:
+              num_views: int, seed: int, layers: Sequence[str] = ()) -> dict[str, str]:
     """What a cache is valid for, as strings compared component by component on load.
 
     * ``teacher``: sha256 of the teacher checkpoint's bytes (weights and metadata);
@@ -141,17 +154,22 @@ def cache_key(teacher_checkpoint: Path, data_files: Sequence[Path], transform: d
     * ``transform``: canonical JSON of the student's training transform (preset name,
       options, input size, mean/std, ...): what turns a seed into the tensor the teacher saw;
     * ``views``: ``K``; ``seed``: the seed of the view-seed table
-      (:func:`kdlib.data.views.make_view_seeds`).
+      (:func:`kdlib.data.views.make_view_seeds`);
+    * ``layers``: the teacher layer paths whose outputs are cached, in order, each once (JSON),
+      only when there are some.
     """
     if not data_files:
         raise ValueError("cache_key needs at least one data file (e.g. index.csv and dataset.json)")
-    return {
+    key = {
         "teacher": file_sha256(teacher_checkpoint),
         "data": files_sha256(data_files),
         "transform": canonical_json(transform),
         "views": str(int(num_views)),
         "seed": str(int(seed)),
     }
+    if layers:
+        key[LAYERS_KEY] = canonical_json(distinct(layers))
+    return key
 
 
 def _short(value: str | None) -> str:
@@ -187,8 +205,11 @@ def check_key(directory: Path, built: Mapping[str, str], expected: Mapping[str, 
         if have == want:
             continue
         what = {"teacher": "teacher sha256", "data": "data sha256", "transform": "transform",
-                "views": "number of views", "seed": "view seed"}.get(name, name)
+                "views": "number of views", "seed": "view seed", LAYERS_KEY: "teacher layers"}.get(name, name)
         line = f"{what} {_short(have)} but distillation uses {_short(want)}"
+        if name == LAYERS_KEY:  # DVC reruns teacher_cache for the method's name, not for its (layer) knobs
+            line += (" (the method's layer knobs changed, and DVC reruns teacher_cache for them only when forced: "
+                     "dvc repro -f -s teacher_cache)")
         if name == "transform" and have is not None and want is not None:
             line += _transform_difference(have, want)
         problems.append(line)
@@ -203,13 +224,68 @@ def _positions_views(positions: Tensor, views: Tensor) -> tuple[Tensor, Tensor]:
     return positions.detach().to("cpu", torch.long), views.detach().to("cpu", torch.long)
 
 
+def distinct(paths: Sequence[str]) -> list[str]:
+    """``paths`` each once, in order of first appearance: a method may pair one teacher layer with
+    several student layers, and the cache holds each layer once."""
+    return list(dict.fromkeys(paths))
+
+
+def _layer_name(index: int) -> str:
+    return f"layer_{index}"
+
+
+def layer_table_bytes(shapes: Sequence[Sequence[int]], num_images: int, num_views: int) -> int:
+    """Bytes the outputs of layers of per-image ``shapes`` take in a cache of ``num_images`` ×
+    ``num_views`` views: ``N × K × Σ numel × 2`` (float16)."""
+    values = sum(math.prod(int(d) for d in shape) for shape in shapes)
+    return int(num_images) * int(num_views) * values * torch.finfo(LAYER_DTYPE).bits // 8
+
+
+# ----------------------------------------------------------------------- skipped caches
+
+def save_skipped(directory: Path, reason: str | None, key: Mapping[str, str] | None) -> None:
+    """Write, instead of a cache, the marker saying why none was built for the run of ``key``
+    (say, its layers would not fit): :func:`skipped_reason` reads it back for that run only.
+    Without a reason (the cache disabled) the marker is ``{"enabled": false}``, which no run follows."""
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    marker: dict[str, Any] = {"enabled": False}
+    if reason is not None and key is not None:
+        marker.update(reason=reason, key=dict(key))
+    (directory / META_FILE).write_text(json.dumps(marker, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def skipped_reason(directory: Path, expected_key: Mapping[str, str] | None = None) -> str | None:
+    """The reason in ``directory``'s marker when :func:`save_skipped` wrote one there (for the run
+    of ``expected_key``: another run's raises :class:`CacheMismatch`, as its cache would); ``None``
+    when the directory holds anything else (a cache, nothing, a marker without a key: loading it
+    says what is wrong)."""
+    meta_path = Path(directory) / META_FILE
+    if not meta_path.is_file() or (Path(directory) / TENSORS_FILE).exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    if not (isinstance(meta, dict) and meta.get("enabled") is False and isinstance(meta.get("key"), dict)
+            and isinstance(meta.get("reason"), str)):
+        return None
+    if expected_key is not None:
+        check_key(Path(directory), meta["key"], expected_key)
+    return meta["reason"]
+
+
 class TeacherCache:
     """The teacher's outputs on ``K`` views of ``N`` images, as CPU tensors.
 
     Exactly one logits representation is held: ``exact_logits`` ``(N, K, C)`` float32, or
     ``top_values`` ``(N, K, k)`` float16 + ``top_indices`` ``(N, K, k)`` int16/int32 + ``fill``
     ``(N, K)`` float32 (module docstring). ``feature_table`` is ``(N, K, D)`` float16 or ``None``.
-    ``seeds`` ``(N, K)`` int64 rebuild the views (:class:`kdlib.data.views.AugmentedViews`).
+    ``layer_tables`` are the outputs of the teacher layers ``layer_paths``, one ``(N, K, *shape)``
+    float16 table per path, in order. ``seeds`` ``(N, K)`` int64 rebuild the views
+    (:class:`kdlib.data.views.AugmentedViews`).
     """
 
     def __init__(
@@ -222,6 +298,8 @@ class TeacherCache:
         top_indices: Tensor | None = None,
         fill: Tensor | None = None,
         feature_table: Tensor | None = None,
+        layer_paths: Sequence[str] = (),
+        layer_tables: Sequence[Tensor] = (),
     ) -> None:
         if seeds.ndim != 2 or seeds.dtype != torch.int64:
             raise ValueError(f"view seeds must be an (N, K) int64 tensor, got {tuple(seeds.shape)} {seeds.dtype}")
@@ -244,6 +322,13 @@ class TeacherCache:
                 raise ValueError(f"logits of shape {tuple(exact_logits.shape)}, expected ({n}, {k}, {num_classes})")
         if feature_table is not None and (feature_table.ndim != 3 or feature_table.shape[:2] != (n, k)):
             raise ValueError(f"features of shape {tuple(feature_table.shape)}, expected ({n}, {k}, D)")
+        if len(layer_paths) != len(layer_tables) or len(set(layer_paths)) != len(layer_paths):
+            raise ValueError(f"{len(layer_tables)} layer tables for the layer paths {list(layer_paths)} (expected one "
+                             "table per distinct path)")
+        for path, table in zip(layer_paths, layer_tables):
+            if table.ndim < 3 or table.shape[:2] != (n, k) or table.dtype != LAYER_DTYPE:
+                raise ValueError(f"layer {path}: a table of shape {tuple(table.shape)} {table.dtype}, expected "
+                                 f"({n}, {k}, ...) {LAYER_DTYPE}")
         if "views" in key and key["views"] != str(k):
             raise ValueError(f"cache key says {key['views']} views but the seed table has {k}")
         self.seeds = seeds
@@ -252,6 +337,8 @@ class TeacherCache:
         self.exact_logits = exact_logits
         self.top_values, self.top_indices, self.fill = top_values, top_indices, fill
         self.feature_table = feature_table
+        self.layer_paths: tuple[str, ...] = tuple(layer_paths)
+        self.layer_tables: tuple[Tensor, ...] = tuple(layer_tables)
         self._lsh_bias: Tensor | None = None
         self._lsh_meta: dict[str, Any] | None = None
 
@@ -277,11 +364,17 @@ class TeacherCache:
     def feature_dim(self) -> int | None:
         return None if self.feature_table is None else int(self.feature_table.shape[2])
 
+    @property
+    def layer_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The per-image shape of each cached layer, in the order of :attr:`layer_paths`."""
+        return tuple(tuple(int(d) for d in t.shape[2:]) for t in self.layer_tables)
+
     def tensors(self) -> dict[str, Tensor]:
-        """Everything stored, by the name it has in ``teacher_outputs.pt``."""
+        """Everything stored, by the name it has in ``teacher_outputs.pt`` (layer ``i`` as
+        ``layer_<i>``; ``cache.json`` names its path)."""
         named = {"seeds": self.seeds, "logits": self.exact_logits, "top_values": self.top_values,
                  "top_indices": self.top_indices, "fill": self.fill, "features": self.feature_table,
-                 "lsh_bias": self._lsh_bias}
+                 "lsh_bias": self._lsh_bias, **{_layer_name(i): t for i, t in enumerate(self.layer_tables)}}
         return {name: t for name, t in named.items() if t is not None}
 
     @property
@@ -329,6 +422,14 @@ class TeacherCache:
         p, v = _positions_views(positions, views)
         return self.feature_table[p, v].float()
 
+    def layers(self, positions: Tensor, views: Tensor) -> tuple[Tensor, ...]:
+        """``(B, *shape)`` float32 outputs of each cached teacher layer on the given views."""
+        if not self.layer_tables:
+            raise ValueError("this teacher-output cache holds no layer outputs: build it for the method that "
+                             "reads them (dvc repro teacher_cache)")
+        p, v = _positions_views(positions, views)
+        return tuple(table[p, v].float() for table in self.layer_tables)
+
     # -- disk --------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """The content of ``cache.json``."""
@@ -343,6 +444,11 @@ class TeacherCache:
                             {"kind": "topk-marginal-smoothing", "k": self.topk,
                              "fill": "log(sum of non-top-k exp(logits) / (C - k)), exact tail mass at T=1"}),
             "feature_dim": self.feature_dim,
+            "layers": [{"path": path, "tensor": _layer_name(i), "shape": list(shape),
+                        "dtype": str(LAYER_DTYPE).removeprefix("torch."),
+                        "bytes": self.layer_tables[i].numel() * self.layer_tables[i].element_size()}
+                       for i, (path, shape) in enumerate(zip(self.layer_paths, self.layer_shapes))],
+            "layer_bytes": sum(t.numel() * t.element_size() for t in self.layer_tables),
             "lsh": self._lsh_meta,
             "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                                "bytes": t.numel() * t.element_size()} for name, t in tensors.items()},
@@ -423,11 +529,19 @@ class TeacherCache:
                 raise ValueError(f"teacher-output cache file {tensors_path}: {name} is {tuple(t.shape)} "
                                  f"{t.dtype}, {meta_path} says {want['shape']} {want['dtype']}; {REBUILD_HINT}")
         try:
+            layers = meta.get("layers") or []
             cache = cls(tensors["seeds"], num_classes, key, exact_logits=tensors.get("logits"),
                         top_values=tensors.get("top_values"), top_indices=tensors.get("top_indices"),
-                        fill=tensors.get("fill"), feature_table=tensors.get("features"))
-        except (KeyError, ValueError) as err:
+                        fill=tensors.get("fill"), feature_table=tensors.get("features"),
+                        layer_paths=[str(layer["path"]) for layer in layers],
+                        layer_tables=[tensors[str(layer["tensor"])] for layer in layers])
+        except (KeyError, ValueError, TypeError) as err:
             raise ValueError(f"teacher-output cache {directory} is inconsistent ({err}); {REBUILD_HINT}") from None
+        unlisted = sorted(set(n for n in tensors if n.startswith("layer_")) - set(_layer_name(i) for i in
+                                                                                 range(len(cache.layer_paths))))
+        if unlisted:
+            raise ValueError(f"{tensors_path} holds the layer tables {unlisted}, which {meta_path} does not describe; "
+                             f"{REBUILD_HINT}")
         if "lsh_bias" in tensors:
             if not meta.get("lsh"):
                 raise ValueError(f"{tensors_path} holds an LSH bias but {meta_path} has no LSH metadata; {REBUILD_HINT}")
@@ -509,12 +623,20 @@ def build_teacher_cache(
     Outputs do not depend on batch composition (eval mode) beyond floating-point rounding.
 
     ``topk``: ``None`` or ``≥ C`` stores exact float32 logits, otherwise the top-k compression
-    (:func:`compress_topk`). Features (``teacher.features``) are stored as float16.
+    (:func:`compress_topk`). Features (``teacher.features``) are stored as float16, and so are
+    the outputs of the layers the teacher taps (:meth:`OnlineTeacher.tap`), under their paths
+    and in the key's ``layers`` component (``key`` must name them: it is checked here).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if topk is not None and topk < 1:
         raise ValueError(f"topk must be >= 1 or None, got {topk}")
+    tapped = teacher.taps.paths if teacher.taps is not None else ()
+    layer_paths = distinct(tapped)
+    first = [tapped.index(path) for path in layer_paths]  # where each distinct layer is in the teacher's answer
+    if key and key.get(LAYERS_KEY) != (canonical_json(layer_paths) if layer_paths else None):
+        raise ValueError(f"the cache key names the teacher layers {key.get(LAYERS_KEY) or '(none)'}, but the teacher "
+                         f"taps {list(layer_paths) or '(none)'}: the key must say which layers the cache holds")
     base = views.base
     n, k_views = views.seeds.shape
     device = torch.device(device)
@@ -529,6 +651,7 @@ def build_teacher_cache(
     top_indices: Tensor | None = None
     fill: Tensor | None = None
     feature_table: Tensor | None = None
+    layer_tables: list[Tensor] = []
     num_classes: int | None = None
     compressed = False
     filled = torch.zeros(n, k_views, dtype=torch.bool)
@@ -556,6 +679,11 @@ def build_teacher_cache(
                 if out.features is None:
                     raise ValueError("the teacher has features=True but returned no features")
                 feature_table = torch.empty(n, k_views, out.features.shape[1], dtype=FEATURE_DTYPE)
+            if layer_paths:
+                if out.layers is None or len(out.layers) != len(tapped):
+                    raise ValueError(f"the teacher taps {list(tapped)} but returned "
+                                     f"{0 if out.layers is None else len(out.layers)} layer outputs")
+                layer_tables = [torch.empty(n, k_views, *out.layers[i].shape[1:], dtype=LAYER_DTYPE) for i in first]
         if compressed:
             assert top_values is not None and top_indices is not None and fill is not None and topk is not None
             values, indices, tail = compress_topk(logits, topk)
@@ -571,16 +699,25 @@ def build_teacher_cache(
             if feats.abs().max() > _FP16_MAX:
                 raise ValueError(f"teacher features up to {feats.abs().max().item():.3g} do not fit float16")
             feature_table[positions, view_ids] = feats.to(FEATURE_DTYPE)
+        for path, table, i in zip(layer_paths, layer_tables, first):
+            assert out.layers is not None
+            values = out.layers[i].float().cpu()
+            if values.abs().max() > _FP16_MAX:
+                raise ValueError(f"the teacher's layer {path} outputs values up to {values.abs().max().item():.3g}, "
+                                 "which do not fit float16")
+            table[positions, view_ids] = values.to(LAYER_DTYPE)
         filled[positions, view_ids] = True
 
     if world > 1:
-        _exchange_shards(filled, [t for t in (exact, top_values, top_indices, fill, feature_table) if t is not None])
+        _exchange_shards(filled, [t for t in (exact, top_values, top_indices, fill, feature_table, *layer_tables)
+                                  if t is not None])
     if num_classes is None:
         raise ValueError("cannot build a teacher-output cache of an empty training set")
     if not bool(filled.all()):
         raise RuntimeError(f"{int((~filled).sum())} views were never run through the teacher")
     return TeacherCache(views.seeds.clone(), num_classes, key, exact_logits=exact, top_values=top_values,
-                        top_indices=top_indices, fill=fill, feature_table=feature_table)
+                        top_indices=top_indices, fill=fill, feature_table=feature_table, layer_paths=layer_paths,
+                        layer_tables=layer_tables)
 
 
 def _exchange_shards(filled: Tensor, tables: list[Tensor]) -> None:
@@ -607,16 +744,26 @@ class CachedTeacher:
     :class:`TeacherOutput` of those views, as float32 tensors on ``device``.
 
     The loop must train on the cache's views (``view_seeds=cache.seeds``); the cache key
-    guarantees the same teacher, data and transform built them.
+    guarantees the same teacher, data and transform built them. ``layers``: the teacher layer
+    paths a feature-map method reads (its ``LayerPlan.teacher``), returned as
+    ``TeacherOutput.layers`` in that order (a path named twice, twice); a cache that holds other
+    layers raises :class:`CacheMismatch`.
     """
 
-    def __init__(self, cache: TeacherCache, device: torch.device, features: bool = False) -> None:
+    def __init__(self, cache: TeacherCache, device: torch.device, features: bool = False,
+                 layers: Sequence[str] | None = None) -> None:
         if features and not cache.has_features:
             raise ValueError("features were asked of a teacher-output cache built without them; "
                              "rebuild it with a feature method (dvc repro teacher_cache)")
+        if layers is not None and tuple(distinct(layers)) != cache.layer_paths:
+            raise CacheMismatch(f"the teacher-output cache holds the teacher layers "
+                                f"{', '.join(cache.layer_paths) or '(none)'} but distillation reads "
+                                f"{', '.join(layers) or '(none)'}; {REBUILD_HINT}")
         self.cache = cache
         self.device = torch.device(device)
         self.features = features
+        # which cached table answers each layer the method reads
+        self.layer_order = None if layers is None else [cache.layer_paths.index(path) for path in layers]
 
     def __call__(self, images: Tensor | None, positions: Tensor | None = None, views: Tensor | None = None
                  ) -> TeacherOutput:
@@ -626,4 +773,8 @@ class CachedTeacher:
         feats = None
         if self.features:
             feats = self.cache.features(positions, views).to(self.device, non_blocking=True)
-        return TeacherOutput(logits, feats)
+        layers = None
+        if self.layer_order is not None:
+            tables = [t.to(self.device, non_blocking=True) for t in self.cache.layers(positions, views)]
+            layers = tuple(tables[i] for i in self.layer_order)
+        return TeacherOutput(logits, feats, layers)

@@ -9,8 +9,10 @@ in the settings class that uses it (:mod:`kdlib.schema`): a model preset is a
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +27,7 @@ from kdlib.models import ModelSpec, input_problem, meta_model
 from kdlib.quantize import EvalSettings
 from kdlib.runtime import RuntimeSettings
 from kdlib.schema import SchemaError, is_float, is_int, is_seed, is_str, optional, parse, parse_merged, setting
+from kdlib.teacher_cache import layer_table_bytes
 from kdlib.train import Recipe
 from kdlib.transfer import TransferSettings, transfer_index
 from stages.guard import PARAMS_FILE
@@ -34,6 +37,10 @@ ROLES = ("teacher", "baseline", "distill")
 
 class ParamError(SchemaError):
     pass
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.3g} MiB"
 
 
 def _models(values: Any, where: str, problems: list[str]) -> dict[str, tuple[ModelSpec, Recipe]] | None:
@@ -216,16 +223,49 @@ class Run:
 
     @property
     def cache_used(self) -> bool:
-        """Whether distill reads the teacher cache: enabled, and the method needs nothing it lacks."""
-        return self.params.teacher_cache.enabled and self.cache_skip_reason is None
+        """Whether distill is pointed at the teacher cache (``teacher_cache.enabled``). For a method
+        reading the teacher's layers the teacher_cache stage may still build none, when they do not fit
+        (:meth:`cache_skip_reason`): it then leaves a marker saying why, and distill runs the teacher
+        online."""
+        return self.params.teacher_cache.enabled
 
-    @property
-    def cache_skip_reason(self) -> str | None:
-        """Why an enabled teacher cache is not built (distill runs the teacher online), or ``None``."""
-        if self.method.cls.uses_layers:
-            return (f"distill.method = {self.method.name!r} reads the teacher's intermediate layers, and the cache "
-                    "holds its logits and pooled features only: distill runs the teacher online")
-        return None
+    @cached_property
+    def teacher_layers(self) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+        """``(paths, per-image shapes)`` of the teacher layers distill's method reads (its
+        :class:`~kdlib.taps.LayerPlan`), each once (a teacher layer paired with several student layers is
+        cached once), empty for a method that reads none. Planned on models built on
+        torch's meta device, as the check stage plans them: no trained teacher, no weights, no memory."""
+        if not self.method.cls.uses_layers:
+            return (), ()
+        channels, models = self.dataset.channels, {}
+        for role in ("teacher", "student"):
+            spec = self.model(role).spec
+            # a model that cannot be built on meta is built for real, untrained (shapes need no weights)
+            models[role] = meta_model(spec, channels) or replace(spec, pretrained=False).build(2, channels).eval()
+        plan = plan_layers(self.method.build(self.task), models["student"], models["teacher"],
+                           (channels, self.student.input_size), (channels, self.teacher.input_size),
+                           self.student.spec.arch, self.teacher.spec.arch)
+        shapes = dict(zip(plan.teacher, plan.teacher_shapes))
+        return tuple(shapes), tuple(shapes.values())
+
+    def cache_skip_reason(self, index: DatasetIndex) -> str | None:
+        """Why the teacher_cache stage builds no cache for this run although it is enabled (distill then
+        runs the teacher online), or ``None``: the outputs of the teacher layers the method reads,
+        ``N images × K views × Σ numel × 2`` bytes (float16) with ``N`` the distilled student's training
+        images in ``index``, over ``teacher_cache.max_layer_mib``. Known before any teacher pass."""
+        paths, shapes = self.teacher_layers
+        if not self.params.teacher_cache.enabled or not paths:
+            return None
+        images, views = len(self.training_index(index, "distill").split("train")), self.num_views
+        size, limit = layer_table_bytes(shapes, images, views), self.params.teacher_cache.max_layer_mib
+        if size <= limit * 2**20:
+            return None
+        values = sum(math.prod(shape) for shape in shapes)
+        each = " + ".join("×".join(map(str, shape)) for shape in shapes)
+        return (f"distill.method = {self.method.name!r}: the teacher's layers {', '.join(paths)} would take "
+                f"{_size(size)} in the cache ({images} images × {views} views × {values} values ({each}) × 2 bytes, "
+                f"float16), over teacher_cache.max_layer_mib = {limit:g}: distill runs the teacher online (raise "
+                "the limit, or set teacher_cache.views lower, to cache them)")
 
     def model(self, role: str) -> ModelRun:
         return self.teacher if role == "teacher" else self.student
@@ -236,13 +276,14 @@ class Run:
         return index if role in ("teacher", "baseline") else transfer_index(index, self.params.transfer)[0]
 
     def teacher_cache_key(self, teacher: Path, data_files: Sequence[Path], index: DatasetIndex) -> dict[str, str]:
-        """The key of the teacher cache the distilled student reads: its views, its transfer set."""
+        """The key of the teacher cache the distilled student reads: its views, its transfer set, the
+        teacher layers its method reads."""
         kept = None
         if self.params.transfer.restricted:
             absent = transfer_index(index, self.params.transfer)[1]
             kept = [c for c in range(index.meta.num_classes) if c not in absent]
         return teacher_cache_key(teacher, data_files, self.train_dataset("distill"), self.student.input_size,
-                                 self.num_views, self.seed, kept)
+                                 self.num_views, self.seed, kept, self.teacher_layers[0])
 
     def train_dataset(self, role: str) -> DatasetSpec:
         """The data set as ``role`` trains on it: with the model preset's own ``augment`` when it has one

@@ -1,13 +1,16 @@
 """Every distillation method through the pipeline's own stage functions on a tiny MNIST
 (prepare → teacher → teacher_cache → align → distill → evaluate), the cache's equivalence with the
-online teacher, its refusals, the refusals of combinations that cannot work, and a new method
-added as one file (no edit to ``stages/``)."""
+online teacher (intermediate layers included), its refusals (a stale key, layers over the size limit),
+the refusals of combinations that cannot work, and a new method added as one file (no edit to
+``stages/``)."""
 from __future__ import annotations
 
 import copy
 import dataclasses
 import importlib.util
 import json
+import re
+import logging
 import shutil
 import textwrap
 from pathlib import Path
@@ -24,7 +27,8 @@ from kdlib.losses import METHODS, distillation_methods
 from kdlib.losses.lsh import LSHMethodBase
 from kdlib.models import count_parameters
 from kdlib.runtime import Runtime, seed_everything
-from kdlib.teacher_cache import CacheMismatch, TeacherCache
+from kdlib.teacher import OnlineTeacher
+from kdlib.teacher_cache import CacheMismatch, TeacherCache, layer_table_bytes
 from stages.align import align
 from stages.evaluate import evaluate_checkpoint
 from stages.params import ParamError, Run, read_params, resolve
@@ -115,14 +119,21 @@ def test_every_multiclass_method_distills_with_the_cache(method, setup):
     own = sum(p.numel() for p in again.objective.trainable_parameters())
     assert n_params == count_parameters(again.student) + own
     assert (own > 0) == any(p.requires_grad for p in again.objective.parameters())
-    if method in LAYER_METHODS:  # the cache holds no intermediate layers: the teacher ran online, and says why
-        assert not run.cache_used and "intermediate layers" in run.cache_skip_reason
-        assert json.loads((ws.teacher_cache / "cache.json").read_text()) == {"enabled": False,
-                                                                            "reason": run.cache_skip_reason}
-    else:
-        cache = TeacherCache.load(ws.teacher_cache)
-        assert cache.num_views == 2 and cache.num_images == 80
-        assert cache.has_features == (method in FEATURE_METHODS)
+    # the cache holds what the method reads: a layer method's teacher layers too (they fit the default limit)
+    assert run.cache_used and run.cache_skip_reason(index) is None
+    cache = TeacherCache.load(ws.teacher_cache, expected_key=run.teacher_cache_key(ws.teacher_checkpoint,
+                                                                                   ws.index_files, index))
+    assert cache.num_views == 2 and cache.num_images == 80
+    assert cache.has_features == (method in FEATURE_METHODS)
+    paths, shapes = run.teacher_layers  # planned on meta models, as built by the real ones
+    assert bool(paths) == (method in LAYER_METHODS)
+    assert cache.layer_paths == paths and cache.layer_shapes == shapes
+    described = json.loads((ws.teacher_cache / "cache.json").read_text())
+    assert [(layer["path"], tuple(layer["shape"]), layer["dtype"]) for layer in described["layers"]] == \
+        [(path, shape, "float16") for path, shape in zip(paths, shapes)]
+    assert described["layer_bytes"] == layer_table_bytes(shapes, 80, 2) == sum(t.nbytes for t in cache.layer_tables)
+    if paths:
+        assert json.loads(cache.key["layers"]) == list(paths)
 
     best = Checkpoint.read(ws.checkpoint("distill"))
     model, meta = best.model(), best.meta
@@ -198,14 +209,36 @@ def _distill(run: Run, ws: Workspace):
     return train_role(run, "distill", ws, progress=False)[0]
 
 
-@pytest.mark.parametrize("method,tol", [("kd", 1e-6), ("l2", 1e-3)])
-def test_cached_and_online_distillation_give_the_same_history(method, tol, setup):
+def _online_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the online teacher's forward passes from now on (one entry per call)."""
+    calls: list[int] = []
+    forward = OnlineTeacher.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineTeacher, "__call__", counted)
+    return calls
+
+
+@pytest.mark.parametrize("method,tol", [("kd", 1e-6), ("l2", 1e-3), ("at", 1e-3), ("fitnet", 3e-3)])
+def test_cached_and_online_distillation_give_the_same_history(method, tol, setup, monkeypatch):
     """With K = epochs the cached views are those the online run trains on, so only floating point
-    (fp16 features for l2) separates the two runs."""
+    (fp16 features for l2, fp16 teacher layers for at and fitnet) separates the two runs; the cached run
+    never calls the teacher. Measured here (CPU): the largest relative history difference 7e-7 (l2),
+    7e-6 (at), 1e-4 (fitnet); the largest weight difference 3e-7, 4e-3 and 1e-2 (fitnet's hint has
+    weight 100: the float16 rounding of the teacher's layer2 moves every step by up to 2^-11 relative)."""
     index, ws, params = setup
     with_method(params, method)
     assert params["teacher_cache"]["views"] is None
-    cached = _distill(resolve(params), ws)
+    run = resolve(params)
+    build_cache(run, ws, progress=False)
+    align(run, ws)
+    calls = _online_calls(monkeypatch)
+    cached = train_role(run, "distill", ws, progress=False)[0]
+    assert calls == []  # every teacher output came from the cache
+    monkeypatch.undo()
     cached_state = Checkpoint.read(ws.checkpoint("distill", "last")).state_dict
     online_params = copy.deepcopy(params)
     online_params["teacher_cache"]["enabled"] = False
@@ -220,6 +253,65 @@ def test_cached_and_online_distillation_give_the_same_history(method, tol, setup
     for name, value in cached_state.items():
         if value.is_floating_point():
             torch.testing.assert_close(value, online_state[name], rtol=tol * 10, atol=tol * 10)
+
+
+def test_layers_over_the_size_limit_run_the_teacher_online_and_say_why(setup, caplog):
+    """The size is known before any teacher pass (the layer plan × the images × the views); over
+    ``teacher_cache.max_layer_mib`` the stage leaves a marker with the numbers and distill runs online."""
+    index, ws, params = setup
+    with_method(params, "at")
+    params["teacher_cache"]["max_layer_mib"] = 0.001
+    run = resolve(params)
+    reason = run.cache_skip_reason(index)
+    # AT reads resnet18's layer3 (256×2×2) and layer4 (512×1×1) at 28 px: 80 × 2 × 1536 × 2 bytes
+    assert reason == ("distill.method = 'at': the teacher's layers layer3, layer4 would take 0.469 MiB in the cache "
+                      "(80 images × 2 views × 1536 values (256×2×2 + 512×1×1) × 2 bytes, float16), over "
+                      "teacher_cache.max_layer_mib = 0.001: distill runs the teacher online (raise the limit, or set "
+                      "teacher_cache.views lower, to cache them)")
+    assert build_cache(run, ws, progress=False) == {"enabled": False, "build_seconds": 0.0, "reason": reason}
+    key = run.teacher_cache_key(ws.teacher_checkpoint, ws.index_files, index)
+    assert json.loads((ws.teacher_cache / "cache.json").read_text()) == {"enabled": False, "reason": reason,
+                                                                        "key": key}
+    assert sorted(p.name for p in ws.teacher_cache.iterdir()) == ["cache.json"]
+    with caplog.at_level(logging.WARNING, logger="kdlib.distill"):
+        assert train_role(run, "distill", ws, progress=False)[0].last_epoch == 2
+    assert f"distill: no teacher-output cache for this run ({reason})" in caplog.text
+    # the marker serves its own run only: another view count is refused as its cache would be
+    params["teacher_cache"]["views"] = 1
+    with pytest.raises(CacheMismatch, match="number of views 2 but distillation uses 1"):
+        train_role(resolve(params), "distill", ws, progress=False)
+    # under the limit the same layers are cached (0.469 MiB)
+    params["teacher_cache"].update(views=None, max_layer_mib=0.5)
+    assert resolve(params).cache_skip_reason(index) is None
+
+
+def test_a_cache_of_other_teacher_layers_serves_no_layers_the_teacher_runs_online(setup, caplog):
+    """DVC reruns teacher_cache when the method changes, not when only its layer knobs do: a sweep over
+    layers finds the previous layers' cache. It is not used (the teacher runs online, the same outputs),
+    and the log says so and how to rebuild; rebuilt, it serves again. Any other difference still refuses."""
+    import logging
+
+    index, ws, params = setup
+    with_method(params, "at")
+    build_cache(resolve(params), ws, progress=False)
+    params["distill"]["at"].update(student_layers=[2], teacher_layers=[4])
+    run = resolve(params)
+    assert run.teacher_layers[0] == ("layer4",)
+    with caplog.at_level(logging.WARNING, logger="kdlib.distill"):
+        assert train_role(run, "distill", ws, progress=False)[0].last_epoch == 2
+    assert re.search(r'holds the teacher layers \["layer3","layer4"\], and this run reads \["layer4"\]: the teacher '
+                     r"runs online \(to cache these layers: dvc repro -f -s teacher_cache\)", caplog.text), caplog.text
+    params["teacher_cache"]["views"] = 1  # another difference besides the layers: refused, naming both
+    with pytest.raises(CacheMismatch, match="number of views 2 but distillation uses 1"):
+        train_role(resolve(params), "distill", ws, progress=False)
+    params["teacher_cache"]["views"] = None
+    # rebuilt for the new layers, it serves again
+    build_cache(run, ws, progress=False)
+    assert TeacherCache.load(ws.teacher_cache).layer_paths == ("layer4",)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdlib.distill"):
+        assert train_role(run, "distill", ws, progress=False)[0].last_epoch == 2
+    assert "runs online" not in caplog.text
 
 
 def test_baseline_and_distill_start_from_the_same_student(setup):
@@ -426,6 +518,7 @@ def test_fitnet_in_two_stages_trains_its_hint_in_align_then_distills_from_it(set
     # cnn_small's guided layer here is stage 1 (features.6): the weights of its convolutions and BatchNorms
     # (features.0-5) trained; stage 2's (features.8, .9) and the classifier's got no gradient
     assert changed == {"0", "1", "4", "5"}, changed
+    build_cache(run, ws, progress=False)  # distill reads the teacher's layer2 from the cache, as in the pipeline
     result, _ = train_role(run, "distill", ws, progress=False)
     assert set(result.history[0]) >= {"train/ce", "train/hint", "train/kd"} and result.last_epoch == 2
 

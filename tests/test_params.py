@@ -133,9 +133,17 @@ def test_lsh_knobs_are_checked(repo_params, knob, value) -> None:
 
 
 @pytest.mark.parametrize(("key", "value"), [("teacher_ls", 1.0), ("teacher_ls", "0.1"), ("teacher_cache.views", 0),
-                                            ("teacher_cache.enabled", "yes"), ("align.epochs", -1)])
+                                            ("teacher_cache.enabled", "yes"), ("teacher_cache.max_layer_mib", 0),
+                                            ("teacher_cache.max_layer_mib", "1G"), ("align.epochs", -1)])
 def test_distillation_sections_are_checked(repo_params, key, value) -> None:
     assert f"{key} = {value!r}" in error_of(mutated(repo_params, key, value))
+
+
+def test_the_layer_cache_limit_is_stated_and_a_number(repo_params) -> None:
+    params = copy.deepcopy(repo_params)
+    del params["teacher_cache"]["max_layer_mib"]
+    assert "teacher_cache.max_layer_mib: missing" in error_of(params)
+    assert resolve(mutated(repo_params, "teacher_cache.max_layer_mib", 0.5)).params.teacher_cache.max_layer_mib == 0.5
 
 
 def test_every_method_with_its_defaults_validates(repo_params) -> None:

@@ -1,5 +1,6 @@
-"""The teacher-output cache: cached outputs equal the online teacher's on the replayed view,
-top-k compression keeps the tail mass, atomic save/load, and the key refuses a stale cache."""
+"""The teacher-output cache: cached outputs (logits, features, intermediate layers) equal the online
+teacher's on the replayed view, top-k compression keeps the tail mass, atomic save/load, the key refuses
+a stale cache, and the marker of a cache left unbuilt serves its own run only."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,9 @@ from kdlib.teacher_cache import (
     cache_key,
     compress_topk,
     expand_topk,
+    layer_table_bytes,
+    save_skipped,
+    skipped_reason,
 )
 
 NUM_VIEWS = 3
@@ -353,3 +357,87 @@ def test_cached_teacher_returns_device_tensors(gray_cache: TeacherCache, hundred
         without.features(torch.tensor([0]), torch.tensor([0]))
     logits = CachedTeacher(without, device, features=False)(None, torch.tensor([1, 2]), torch.tensor([0, 2])).logits
     assert logits.shape == (2, 100) and logits.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ intermediate layers
+
+LAYERS = ("features.6", "features.10:input", "pre_logits")  # a stage, a module's input, the pooled pre-logits
+
+
+def test_cached_layers_equal_the_online_teacher_taps(gray: Setup, tmp_path: Path):
+    """The outputs of the layers a feature-map method reads, cached (float16) under their paths and the
+    key's ``layers``, equal the tapped online teacher's on the replayed views; ``cache.json`` describes
+    them, reloading keeps them, and a cache of other layers is refused."""
+    teacher = OnlineTeacher(gray.model)
+    teacher.tap(LAYERS)
+    try:
+        key = {"views": str(NUM_VIEWS), "layers": json.dumps(list(LAYERS), separators=(",", ":"))}
+        with pytest.raises(ValueError, match="must say which layers"):  # a key that does not name them
+            build_teacher_cache(teacher, gray.views, gray.normalizer, torch.device("cpu"), 8, {"views": "3"},
+                                progress=False)
+        cache = build_teacher_cache(teacher, gray.views, gray.normalizer, torch.device("cpu"), 7, key, progress=False)
+        assert cache.layer_paths == LAYERS and cache.layer_shapes == ((64, 8, 8), (64, 4, 4), (64,))
+        assert all(t.dtype == torch.float16 for t in cache.layer_tables)
+        pairs = [(i % cache.num_images, k) for i, k in PAIRS]
+        positions, views = torch.tensor([i for i, _ in pairs]), torch.tensor([k for _, k in pairs])
+        online = teacher(torch.cat([gray.replay(i, k) for i, k in pairs]), positions, views)
+        cached = CachedTeacher(cache, torch.device("cpu"), layers=LAYERS)(None, positions, views)
+        assert cached.features is None and len(cached.layers) == len(online.layers) == 3
+        for path, a, b in zip(LAYERS, cached.layers, online.layers):
+            assert a.dtype == torch.float32 and a.shape == b.shape, path
+            torch.testing.assert_close(a, b, **FP16)
+        torch.testing.assert_close(cached.logits, online.logits, rtol=1e-5, atol=1e-5)
+
+        target = tmp_path / "cache"
+        cache.save(target)
+        meta = json.loads((target / "cache.json").read_text())
+        per_view = [64 * 8 * 8, 64 * 4 * 4, 64]
+        assert meta["layers"] == [{"path": p, "tensor": f"layer_{i}", "shape": list(s), "dtype": "float16",
+                                   "bytes": 20 * NUM_VIEWS * n * 2}
+                                  for i, (p, s, n) in enumerate(zip(LAYERS, cache.layer_shapes, per_view))]
+        assert meta["layer_bytes"] == layer_table_bytes(cache.layer_shapes, 20, NUM_VIEWS) == 20 * 3 * sum(per_view) * 2
+        assert meta["total_bytes"] == cache.nbytes
+        loaded = TeacherCache.load(target, expected_key=key)
+        assert loaded.layer_paths == LAYERS
+        for a, b in zip(loaded.layer_tables, cache.layer_tables):
+            assert torch.equal(a, b)
+        # a method reading other layers is refused, by the key and by the cached teacher itself
+        other = {**key, "layers": json.dumps(["features.6"], separators=(",", ":"))}
+        with pytest.raises(CacheMismatch, match=r'teacher layers \["features.6","features.10:input","pre_logits"\] but '
+                                                r'distillation uses \["features.6"\]'):
+            TeacherCache.load(target, expected_key=other)
+        with pytest.raises(CacheMismatch, match="holds the teacher layers features.6, features.10:input, pre_logits "
+                                                "but distillation reads features.6;"):
+            CachedTeacher(loaded, torch.device("cpu"), layers=["features.6"])
+        with pytest.raises(CacheMismatch, match="teacher layers"):  # a cache of no layers, for a layer method
+            TeacherCache.load(target, expected_key={"views": str(NUM_VIEWS)})
+    finally:
+        teacher.taps.remove()  # the model is the module's fixture: leave no hooks on it
+    # a teacher layer paired with two student layers is cached once and answered twice
+    twice = LAYERS + ("features.6",)
+    teacher.tap(twice)
+    try:
+        again = build_teacher_cache(teacher, gray.views, gray.normalizer, torch.device("cpu"), 8, key, progress=False)
+        assert again.layer_paths == LAYERS
+        online = teacher(torch.cat([gray.replay(i, k) for i, k in pairs]), positions, views)
+        cached = CachedTeacher(again, torch.device("cpu"), layers=twice)(None, positions, views)
+        assert len(cached.layers) == len(online.layers) == 4 and torch.equal(cached.layers[3], cached.layers[0])
+        for a, b in zip(cached.layers, online.layers):
+            torch.testing.assert_close(a, b, **FP16)
+    finally:
+        teacher.taps.remove()
+
+
+def test_a_skipped_cache_marker_serves_its_run_only(tmp_path: Path):
+    target = tmp_path / "cache"
+    assert skipped_reason(target) is None  # nothing there: loading says what is missing
+    save_skipped(target, "too big", {"views": "2", "layers": '["layer3"]'})
+    assert json.loads((target / "cache.json").read_text()) == {"enabled": False, "reason": "too big",
+                                                               "key": {"views": "2", "layers": '["layer3"]'}}
+    assert skipped_reason(target, {"views": "2", "layers": '["layer3"]'}) == "too big"
+    with pytest.raises(CacheMismatch, match="number of views 2 but distillation uses 3"):
+        skipped_reason(target, {"views": "3", "layers": '["layer3"]'})
+    (target / "cache.json").write_text('{"enabled": false}')  # teacher_cache.enabled: false writes no key
+    assert skipped_reason(target, {"views": "2"}) is None
+    with pytest.raises(FileNotFoundError, match="teacher_outputs.pt is missing"):
+        TeacherCache.load(target)

@@ -62,8 +62,8 @@ class Method(nn.Module):
       (:mod:`kdlib.taps`): the method names them in :meth:`layer_request`, may refuse a resolved
       pairing in :meth:`layer_problem` (checked before any work), gets the resolved
       :class:`~kdlib.taps.LayerPlan` in ``setup`` and ``StudentOutput.layers`` /
-      ``TeacherOutput.layers`` in ``forward``. The teacher runs online (the cache holds logits and
-      pooled features only).
+      ``TeacherOutput.layers`` in ``forward``. The teacher cache stores those teacher layers when they
+      fit ``teacher_cache.max_layer_mib``; otherwise the teacher runs online, and the run says why.
 
     ``context_args``: constructor arguments the run supplies rather than the method's knob
     section (the student's label smoothing; whether the task is multi-label).

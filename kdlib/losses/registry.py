@@ -61,7 +61,7 @@ class StudentOutput(NamedTuple):
 class TeacherOutput(NamedTuple):
     """The teacher's ``(B, C)`` logits and, for feature methods, its ``(B, D_t)`` pooled features.
     Both come from the frozen teacher (online or from the cache) and never carry a gradient. ``layers``:
-    its intermediate outputs for a method with ``uses_layers`` (online teacher only)."""
+    its intermediate outputs for a method with ``uses_layers`` (online, or from the teacher cache)."""
 
     logits: Tensor
     features: Tensor | None = None
