@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -150,6 +151,9 @@ def stage_outputs(tag: str, *outputs: Path, ws: "Workspace", manifests: tuple[Pa
     number on SIGTERM/SIGHUP, or 3 if ``params.yaml`` changed, leaving no output behind."""
     params_file = ws.root / PARAMS_FILE if params_file is None else params_file
     raise_on_termination()
+    # kdlib's INFO lines (progress of a long phase, resumed epochs) on stderr; a no-op where a
+    # multi-process stage configured it per rank already
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     changed = ParamsChanged(f"{tag}: params.yaml changed while this stage ran; its outputs were discarded "
                             f"(a second `dvc exp run` in this workspace rewrites it). {QUEUE_ADVICE}")
     watch: ParamsWatch | None = None

@@ -74,8 +74,12 @@ def _write_pngs(images: list[np.ndarray], paths: list[Path]) -> None:
     """Save each 28×28 uint8 array as a grayscale PNG (zlib level 6) at its path."""
     from PIL import Image
 
+    from kdlib.logline import PhaseLog
+
+    phase = PhaseLog("prepare (writing MNIST PNGs)", len(paths))
     for image, path in zip(images, paths):
         Image.fromarray(image, mode="L").save(path, compress_level=6)
+        phase.update()
 
 
 def export_imagefolder(

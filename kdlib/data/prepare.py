@@ -22,6 +22,7 @@ from PIL import Image
 from kdlib.data.index import DatasetIndex, DatasetMeta, Record, validate_index
 from kdlib.data.layouts import LayoutScan, ScannedImage
 from kdlib.data.splits import stratified_split
+from kdlib.logline import PhaseLog
 from kdlib.outputs import swap_into_place
 
 if TYPE_CHECKING:
@@ -64,8 +65,12 @@ def index_from_scan(
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
     root = Path(scan.root)
+    phase = PhaseLog("prepare (checking every image)", len(scan.images))
+    inspected: list[tuple[str, str | None]] = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
-        inspected = list(pool.map(lambda im: inspect_image(root / im.path), scan.images))
+        for result in pool.map(lambda im: inspect_image(root / im.path), scan.images):
+            inspected.append(result)
+            phase.update()
     images: list[ScannedImage] = []
     md5s: list[str] = []
     skipped: list[dict[str, str]] = []
