@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 PNG_META = {"Software": None}  # no version string, so the same inputs give the same bytes
@@ -44,43 +45,80 @@ def results_table(rows: Sequence[Mapping], columns: Sequence[str] = ("top1", "to
 
 
 def plot_training_curves(
-    histories: Mapping[str, Mapping[str, Sequence[float]]], path: Path, score: str = "top1"
-) -> None:
-    """One panel per metric (train loss, the validation score), one line per model."""
-    panels = [("train/loss", "training loss (log scale)"), (f"val/{score}", f"validation {LABELS[score]} (%)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.8))
-    for ax, (key, title) in zip(axes, panels):
+    histories: Mapping[str, Mapping[str, Sequence[float]]], path: Path, score: str = "top1", note: str = ""
+) -> dict[str, list[str]]:
+    """Three panels, one line per model: the training cross-entropy (``train/ce``; the whole loss of a model
+    without one), a distilled student's other loss terms (each on its own scale: a T²-scaled KL or a
+    weighted feature term is not comparable with CE, so it never shares CE's axis), and the validation
+    score. ``note``: what the curves are of (a run, its seed: n = 1). Returns each panel's line labels."""
+    panels = ["train/ce", "terms", f"val/{score}"]
+    titles = {"train/ce": "training cross-entropy (log scale)", "terms": "the student's distillation terms",
+              f"val/{score}": f"validation {LABELS[score]} (%)"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.8))
+    for ax, key in zip(axes, panels):
         for name, history in histories.items():
-            values = history.get(key)
+            if key == "terms":
+                for term, values in history.items():
+                    if term.startswith("train/") and term not in ("train/loss", "train/ce", "train/top1") and values:
+                        ax.plot(range(1, len(values) + 1), values, label=f"{name}: {term.removeprefix('train/')}",
+                                marker="o", markersize=2)
+                continue
+            values = history.get(key) or (history.get("train/loss") if key == "train/ce" else None)
             if values:
                 ax.plot(range(1, len(values) + 1), values, label=name, marker="o", markersize=2)
-        ax.set_title(title)
+        ax.set_title(titles[key], fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")  # the KD objective (T²-scaled) and CE differ by an order of magnitude
-    axes[0].legend()
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "none (the method has no term beside CE)", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="0.4")
+    if axes[0].lines:
+        axes[0].set_yscale("log")
+    if axes[1].lines and min(min(line.get_ydata()) for line in axes[1].lines) > 0:
+        axes[1].set_yscale("log")
+    if note:
+        fig.suptitle(note, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata=PNG_META)
+    lines = {ax.get_title(): [line.get_label() for line in ax.lines] for ax in axes}
     plt.close(fig)
+    return lines
 
 
-def plot_accuracy_bars(accuracies: Mapping[str, Mapping[str, float]], path: Path, score: str = "top1") -> None:
-    """Grouped bars: the test score of the best and last checkpoint per model, values printed."""
+def plot_accuracy_bars(accuracies: Mapping[str, Mapping[str, float]], path: Path, score: str = "top1",
+                       note: str = "") -> tuple[float, float]:
+    """Each model's test score at its best and last checkpoint as points on a shared axis that spans the
+    data (a bar chart cut off below would exaggerate the differences), values printed, the legend below
+    the plot where it hides nothing. ``note``: n and seed (one run has no interval to show). Returns the
+    score axis' limits."""
     names = list(accuracies)
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for offset, which in ((-0.18, "best"), (0.18, "last")):
+    y = np.arange(len(names))[::-1]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.55 * len(names)))
+    for which, marker, offset in (("best", "o", 0.12), ("last", "s", -0.12)):
         values = [accuracies[n][which] for n in names]
-        bars = ax.bar(x + offset, values, width=0.34, label=f"{which} checkpoint")
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.scatter(values, y + offset, marker=marker, s=36, label=f"{which} checkpoint", zorder=3)
+        for v, yy in zip(values, y + offset):
+            ax.annotate(f"{v:.2f}", (v, yy), textcoords="offset points", xytext=(6, -3), fontsize=8)
     low = min(min(v.values()) for v in accuracies.values())
-    ax.set_ylim(max(0.0, low - 5.0), 100.0)
-    ax.set_xticks(x, names)
-    ax.set_ylabel(f"test {LABELS[score]} (%)")
-    ax.legend(loc="lower right")
+    high = max(max(v.values()) for v in accuracies.values())
+    pad = max((high - low) * 0.15, 0.5)
+    ax.set_xlim(max(0.0, low - pad), min(100.0, high + 2 * pad))
+    ax.set_yticks(y, names)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.set_xlabel(f"test {LABELS[score]} (%)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(names) <= 3 else -0.2), ncol=2, fontsize=8,
+              frameon=False)
+    if note:
+        ax.set_title(note, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata=PNG_META)
+    limits = ax.get_xlim()
     plt.close(fig)
+    return limits
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str, path: Path) -> None:

@@ -20,10 +20,12 @@ from stages.workspace import Workspace
 
 
 def history(ws: Workspace, role: str, score: str) -> dict[str, list[float]]:
+    """The role's logged curves: every training term (``train/*.tsv``) and the validation score."""
+    metrics = ws.reports / role / "plots" / "metrics"
     curves = {}
-    for key in ("train/loss", f"val/{score}"):
-        tsv = ws.reports / role / "plots" / "metrics" / f"{key}.tsv"
-        curves[key] = pd.read_csv(tsv, sep="\t")[key.split("/")[-1]].tolist()
+    for tsv in [*sorted((metrics / "train").glob("*.tsv")), metrics / "val" / f"{score}.tsv"]:
+        key = f"{tsv.parent.name}/{tsv.stem}"
+        curves[key] = pd.read_csv(tsv, sep="\t")[tsv.stem].tolist()
     return curves
 
 
@@ -34,9 +36,11 @@ def report(run: Run, ws: Workspace, out: Callable[[Path], Path]) -> str:
     rows = [{"role": role, "preset": run.model(role).preset, "arch": run.model(role).spec.arch, **evaluation[role]}
             for role in ROLES]
     figures.mkdir(parents=True, exist_ok=True)
-    plot_training_curves({role: history(ws, role, score) for role in ROLES}, figures / "training_curves.png", score)
+    note = f"one run (n = 1): seed {run.seed}, teacher seed {run.params.teacher_seed}; studies give means over seeds"
+    plot_training_curves({role: history(ws, role, score) for role in ROLES}, figures / "training_curves.png", score,
+                         note)
     plot_accuracy_bars({role: {w: evaluation[role][w][score] for w in ("best", "last")} for role in ROLES},
-                       figures / "test_accuracy.png", score)
+                       figures / "test_accuracy.png", score, note)
     for role in ROLES:
         confusion = read_json(ws.reports / "evaluate" / "matrix" / f"{role}.json")
         if confusion["matrix"] is not None:
