@@ -534,3 +534,23 @@ def test_each_cell_against_the_reference_cell_paired_by_seed(tmp_path: Path) -> 
     assert head[-2:] == ["vs kd best [95% CI]", "p vs kd (t)"] and body[0][-2:] == ["—", "—"]
     with pytest.raises(StudyError, match="reference"):
         load_study(write_study(tmp_path, "grid: {distill.method: [kd]}\nreference: {distill.method: dist}\n"))
+
+
+def test_many_rows_of_a_few_students_are_drawn_one_panel_each(tmp_path: Path) -> None:
+    """The LS–KD grid (3 students × 8 cells): gains of −80 and +0.3 on one axis hide the small ones, so the
+    gain figure draws one panel per student, each on its own scale (the Vega-Lite spec facets the same way),
+    and says over how many seeds each mean is."""
+    from kdlib.study.figures import gain_chart
+
+    study = load_study(write_study(tmp_path, "seeds: [0, 1]\ngrid: {student: [cnn_small, deit, mlp], "
+                                              "distill.kd.temperature: [1.0, 2.0, 4.0]}\n"))
+    records = [record(study, {"student": st, "distill.kd.temperature": t}, s, 97.0, 90.0,
+                      90.0 + (40.0 if st == "deit" else 0.3) * (s + 1)) for st in ("cnn_small", "deit", "mlp")
+               for t in (1.0, 2.0, 4.0) for s in (0, 1)]
+    spec = gain_chart(study_rows(study, records), tmp_path / "gain.png")
+    assert spec["facet"]["row"]["sort"] == ["student=cnn_small", "student=deit", "student=mlp"]
+    assert spec["resolve"]["scale"]["x"] == "independent"
+    assert {v["cell"] for v in spec["data"]["values"]} == {f"distill.kd.temperature={t}" for t in (1.0, 2.0, 4.0)}
+    assert "n = 2 seeds per cell" in spec["spec"]["layer"][0]["encoding"]["x"]["title"]
+    few = gain_chart(study_rows(study, records[:6]), tmp_path / "few.png")  # 3 rows: one panel
+    assert "facet" not in few and "layer" in few
