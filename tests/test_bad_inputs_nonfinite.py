@@ -47,10 +47,10 @@ def test_non_finite_parameters_are_refused_naming_the_key(base, key, value, show
 
 
 def test_nan_written_in_params_yaml_is_refused_by_the_check_stage(tmp_path: Path) -> None:
-    """The issue's case as a user meets it: `std: [.nan]` in params.yaml, then the stage that reads it."""
+    """The issue's case as a user meets it: `std: [.nan]` (a `- .nan` item) in params.yaml, then the stage that reads it."""
     text = (REPO / "params.yaml").read_text()
     params = tmp_path / "params.yaml"
-    params.write_text(text.replace("std: [0.3081]", "std: [.nan]", 1))
+    params.write_text(text.replace("std:\n    - 0.3081", "std:\n    - .nan", 1))
     assert params.read_text() != text, "params.yaml's MNIST std line changed: update this test"
     from stages.params import load_params
 
